@@ -1,0 +1,11 @@
+"""napari-stego: unsupervised semantic segmentation (STEGO) for image stacks, in napari.
+
+The core (everything without a leading underscore) imports without napari or Qt.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import Cancelled, StegoError  # noqa: E402
+from .model import StegoModel  # noqa: E402
+
+__all__ = ["StegoModel", "StegoError", "Cancelled", "__version__"]

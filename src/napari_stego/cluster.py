@@ -1,0 +1,111 @@
+"""Spherical (cosine) k-means with k-means++ seeding and mini-batch updates.
+
+Points and centroids live on the unit sphere; similarity is the dot product. Deterministic
+for a given ``seed`` (all randomness comes from one CPU ``torch.Generator``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Settings of :func:`spherical_kmeans`.
+
+    ``batch_size`` points per mini-batch update (all points when there are fewer);
+    ``n_iter`` mini-batch steps (full Lloyd passes when the data fit one batch);
+    ``n_init`` restarts, the one with the highest mean cosine is kept.
+    """
+
+    n_iter: int = 200
+    batch_size: int = 8192
+    n_init: int = 3
+    max_points: int = 500_000
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding with cosine distance ``1 - x.c``; ``x (N, C)`` unit rows -> ``(k, C)``."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen))
+    centroids = [x[first]]
+    dist = (1 - x @ x[first]).clamp_min(0)
+    for _ in range(1, k):
+        weights = dist**2
+        if float(weights.sum()) <= 0:  # fewer distinct points than clusters
+            idx = int(torch.randint(n, (1,), generator=gen))
+        else:
+            idx = int(torch.multinomial(weights.cpu(), 1, generator=gen))
+        centroids.append(x[idx])
+        dist = torch.minimum(dist, (1 - x @ x[idx]).clamp_min(0))
+    return torch.stack(centroids)
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Index of the most cosine-similar centroid for each row of ``x (N, C)`` -> ``(N,)`` int64."""
+    c = F.normalize(centroids, dim=1)
+    out = [F.normalize(part, dim=1).matmul(c.T).argmax(1) for part in x.split(chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def _mean_cosine(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> float:
+    total = sum(float(part.matmul(centroids.T).max(1).values.sum()) for part in x.split(chunk))
+    return total / max(x.shape[0], 1)
+
+
+def _fit_once(x: torch.Tensor, k: int, config: ClusterConfig, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    centroids = _kmeans_plus_plus(x, k, gen)
+    counts = torch.zeros(k, dtype=x.dtype, device=x.device)
+    full = n <= config.batch_size
+    for _ in range(config.n_iter):
+        batch = x if full else x[torch.randint(n, (config.batch_size,), generator=gen).to(x.device)]
+        labels = batch.matmul(centroids.T).argmax(1)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, batch)
+        hits = torch.bincount(labels, minlength=k).to(x.dtype)
+        if full:
+            new = torch.where(hits[:, None] > 0, sums, centroids)
+        else:  # Sculley's mini-batch update with per-centroid learning rate 1 / count
+            counts += hits
+            rate = torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits))
+            means = sums / hits.clamp_min(1)[:, None]
+            new = centroids + rate[:, None] * (means - centroids)
+        new = F.normalize(new, dim=1)
+        if full and torch.allclose(new, centroids, atol=1e-7):
+            centroids = new
+            break
+        centroids = new
+    return centroids
+
+
+def spherical_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                     config: ClusterConfig = ClusterConfig()) -> torch.Tensor:
+    """Cluster vectors by cosine similarity.
+
+    Args:
+        x: ``(N, C)`` points (any norm; they are L2-normalised first).
+        n_clusters: ``K``.
+        seed: seeds the k-means++ draws and the mini-batches.
+        config: iteration counts and sizes.
+
+    Returns:
+        ``(K, C)`` unit-norm centroids, on ``x``'s device.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty (N, C) tensor, got shape {tuple(x.shape)}")
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(x.float(), dim=1)
+    if x.shape[0] > config.max_points:
+        x = x[torch.randperm(x.shape[0], generator=gen)[: config.max_points].to(x.device)]
+    best, best_score = None, -float("inf")
+    for _ in range(max(config.n_init, 1)):
+        centroids = _fit_once(x, n_clusters, config, gen)
+        score = _mean_cosine(x, centroids)
+        if score > best_score:
+            best, best_score = centroids, score
+    return best

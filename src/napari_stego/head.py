@@ -1,0 +1,33 @@
+"""The STEGO segmentation head: features ``(B, D, h, w)`` -> codes ``(B, K, h, w)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SegmentationHead(nn.Module):
+    """Linear 1x1 branch plus 1x1-ReLU-1x1 branch, summed (the reference "nonlinear" head).
+
+    In training mode one channel dropout (p = ``dropout``) is drawn independently for the
+    input of each branch; in eval mode it is the identity.
+
+    Args:
+        in_dim: feature channels ``D``.
+        code_dim: code channels ``K`` (70 by default, as the paper).
+        dropout: channel-dropout probability.
+    """
+
+    def __init__(self, in_dim: int, code_dim: int = 70, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.code_dim = code_dim
+        self.dropout = nn.Dropout2d(dropout)
+        self.linear = nn.Conv2d(in_dim, code_dim, 1)
+        self.nonlinear = nn.Sequential(
+            nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, code_dim, 1)
+        )
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(B, D, h, w)`` -> ``(B, K, h, w)``."""
+        return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))

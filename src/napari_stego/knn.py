@@ -1,0 +1,79 @@
+"""Training windows and their nearest neighbours (STEGO's KNN partners).
+
+A *unit* is a rectangle of one image's feature map: the whole map and its five half-size
+crops (four corners and centre, the paper's five-crop), so even a single image offers several
+candidates. Each unit is described by its mean feature, L2-normalised; partners are drawn
+from each unit's top-k most cosine-similar other units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rectangle ``[y, y + h) x [x, x + w)`` of feature map ``image``."""
+
+    image: int
+    y: int
+    x: int
+    h: int
+    w: int
+
+
+def make_units(shapes: Sequence[tuple[int, int]], crop_ratio: float = 0.5) -> list[Unit]:
+    """Whole maps plus five crops of ``crop_ratio`` of each side, for maps of ``(h, w)``."""
+    units = []
+    for i, (h, w) in enumerate(shapes):
+        units.append(Unit(i, 0, 0, h, w))
+        ch, cw = max(int(h * crop_ratio), 1), max(int(w * crop_ratio), 1)
+        if ch >= h and cw >= w:
+            continue
+        for y, x in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw),
+                     ((h - ch) // 2, (w - cw) // 2)):
+            units.append(Unit(i, y, x, ch, cw))
+    return units
+
+
+def unit_descriptors(maps: Sequence[torch.Tensor], units: Sequence[Unit]) -> torch.Tensor:
+    """Mean feature of each unit, L2-normalised: ``(N, D)`` float32."""
+    desc = torch.stack([
+        maps[u.image][:, u.y:u.y + u.h, u.x:u.x + u.w].float().mean(dim=(1, 2)) for u in units
+    ])
+    return F.normalize(desc, dim=1)
+
+
+def knn_table(descriptors: torch.Tensor, k: int = 7) -> torch.Tensor:
+    """Indices of each unit's ``k`` most similar *other* units: ``(N, min(k, N-1))`` int64.
+
+    With a single unit the table is ``[[0]]`` (the unit is its own partner).
+    """
+    n = descriptors.shape[0]
+    if n == 1:
+        return torch.zeros(1, 1, dtype=torch.long)
+    sims = descriptors @ descriptors.T
+    sims.fill_diagonal_(-float("inf"))
+    return sims.topk(min(k, n - 1), dim=1).indices
+
+
+def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generator) -> torch.Tensor:
+    """A random ``window x window`` crop of ``fmap (D, h, w)`` inside ``unit``.
+
+    Units smaller than the window are cropped as large as they are and resized (bilinear).
+
+    Returns:
+        ``(D, window, window)``.
+    """
+    ch, cw = min(window, unit.h), min(window, unit.w)
+    y = unit.y + int(torch.randint(unit.h - ch + 1, (1,), generator=gen))
+    x = unit.x + int(torch.randint(unit.w - cw + 1, (1,), generator=gen))
+    crop = fmap[:, y:y + ch, x:x + cw]
+    if ch != window or cw != window:
+        crop = F.interpolate(crop[None].float(), size=(window, window), mode="bilinear",
+                             align_corners=False)[0].to(fmap.dtype)
+    return crop

@@ -1,0 +1,50 @@
+"""Codes -> per-pixel cluster probabilities (the reference's cluster probe at inference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``alpha``: softmax temperature on cosine similarities (2, as the reference)."""
+
+    alpha: float = 2.0
+
+
+def upsample_code(code: torch.Tensor, stride: int, work_size: tuple[int, int],
+                  out_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly up-sample a code to image pixels.
+
+    Args:
+        code: ``(B, K, h, w)`` on the backbone grid of an image of ``work_size`` pixels (the
+            grid covers ``(h * stride, w * stride)``, the padded work image).
+        out_size: the original image size ``(H, W)`` (may differ when the image was up-sampled
+            for the backbone).
+
+    Returns:
+        ``(B, K, H, W)``.
+    """
+    h, w = code.shape[-2:]
+    up = F.interpolate(code, size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+    up = up[..., : work_size[0], : work_size[1]]
+    if tuple(work_size) != tuple(out_size):
+        up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)
+    return up
+
+
+def cluster_probabilities(code: torch.Tensor, centroids: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """``softmax(alpha * cos(code, centroid_k))`` over clusters.
+
+    Args:
+        code: ``(B, C, H, W)``.
+        centroids: ``(K, C)``.
+
+    Returns:
+        ``(B, K, H, W)`` probabilities.
+    """
+    cos = torch.einsum("bchw,kc->bkhw", F.normalize(code, dim=1), F.normalize(centroids, dim=1))
+    return torch.softmax(alpha * cos, dim=1)
