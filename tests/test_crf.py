@@ -1,0 +1,281 @@
+"""Dense CRF: the reference backend, the torch backend, inputs, tiling and stacks."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.vq import kmeans2
+from skimage import data, transform
+
+from napari_stego import crf as crf_mod
+from napari_stego.crf import (
+    CRFConfig,
+    crf_image,
+    crf_labels,
+    default_backend,
+    dense_crf,
+    dense_crf_tiled,
+)
+from napari_stego.errors import StegoError
+from napari_stego.io import to_uint8_rgb
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def colour_probs(image, k=5, stride=8, temp=20.0, seed=0):
+    """Blurry cluster probabilities like STEGO's: soft k-means of colours on a coarse grid,
+    bilinearly up-sampled to the image."""
+    rgb = crf_image(image).astype(np.float32) / 255
+    h, w = rgb.shape[:2]
+    small = transform.resize(rgb, (max(h // stride, 2), max(w // stride, 2)), anti_aliasing=True)
+    x = small.reshape(-1, 3).astype(np.float32)
+    cent, _ = kmeans2(x, k, seed=seed, minit="++")
+    logits = -temp * ((x[:, None] - cent[None]) ** 2).sum(-1).T.reshape(k, *small.shape[:2])
+    up = torch.nn.functional.interpolate(torch.from_numpy(logits.astype(np.float32))[None],
+                                         size=(h, w), mode="bilinear", align_corners=False)
+    return torch.softmax(up[0], 0).numpy()
+
+
+def crop(image, size=128, y=0, x=0):
+    return np.ascontiguousarray(image[y:y + size, x:x + size])
+
+
+def _images():
+    images = {
+        "astronaut": crop(data.astronaut(), 128, 60, 160),
+        "coffee": crop(data.coffee(), 128, 150, 250),
+        "ihc": crop(data.immunohistochemistry(), 128, 200, 200),
+        "camera": crop(data.camera(), 128, 80, 200),
+    }
+    em = sorted((SHARED / "isbi2012_em_membrane" / "images").glob("*.png"))
+    wbc = sorted((SHARED / "wbc_jiangxi_tecom" / "images").glob("*.png"))
+    if em and wbc:
+        from skimage.io import imread
+
+        images["em"] = crop(imread(em[0]), 128, 100, 100)
+        images["wbc"] = imread(wbc[0])[..., :3]
+    return images
+
+
+IMAGES = _images()
+
+
+# ---------------------------------------------------------------------------- reference
+def test_pydensecrf_backend_is_a_direct_pydensecrf_call():
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_softmax
+
+    image = IMAGES["astronaut"][:96, :112]
+    probs = colour_probs(image)
+    c, h, w = probs.shape
+    ref = dcrf.DenseCRF2D(w, h, c)
+    ref.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    ref.addPairwiseGaussian(sxy=1, compat=3)
+    ref.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
+    expected = np.array(ref.inference(10)).reshape(c, h, w)
+
+    q = dense_crf(image, probs, backend="pydensecrf")
+    assert q.dtype == np.float32 and q.shape == (c, h, w)
+    np.testing.assert_array_equal(q, expected)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_torch_backend_agrees_with_pydensecrf(name):
+    pytest.importorskip("pydensecrf.densecrf")
+    image = IMAGES[name]
+    probs = colour_probs(image, k=4)
+    ref = dense_crf(image, probs, backend="pydensecrf")
+    q = dense_crf(image, probs, backend="torch", device="cpu")
+    agree = (q.argmax(0) == ref.argmax(0)).mean()
+    assert agree >= 0.99, f"{name}: labels agree on {agree:.2%} of pixels"
+    assert np.abs(q - ref).mean() < 1e-3
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
+
+
+def test_parameters_are_passed_through():
+    pytest.importorskip("pydensecrf.densecrf")
+    image = IMAGES["coffee"][:64, :64]
+    probs = colour_probs(image, k=3)
+    kw = dict(iterations=4, pos_w=2.0, pos_xy_std=2.0, bi_w=6.0, bi_xy_std=20.0, bi_rgb_std=10.0)
+    ref = dense_crf(image, probs, backend="pydensecrf", **kw)
+    q = dense_crf(image, probs, backend="torch", config=CRFConfig(**kw))
+    assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.99
+    assert np.abs(q - ref).max() < 0.05
+    assert not np.allclose(ref, dense_crf(image, probs, backend="pydensecrf"))
+
+
+# ------------------------------------------------------------------------ what it does
+@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
+def test_crf_moves_blocky_labels_onto_a_sharp_edge(backend):
+    if backend == "pydensecrf":
+        pytest.importorskip("pydensecrf.densecrf")
+    rng = np.random.default_rng(0)
+    h = w = 96
+    edge = 45  # true edge column; the coarse label map puts it at 48
+    image = np.where(np.arange(w)[None, :] < edge, 60, 180) + rng.normal(0, 4, (h, w))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    truth = np.broadcast_to(np.arange(w)[None, :] >= edge, (h, w))
+    blocky = np.broadcast_to(np.arange(w)[None, :] >= 48, (h, w))
+    probs = np.stack([np.where(blocky, 0.3, 0.7), np.where(blocky, 0.7, 0.3)]).astype(np.float32)
+    before = (probs.argmax(0) == truth).mean()
+    q = dense_crf(image, probs, backend=backend)
+    after = (q.argmax(0) == truth).mean()
+    assert before < 0.97 and after == 1.0
+
+
+def test_zero_iterations_gives_the_normalised_probabilities():
+    image = IMAGES["astronaut"][:32, :32]
+    probs = colour_probs(image, k=3)
+    q = dense_crf(image, probs, backend="torch", iterations=0)
+    expected = np.clip(probs, 1e-5, 1) / np.clip(probs, 1e-5, 1).sum(0)
+    np.testing.assert_allclose(q, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- inputs
+def test_grey_image_is_replicated_to_three_channels():
+    grey = IMAGES["camera"][:64, :64]
+    probs = colour_probs(grey, k=3)
+    q = dense_crf(grey, probs, backend="torch")
+    np.testing.assert_array_equal(q, dense_crf(np.repeat(grey[..., None], 3, -1), probs, backend="torch"))
+
+
+def test_uint16_image_uses_the_feature_percentiles():
+    rng = np.random.default_rng(1)
+    grey = IMAGES["camera"][:64, :64].astype(np.uint16) * 40 + 3000
+    grey[0, 0] = 65535  # a hot pixel must not flatten the colour kernel
+    grey = grey + rng.integers(0, 20, grey.shape).astype(np.uint16)
+    probs = colour_probs(grey, k=3)
+    rgb = crf_image(grey)
+    np.testing.assert_array_equal(rgb, to_uint8_rgb(grey))
+    assert rgb.max() == 255 and np.percentile(rgb, 90) > 150  # not squashed by the hot pixel
+    q = dense_crf(grey, probs, backend="torch")
+    np.testing.assert_array_equal(q, dense_crf(rgb, probs, backend="torch"))
+
+
+def test_rgba_and_multichannel_images():
+    rgb = IMAGES["astronaut"][:64, :64]
+    probs = colour_probs(rgb, k=3)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], -1)
+    np.testing.assert_array_equal(dense_crf(rgba, probs, backend="torch"),
+                                  dense_crf(rgb, probs, backend="torch"))
+    # five fluorescence-like channels of different ranges
+    rng = np.random.default_rng(2)
+    chans = np.stack([rgb[..., i % 3].astype(np.float32) * (10.0 ** i) for i in range(5)], -1)
+    chans += rng.normal(0, 1, chans.shape).astype(np.float32)
+    mapped = crf_image(chans)
+    assert mapped.shape == (64, 64, 3) and mapped.dtype == np.uint8
+    assert mapped.std() > 20  # every channel stretched by its own percentiles
+    q = dense_crf(chans, probs, backend="torch")
+    np.testing.assert_array_equal(q, dense_crf(mapped, probs, backend="torch"))
+    # two channels work too
+    assert crf_image(chans[..., :2]).shape == (64, 64, 3)
+
+
+def test_bad_inputs_raise_stego_errors():
+    image = IMAGES["astronaut"][:32, :32]
+    probs = colour_probs(image, k=3)
+    with pytest.raises(StegoError, match="spatial shape"):
+        dense_crf(image, probs[:, :16], backend="torch")
+    with pytest.raises(StegoError, match=r"\(C, H, W\)"):
+        dense_crf(image, probs[0], backend="torch")
+    with pytest.raises(StegoError, match="NaN"):
+        dense_crf(image, np.full_like(probs, np.nan), backend="torch")
+    with pytest.raises(StegoError, match="unknown CRF backend"):
+        dense_crf(image, probs, backend="opencv")
+    with pytest.raises(StegoError, match="bi_rgb_std"):
+        dense_crf(image, probs, backend="torch", bi_rgb_std=0)
+    with pytest.raises(StegoError, match="iterations"):
+        CRFConfig(iterations=-1)
+    with pytest.raises(StegoError, match="CPU only"):
+        dense_crf(image, probs, backend="pydensecrf", device="cuda")
+
+
+def test_missing_pydensecrf_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(crf_mod, "has_pydensecrf", lambda: False)
+    image = IMAGES["astronaut"][:16, :16]
+    with pytest.raises(StegoError, match="pip install pydensecrf2"):
+        dense_crf(image, colour_probs(image, k=2), backend="pydensecrf")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_backend() == "torch"
+
+
+def test_default_backend(monkeypatch):
+    monkeypatch.setattr(crf_mod, "has_pydensecrf", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_backend() == "pydensecrf"
+    assert default_backend("cpu") == "pydensecrf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_backend() == "torch"
+    assert default_backend("cpu") == "pydensecrf"
+    assert default_backend("cuda") == "torch"
+
+
+def test_config_and_keywords():
+    cfg = CRFConfig(iterations=3)
+    assert crf_mod._config(cfg, dict(bi_w=5.0, pos_w=None)) == CRFConfig(iterations=3, bi_w=5.0)
+    with pytest.raises(TypeError, match="unknown CRF parameter"):
+        crf_mod._config(None, dict(sxy=3))
+
+
+# --------------------------------------------------------------------------- big images
+def _mosaic(size):
+    half = size // 2
+    ims = [data.astronaut(), data.coffee(), data.immunohistochemistry(), data.chelsea()]
+    tiles = [transform.resize(im, (half, half), preserve_range=True).astype(np.uint8) for im in ims]
+    return np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+
+
+def test_tiled_crf_matches_the_whole_image():
+    image = _mosaic(320)
+    probs = colour_probs(image, k=5)
+    whole = dense_crf(image, probs, backend="torch").argmax(0)
+    tiled = dense_crf_tiled(image, probs, tile=160, halo=64, backend="torch").argmax(0)
+    assert (tiled == whole).mean() >= 0.99
+
+
+@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
+def test_tiles_with_a_halo_covering_the_image_are_exact(backend):
+    if backend == "pydensecrf":
+        pytest.importorskip("pydensecrf.densecrf")
+    image = _mosaic(96)
+    probs = colour_probs(image, k=3)
+    whole = dense_crf(image, probs, backend=backend)
+    calls = []
+    tiled = dense_crf_tiled(image, probs, tile=40, halo=96, backend=backend, workers=2,
+                            progress=lambda *a: calls.append(a))
+    np.testing.assert_array_equal(tiled, whole)
+    assert calls[-1] == ("crf", 9, 9)
+
+
+def test_crf_labels_is_lazy_and_slice_by_slice():
+    import dask.array as da
+
+    grey = np.stack([IMAGES["camera"][:48, :40], IMAGES["em"][:48, :40] if "em" in IMAGES
+                     else IMAGES["camera"][48:96, :40]])
+    probs = np.stack([colour_probs(g, k=3) for g in grey])
+    labels = crf_labels(da.from_array(grey, chunks=(1, 48, 40)), probs, backend="torch")
+    assert isinstance(labels, da.Array) and labels.shape == (2, 48, 40)
+    assert labels.dtype == np.uint8
+    out = labels.compute()
+    for i in range(2):
+        np.testing.assert_array_equal(out[i], dense_crf(grey[i], probs[i], backend="torch").argmax(0))
+    with pytest.raises(StegoError, match="does not match"):
+        crf_labels(grey[:, :40], probs, backend="torch")
+
+
+# ---------------------------------------------------------------------- the lattice
+def test_permutohedral_filter_is_a_local_blur_with_its_transpose():
+    from napari_stego._permutohedral import Permutohedral
+
+    rng = np.random.default_rng(3)
+    feats = torch.from_numpy(rng.normal(0, 2, (300, 3)).astype(np.float32))
+    lattice = Permutohedral(feats)
+    k = lattice.filter(torch.eye(300))  # column j = response to a unit at point j
+    # blurring the axes in reverse order gives the transpose operator
+    torch.testing.assert_close(lattice.filter(torch.eye(300), reverse=True), k.T)
+    assert bool((k >= 0).all()) and bool((k.diagonal() > 0.5).all())
+    far = torch.cdist(feats, feats) > 8
+    assert float(k[far].max()) == 0.0  # nothing leaks past a few standard deviations
+    reordered = Permutohedral(feats, reorder=True)
+    torch.testing.assert_close(reordered.filter(torch.eye(300)), k)
