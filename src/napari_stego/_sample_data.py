@@ -14,8 +14,11 @@ def hubble_deep_field():
 
 
 def texture_stack():
+    """Six two-texture images and their classes; in the Labels layer 0 is 'unlabelled'
+    (napari's convention), so brick, grass and gravel are labels 1, 2 and 3."""
     images, labels = samples.texture_mosaics(n=6, size=192)
     return [
         (images, {"name": "texture mosaics"}),
-        (labels, {"name": "texture classes (ground truth)"}, "labels"),
+        (labels + 1, {"name": "texture classes (ground truth)",
+                      "metadata": {"classes": {1: "brick", 2: "grass", 3: "gravel"}}}, "labels"),
     ]

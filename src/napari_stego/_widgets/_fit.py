@@ -1,0 +1,214 @@
+"""The *Fit STEGO* dock widget: fit a head + clusters on chosen Image layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+
+from ..errors import StegoError
+from ._common import (
+    warm_imports,
+    JobMixin,
+    LayerPicker,
+    collapsible,
+    load_model_job,
+    model_store,
+    notify_error,
+    optional_path,
+    run_buttons,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+DEFAULT_STEPS = 500
+
+
+def _backbone_choices():
+    from ..backbones import get_spec, list_backbones
+
+    return [(f"{n} — {get_spec(n).description}", n) for n in list_backbones()]
+
+
+def device_choices() -> list[str]:
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def _spread(indices: list, n: int) -> list:
+    """At most ``n`` of ``indices``, evenly spread over the stack."""
+    if len(indices) <= n:
+        return indices
+    picks = np.unique(np.linspace(0, len(indices) - 1, n).round().astype(int))
+    return [indices[i] for i in picks]
+
+
+class FitWidget(Container, JobMixin):
+    """Fit STEGO on one or more Image layers.
+
+    The chosen layers (2D, RGB, or stacks, whose slices are used as separate images) go
+    through :meth:`napari_stego.StegoModel.fit` in a background thread; progress shows in
+    napari's activity bar and here. The fitted model is shared with the other napari-stego
+    widgets of this viewer (``model_store(viewer).model``, or this widget's ``.model``).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        from ..train import TrainConfig
+
+        warm_imports()
+        self.viewer = napari_viewer
+        self.store = model_store(napari_viewer)
+        self.picker = LayerPicker(napari_viewer, label="fit on")
+        self.backbone = ComboBox(
+            label="backbone", choices=_backbone_choices(), value="dino_vits8",
+            tooltip="The frozen feature extractor. DINO ViT-S/8 is STEGO's default (weights "
+                    "come from the Hugging Face cache, or a local file below); "
+                    "efficientnet_lite0 works offline with no download.")
+        self.weights = FileEdit(
+            label="weights file", mode="r", value=None, nullable=True,
+            filter="Weights (*.pth *.pt *.safetensors)",
+            tooltip="Optional: a local backbone checkpoint (.pth / .safetensors), e.g. "
+                    "dino_deitsmall8_pretrain.pth, for machines without a network.")
+        self.n_clusters = SpinBox(label="clusters (K)", value=4, min=2, max=254,
+                                  tooltip="How many classes to find.")
+        self.steps = SpinBox(
+            label="training steps", value=DEFAULT_STEPS, min=1, max=100_000,
+            tooltip="Head training steps. About 0.3 s each on a CPU (batch 16), far less on a "
+                    "GPU; the paper uses 2000, a few hundred already give a good first look.")
+        self.code_dim = SpinBox(label="code dim", value=TrainConfig().code_dim, min=2, max=512,
+                                tooltip="Dimension of the STEGO codes (70 in the paper).")
+        self.batch_size = SpinBox(label="batch size", value=TrainConfig().batch_size, min=1,
+                                  max=256, tooltip="Training windows per step (16 in the paper); "
+                                                   "lower it if memory runs out.")
+        self.max_slices = SpinBox(
+            label="max slices / layer", value=64, min=1, max=100_000,
+            tooltip="Stacks: fit on at most this many slices per layer, evenly spread (features "
+                    "of every used slice are kept in memory).")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto",
+                               tooltip="'auto' picks a CUDA GPU, then Apple MPS, then the CPU.")
+        self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1,
+                            tooltip="Same seed, same data, same CPU: same model.")
+        self.run_button, self.cancel_button = run_buttons(
+            "Fit", "Fit STEGO on the chosen layers in the background (the viewer stays usable).")
+        self.save_button = PushButton(text="Save model…", enabled=False,
+                                      tooltip="Write the fitted model to a .stego file.")
+        self.load_button = PushButton(text="Load model…",
+                                      tooltip="Read a model saved before (.stego file).")
+        self.status = Label(value="")
+        self.model_label = Label(value=self.store.describe())
+        self.model_label.native.setWordWrap(True)
+        self.status.native.setWordWrap(True)
+        buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
+                            labels=False)
+        files = Container(widgets=[self.save_button, self.load_button], layout="horizontal",
+                          labels=False)
+        self._fold, _ = collapsible("advanced", [self.code_dim, self.batch_size, self.max_slices,
+                                                 self.device, self.seed])
+        super().__init__(widgets=[self.picker, self.backbone, self.weights, self.n_clusters,
+                                  self.steps])
+        self.native.layout().addWidget(self._fold)
+        self.extend([buttons, self.status, Label(value="<b>model</b>"), self.model_label,
+                     files])
+        self.run_button.changed.connect(self.fit)
+        self.cancel_button.changed.connect(self.cancel)
+        self.save_button.changed.connect(lambda: self.save_model())
+        self.load_button.changed.connect(lambda: self.load_model())
+        self.store.changed.connect(self._model_changed)
+        self.picker.select_active()
+        self._model_changed(self.store.model)
+
+    # ----------------------------------------------------------------------- state
+    @property
+    def model(self):
+        """The current model of this viewer (``None`` until one is fitted or loaded)."""
+        return self.store.model
+
+    def _model_changed(self, model) -> None:
+        self.model_label.value = self.store.describe()
+        self.save_button.enabled = model is not None
+
+    # ------------------------------------------------------------------------- fit
+    def fit(self):
+        """Start fitting in the background; returns the :class:`Job` (or ``None``)."""
+        from ..train import TrainConfig
+
+        try:
+            sources = self.picker.sources()
+        except StegoError as exc:
+            notify_error(exc, "Fit STEGO")
+            return None
+        per_layer = int(self.max_slices.value)
+        plan = [(src, _spread(src.indices(), per_layer)) for src in sources]
+        backbone, n_clusters = self.backbone.value, int(self.n_clusters.value)
+        weights = optional_path(self.weights.value)
+        train = TrainConfig(steps=int(self.steps.value), batch_size=int(self.batch_size.value),
+                            code_dim=int(self.code_dim.value))
+        device, seed = self.device.value, int(self.seed.value)
+        names = ", ".join(src.name for src in sources)
+        n_images = sum(len(idx) for _, idx in plan)
+
+        def work(progress, cancel):
+            from ..model import StegoModel
+
+            images = []
+            for src, indices in plan:  # read (possibly lazy) slices here, not in the GUI
+                for idx in indices:
+                    if cancel.is_set():
+                        from ..errors import Cancelled
+
+                        raise Cancelled("cancelled while reading images")
+                    images.append(src.image(idx))
+            return StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights,
+                                  device=device, seed=seed, train=train, progress=progress,
+                                  cancel=cancel)
+
+        def done(model) -> None:
+            from napari.utils.notifications import show_info
+
+            self.store.set(model, f"fitted on {names} ({n_images} images)")
+            loss = model.info.get("final_loss")
+            self.status.value = "fitted" + (f", final loss {loss:.3f}" if loss is not None else "")
+            show_info(f"STEGO fitted: {model!r}. Apply it with the 'Segment' widget "
+                      "(Layers > Segment > Segment with STEGO).")
+
+        return self._start_job("Fit STEGO", work, on_done=done)
+
+    # ----------------------------------------------------------------- save / load
+    def save_model(self, path: str | Path | None = None) -> Path | None:
+        """Write the current model to ``path`` (asks with a file dialog when ``None``)."""
+        from napari.utils.notifications import show_info
+
+        if self.model is None:
+            notify_error(StegoError("no model to save: fit one first"), "Save model")
+            return None
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getSaveFileName(self.native, "Save STEGO model", "model.stego",
+                                                  "STEGO model (*.stego)")
+            if not path:
+                return None
+        try:
+            out = self.model.save(path)
+        except (OSError, StegoError) as exc:
+            notify_error(StegoError(f"cannot write {path}: {exc}"), "Save model")
+            return None
+        self.store.origin = f"saved as {Path(out).name}"
+        self._model_changed(self.model)
+        show_info(f"model saved to {out}")
+        return out
+
+    def load_model(self, path: str | Path | None = None):
+        """Read a model in the background (file dialog when ``path`` is ``None``); it
+        becomes the model of every napari-stego widget of this viewer. Returns the job."""
+        return load_model_job(self, path, weights=self.weights.value, device=self.device.value)
