@@ -246,13 +246,14 @@ class Job:
         self.result = None
         self.finished = False
         self._on_end = on_end
-        self.worker = create_worker(func, self.progress, self.cancel, _start_thread=False)
+        # errors go to our handler (a notification); without one napari re-raises them
+        self.worker = create_worker(func, self.progress, self.cancel, _start_thread=False,
+                                    _connect={"errored": self._errored})
         if on_yield is not None and hasattr(self.worker, "yielded"):
             self.worker.yielded.connect(on_yield)
         self.worker.returned.connect(self._returned)
         if on_done is not None:
             self.worker.returned.connect(on_done)
-        self.worker.errored.connect(self._errored)
         self.worker.finished.connect(self._finished)
 
     def start(self) -> Job:
