@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from napari_stego.features import FeatureConfig, extract_features
 from napari_stego.loss import LossConfig
 from napari_stego.metrics import confusion_matrix, hungarian_scores
 from napari_stego.model import _work_size
+from napari_stego.shifts import AutoShiftConfig
 from napari_stego.predict import cluster_probabilities, upsample_code
 from napari_stego.train import TrainConfig
 
@@ -72,7 +74,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig().steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--shifts", type=float, nargs=3, metavar=("SELF", "KNN", "RAND"),
-                        help="loss shifts (default: LossConfig's)")
+                        help="fixed loss shifts (default: chosen from the data, shifts='auto')")
+    parser.add_argument("--attract", type=float, nargs=3, metavar=("SELF", "KNN", "RAND"),
+                        help="fractions of attracted pairs for the automatic shifts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-images", type=int, help="random subset of this many images")
     parser.add_argument("--per-image", action="store_true", help="Hungarian matching per image")
@@ -94,17 +98,22 @@ def main() -> None:
     result["raw_features_kmeans"] = score(base, labels, args.n_clusters, n_classes, args.per_image)
     result["raw_features_kmeans"]["seconds"] = round(time.perf_counter() - t0, 1)
 
-    loss = LossConfig()
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size)
     if args.shifts:
         loss = LossConfig(self_shift=args.shifts[0], knn_shift=args.shifts[1], rand_shift=args.shifts[2])
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, loss=loss)
+        train = replace(train, loss=loss, auto_shifts=None)
+    elif args.attract:
+        train = replace(train, auto_shifts=AutoShiftConfig(*args.attract))
     t0 = time.perf_counter()
     model = StegoModel.fit(images, args.n_clusters, backbone=backbone, train=train,
                            device=args.device, seed=args.seed)
     preds = [model.predict(im) for im in images]
     result["stego"] = score(preds, labels, args.n_clusters, n_classes, args.per_image)
     result["stego"]["seconds"] = round(time.perf_counter() - t0, 1)
-    result["stego"]["shifts"] = [loss.self_shift, loss.knn_shift, loss.rand_shift]
+    used = model.train_config.loss
+    result["stego"]["shifts"] = [used.self_shift, used.knn_shift, used.rand_shift]
+    result["stego"]["auto_shifts"] = (asdict(model.train_config.auto_shifts)
+                                      if model.train_config.auto_shifts else None)
     result["stego"]["final_loss"] = model.info.get("final_loss")
     print(json.dumps(result))
 

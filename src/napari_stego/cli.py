@@ -53,12 +53,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     labels_path = out / "ihc_labels.tif"
     tifffile.imwrite(labels_path, labels, compression="zlib",
                      metadata={"napari_stego": repr(model)})
-    overlay = label2rgb(labels, image=image, alpha=0.35, bg_label=-1)
+    overlay = label2rgb(labels.astype(np.int32), image=image, alpha=0.35, bg_label=-1)
     overlay_path = out / "ihc_overlay.png"
     imsave(overlay_path, (np.clip(overlay, 0, 1) * 255).astype(np.uint8), check_contrast=False)
     print(f"model:   {model_path}\nlabels:  {labels_path}\noverlay: {overlay_path}")
     counts = np.bincount(labels.ravel(), minlength=model.n_clusters) / labels.size * 100
     print("cluster areas: " + ", ".join(f"{k}: {c:.1f}%" for k, c in enumerate(counts)))
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """List, pre-fetch or locate backbone weights (for offline clusters)."""
+    from .backbones import create_backbone, get_spec, list_backbones, weights_location
+
+    if args.action == "list":
+        for name in list_backbones():
+            where = weights_location(name)
+            print(f"{name:20s} {get_spec(name).description:55s} {where or 'not downloaded'}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"napari-stego weights {args.action}: name a backbone")
+    if args.action == "download":
+        create_backbone(args.name)  # fetches into the Hugging Face cache
+    where = weights_location(args.name)
+    if where is None:
+        print(f"napari-stego: weights of {args.name} are not on this machine; run "
+              f"`napari-stego weights download {args.name}` where there is a network", file=sys.stderr)
+        return 1
+    print(where)
     return 0
 
 
@@ -77,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--crf", action="store_true", help="refine with the dense CRF")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    weights = sub.add_parser("weights", help="list, download or locate backbone weights",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    weights.add_argument("action", choices=["list", "download", "path"])
+    weights.add_argument("name", nargs="?", help="backbone name (see `weights list`)")
+    weights.set_defaults(func=cmd_weights)
     return parser
 
 

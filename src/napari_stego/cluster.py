@@ -18,13 +18,15 @@ class ClusterConfig:
 
     ``batch_size`` points per mini-batch update (all points when there are fewer);
     ``n_iter`` mini-batch steps (full Lloyd passes when the data fit one batch);
-    ``n_init`` restarts, the one with the highest mean cosine is kept.
+    ``n_init`` restarts, the one with the highest mean cosine is kept;
+    ``tol``: stop a restart once no centroid moves more than this in one update.
     """
 
     n_iter: int = 200
-    batch_size: int = 8192
+    batch_size: int = 16384
     n_init: int = 3
     max_points: int = 500_000
+    tol: float = 1e-5
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -63,9 +65,9 @@ def _fit_once(x: torch.Tensor, k: int, config: ClusterConfig, gen: torch.Generat
     full = n <= config.batch_size
     for _ in range(config.n_iter):
         batch = x if full else x[torch.randint(n, (config.batch_size,), generator=gen).to(x.device)]
-        labels = batch.matmul(centroids.T).argmax(1)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, batch)
-        hits = torch.bincount(labels, minlength=k).to(x.dtype)
+        onehot = F.one_hot(batch.matmul(centroids.T).argmax(1), k).to(x.dtype)  # (b, k)
+        sums = onehot.T @ batch  # (k, C); a matmul is far faster than index_add_ on CPU
+        hits = onehot.sum(0)
         if full:
             new = torch.where(hits[:, None] > 0, sums, centroids)
         else:  # Sculley's mini-batch update with per-centroid learning rate 1 / count
@@ -74,10 +76,10 @@ def _fit_once(x: torch.Tensor, k: int, config: ClusterConfig, gen: torch.Generat
             means = sums / hits.clamp_min(1)[:, None]
             new = centroids + rate[:, None] * (means - centroids)
         new = F.normalize(new, dim=1)
-        if full and torch.allclose(new, centroids, atol=1e-7):
-            centroids = new
-            break
+        moved = float((new - centroids).norm(dim=1).max())
         centroids = new
+        if moved < config.tol:
+            break
     return centroids
 
 

@@ -77,3 +77,26 @@ def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generato
         crop = F.interpolate(crop[None].float(), size=(window, window), mode="bilinear",
                              align_corners=False)[0].to(fmap.dtype)
     return crop
+
+
+def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
+               batch_size: int, window: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch: random windows of random units, and a window of a KNN partner of each.
+
+    Units are drawn without replacement when there are enough of them.
+
+    Returns:
+        ``feats, feats_pos``: two ``(B, D, window, window)`` float32 tensors (CPU).
+    """
+    n = len(units)
+    if n >= batch_size:
+        picks = torch.randperm(n, generator=gen)[:batch_size]
+    else:
+        picks = torch.randint(n, (batch_size,), generator=gen)
+    partners = table[picks, torch.randint(table.shape[1], (batch_size,), generator=gen)]
+
+    def windows(ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([crop_window(maps[units[i].image], units[i], window, gen)
+                            for i in ids.tolist()]).float()
+
+    return windows(picks), windows(partners)

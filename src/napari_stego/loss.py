@@ -64,6 +64,16 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nchw,ncij->nhwij", a, b)
 
 
+def centre_correlation(fd: torch.Tensor) -> torch.Tensor:
+    """Spatial centring ``F - mean_ij(F) + mean_all(F)`` of a ``(B, H, W, I, J)`` correlation.
+
+    Operations in the reference's order, so values match it to the last bit.
+    """
+    global_mean = fd.mean()
+    fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+    return fd - fd.mean() + global_mean
+
+
 def pair_loss(
     f1: torch.Tensor,
     f2: torch.Tensor,
@@ -92,9 +102,7 @@ def pair_loss(
     with torch.no_grad():
         fd = correlation(f1, f2)
         if pointwise:
-            global_mean = fd.mean()
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-            fd = fd - fd.mean() + global_mean
+            fd = centre_correlation(fd)
     cd = correlation(c1, c2)
     low = 0.0 if zero_clamp else -9999.0
     cd = cd.clamp(low, 0.8) if stabilize else cd.clamp(low)

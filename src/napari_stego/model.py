@@ -23,6 +23,7 @@ from .features import FeatureConfig, extract_all, extract_features
 from .head import SegmentationHead
 from .io import IntensityConfig, image_list
 from .loss import LossConfig
+from .shifts import AutoShiftConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
 from .train import TrainConfig, train_head
 
@@ -105,6 +106,7 @@ class StegoModel:
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster)
         if progress is not None:
             progress("cluster", 1, 1)
+        train = replace(train, loss=result.loss)  # record the shifts actually used
         info = dict(seed=seed, n_images=len(imgs),
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
         return cls(net, result.head, centroids, feature_config=features, train_config=train,
@@ -271,4 +273,6 @@ def _feature_config(d: dict) -> FeatureConfig:
 def _train_config(d: dict) -> TrainConfig:
     d = dict(d)
     d["loss"] = LossConfig(**d["loss"])
+    if d.get("auto_shifts") is not None:
+        d["auto_shifts"] = AutoShiftConfig(**d["auto_shifts"])
     return TrainConfig(**d)

@@ -8,15 +8,16 @@ head's codes (:mod:`napari_stego.loss`) with Adam.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
 from .head import SegmentationHead
-from .knn import crop_window, knn_table, make_units, unit_descriptors
+from .knn import draw_pairs, knn_table, make_units, unit_descriptors
 from .loss import LossConfig, stego_loss
+from .shifts import AutoShiftConfig, sample_correlations, shifts_from_correlations
 
 Progress = Callable[[str, int, int], None]
 
@@ -26,6 +27,8 @@ class TrainConfig:
     """Training settings (reference values where the paper has them).
 
     ``window``: feature cells per side of a training window (``None``: 224 px / stride).
+    ``auto_shifts``: measure the data's feature correlations before training and replace the
+    shifts of ``loss`` (see :mod:`napari_stego.shifts`); ``None`` keeps ``loss`` as it is.
     """
 
     steps: int = 2000
@@ -38,19 +41,16 @@ class TrainConfig:
     window: int | None = None
     amp: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
+    auto_shifts: AutoShiftConfig | None = field(default_factory=AutoShiftConfig)
 
 
 @dataclass
 class TrainResult:
-    """The fitted head and the per-step total loss."""
+    """The fitted head, the per-step total loss and the loss settings actually used."""
 
     head: SegmentationHead
     losses: list[float]
-
-
-def _batch(maps, units, picks, window, gen, device) -> torch.Tensor:
-    crops = [crop_window(maps[units[i].image], units[i], window, gen) for i in picks]
-    return torch.stack(crops).to(device, torch.float32)
+    loss: LossConfig
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
@@ -76,6 +76,14 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     units = make_units([tuple(m.shape[-2:]) for m in maps], config.crop_ratio)
     table = knn_table(unit_descriptors(maps, units), config.n_neighbors)
     gen = torch.Generator().manual_seed(seed)
+    loss_config = config.loss
+    if config.auto_shifts is not None:
+        corrs = sample_correlations(
+            maps, units, table, window=window, batch_size=config.batch_size,
+            feature_samples=loss_config.feature_samples, n_batches=config.auto_shifts.n_batches,
+            gen=torch.Generator().manual_seed(seed + 1), pointwise=loss_config.pointwise)
+        s_self, s_knn, s_rand = shifts_from_correlations(corrs, config.auto_shifts)
+        loss_config = replace(loss_config, self_shift=s_self, knn_shift=s_knn, rand_shift=s_rand)
     devices = [device.index or 0] if device.type == "cuda" else []
     use_amp = config.amp and device.type == "cuda"
     losses: list[float] = []
@@ -84,25 +92,18 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         head = SegmentationHead(maps[0].shape[0], config.code_dim, config.dropout).to(device)
         head.train()
         opt = torch.optim.Adam(head.parameters(), lr=config.lr)
-        n_units = len(units)
         for step in range(config.steps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"training cancelled at step {step}")
-            if n_units >= config.batch_size:
-                picks = torch.randperm(n_units, generator=gen)[: config.batch_size]
-            else:
-                picks = torch.randint(n_units, (config.batch_size,), generator=gen)
-            ranks = torch.randint(table.shape[1], (len(picks),), generator=gen)
-            partners = table[picks, ranks]
-            feats = _batch(maps, units, picks.tolist(), window, gen, device)
-            feats_pos = _batch(maps, units, partners.tolist(), window, gen, device)
+            feats, feats_pos = draw_pairs(maps, units, table, config.batch_size, window, gen)
+            feats, feats_pos = feats.to(device), feats_pos.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 code = head(feats)
                 code_pos = head(feats_pos)
             # the reference also drops feature channels of the target signal
             teacher = F.dropout2d(feats, config.dropout, training=True)
             teacher_pos = F.dropout2d(feats_pos, config.dropout, training=True)
-            loss = stego_loss(teacher, teacher_pos, code.float(), code_pos.float(), config.loss,
+            loss = stego_loss(teacher, teacher_pos, code.float(), code_pos.float(), loss_config,
                               generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -111,4 +112,4 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             if progress is not None:
                 progress("train", step + 1, config.steps)
     head.eval()
-    return TrainResult(head=head, losses=losses)
+    return TrainResult(head=head, losses=losses, loss=loss_config)
