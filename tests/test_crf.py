@@ -89,7 +89,7 @@ def test_torch_backend_agrees_with_pydensecrf(name):
     q = dense_crf(image, probs, backend="torch", device="cpu")
     agree = (q.argmax(0) == ref.argmax(0)).mean()
     assert agree >= 0.99, f"{name}: labels agree on {agree:.2%} of pixels"
-    assert np.abs(q - ref).mean() < 1e-3
+    assert np.abs(q - ref).mean() < 5e-3
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
 
 

@@ -9,9 +9,10 @@ scaling) follow what the MIT-licensed ``pydensecrf`` computes, so both give the 
 to float rounding.
 
 The lattice is built once per feature set (:class:`Permutohedral`) and then applied many
-times (``filter``): splat and slice are sparse matrix products, the blur is ``d + 1`` rounds of
-neighbour gathers. Lattice vertices are found with ``torch.unique`` on integer keys instead of
-a hash table, so everything is vectorised.
+times (``filter``): splat, the ``d + 1`` blurs and slice are sparse (CSR) matrix products.
+Instead of a hash table, lattice vertices are found by sorting integer keys (points that share
+a simplex are grouped first), and blur neighbours by binary search in the sorted keys, so
+everything is vectorised and runs the same on the CPU and the GPU.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class Permutohedral:
             code0 += (rem0i[i] - (rmin[i] - 2 * d1)) * stride[i]
         del rem0i
 
-        # Many points share a simplex (same remainder-0 vertex and rank): group them first,
-        # so vertex keys are computed and sorted once per simplex, not once per point.
+        # Many points share a simplex (same remainder-0 vertex and rank): group them, so vertex
+        # keys are computed and sorted once per simplex, not once per point.
         if math.prod(float(x) for x in radix) * d1**d < 2.0**62:
             skey = code0 * d1**d
             for i in range(d):
@@ -131,12 +132,20 @@ class Permutohedral:
             count_s = torch.diff(start_s, append=start_s.new_tensor([n]))
             simplex = torch.empty(n, dtype=torch.int64, device=dev)
             simplex[perm_s] = torch.cumsum(first, 0) - 1
-            rep = perm_s[start_s]  # first point of each simplex
+            rep = perm_s[start_s]  # first point of each simplex (the sort is stable)
             del first
+            # number simplices in the order of their first point: memory walks follow the points
+            order = torch.argsort(rep)
+            new_id = torch.empty_like(order)
+            new_id[order] = torch.arange(n_s, device=dev)
+            simplex = new_id[simplex]
+            start_s, count_s, rep = start_s[order], count_s[order], rep[order]
+            del order, new_id
         else:  # key space too large to add the rank: one simplex per point
             n_s = n
             perm_s = start_s = simplex = rep = torch.arange(n, device=dev)
             count_s = torch.ones(n, dtype=torch.int64, device=dev)
+        self.n_simplices = n_s
 
         # Vertex keys of each simplex: walking r = 0..d, every coordinate gains 1 and the one of
         # rank d - r + 1 wraps by -(d+1).
@@ -164,6 +173,7 @@ class Permutohedral:
         uniq = sorted_v[new]
         self.m = m = uniq.numel()
         del sorted_v, new
+        n_items = n_s * d1
         itype = torch.int32 if max(n * d1, 3 * m) < 2**31 else torch.int64
 
         # Blur neighbours along each of the d+1 lattice axes: key +-d on that axis and -+1 on
@@ -189,15 +199,15 @@ class Permutohedral:
         del uniq, table, target
 
         if reorder:
-            # Number vertices in the order points first touch them, so that splat, blur and
-            # slice walk memory roughly in image order (much faster on the CPU).
-            first = torch.full((m,), n, dtype=torch.int64, device=dev)
-            first.scatter_reduce_(0, vertex, rep[torch.div(perm_v, d1, rounding_mode="floor")], "amin")
+            # Number vertices in the order points first touch them (simplices are already in
+            # that order), so splat, blur and slice walk memory roughly in image order.
+            first = torch.full((m,), n_items, dtype=torch.int64, device=dev)
+            first.scatter_reduce_(0, vertex, perm_v, "amin")
             order = torch.argsort(first)
             del first
             old2new = torch.empty(m + 1, dtype=torch.int64, device=dev)
             old2new[order] = torch.arange(m, device=dev)
-            old2new[m] = -1  # index -1 (missing) maps to -1
+            old2new[m] = -1  # index -1 (missing) stays -1
             vertex, resort = torch.sort(old2new[vertex], stable=True)
             perm_v = perm_v[resort]
             neighbours = [[old2new[nb[order]] for nb in pair] for pair in neighbours]
@@ -206,54 +216,79 @@ class Permutohedral:
 
         # Blur matrices: x + (x[n1] + x[n2]) / 2 per axis, (m x m) CSR with 3 entries per row;
         # a missing neighbour holds zero, so its entry points to the vertex itself, weight 0.
-        self_idx = torch.arange(m, device=dev)
+        self_idx = torch.arange(m, device=dev, dtype=itype)
         crow = torch.arange(0, 3 * m + 1, 3, device=dev, dtype=itype)
         blurs = []
         for n1, n2 in neighbours:
-            cols = torch.stack([self_idx, torch.where(n1 >= 0, n1, self_idx),
-                                torch.where(n2 >= 0, n2, self_idx)], 1)
-            vals = torch.stack([torch.ones(m, device=dev), (n1 >= 0) * 0.5, (n2 >= 0) * 0.5], 1)
-            blurs.append(_csr(crow, cols.reshape(-1).to(itype), vals.reshape(-1).float(), (m, m)))
+            cols = torch.empty(m, 3, dtype=itype, device=dev)
+            vals = torch.empty(m, 3, dtype=torch.float32, device=dev)
+            cols[:, 0] = self_idx
+            vals[:, 0] = 1.0
+            for k, nb in ((1, n1), (2, n2)):
+                found = nb >= 0
+                cols[:, k] = torch.where(found, nb.to(itype), self_idx)
+                vals[:, k] = found
+                vals[:, k] *= 0.5
+            blurs.append(_csr(crow, cols.reshape(-1), vals.reshape(-1), (m, m)))
         self._blurs = blurs
         del neighbours, self_idx
-
-        simplex_vertex = torch.empty_like(vertex)
-        simplex_vertex[perm_v] = vertex
-        offsets = simplex_vertex.view(n_s, d1)[simplex]  # (N, d+1) vertex of each point
-        del simplex_vertex, simplex
 
         # Splat (m x N) and slice (N x m) as CSR matrices; the slice carries the constant
         # alpha = 1 / (1 + 2^-d) of the reference (Adams et al.'s correction for the blur's
         # extra width).  The splat lists, vertex by vertex, the points of every simplex item
         # that touches it: expand each sorted (simplex, r) item into its simplex's points.
         alpha = 1.0 / (1.0 + 2.0 ** (-d))
-        n_items = n * d1
+        item_vertex = torch.empty_like(vertex)
+        item_vertex[perm_v] = vertex
+        offsets = item_vertex.view(n_s, d1)[simplex]  # (N, d+1) vertex of each point
+        del item_vertex, simplex
         item_simplex = torch.div(perm_v, d1, rounding_mode="floor")
         item_r = perm_v - item_simplex * d1
+        del perm_v
         lens = count_s[item_simplex]
         ends = torch.cumsum(lens, 0)
         pos = torch.repeat_interleave(start_s[item_simplex] - (ends - lens), lens,
-                                      output_size=n_items)
-        pos += torch.arange(n_items, device=dev)
+                                      output_size=n * d1)
+        pos += torch.arange(n * d1, device=dev)
+        del ends, item_simplex, start_s, count_s
         points = perm_s[pos]
-        del pos, ends, perm_s, start_s
-        rr = torch.repeat_interleave(item_r, lens, output_size=n_items)
+        del pos, perm_s
+        rr = torch.repeat_interleave(item_r, lens, output_size=n * d1)
         splat_vals = weights.reshape(-1)[points * d1 + rr]
-        del rr, item_r, item_simplex, perm_v
+        del rr, item_r
         crow = torch.zeros(m + 1, dtype=torch.int64, device=dev)
         crow[1:].index_add_(0, vertex, lens)
         crow = torch.cumsum(crow, 0)
         del vertex, lens
         self._splat = _csr(crow.to(itype), points.to(itype), splat_vals, (m, n))
-        self._slice = _csr(torch.arange(0, n_items + 1, d1, device=dev, dtype=itype),
-                           offsets.to(itype), weights.reshape(-1) * alpha, (n, m))
+        self._slice = _csr(torch.arange(0, n * d1 + 1, d1, device=dev, dtype=itype),
+                           offsets.reshape(-1).to(itype), weights.reshape(-1) * alpha, (n, m))
+
+    def scale_(self, before: torch.Tensor, after: torch.Tensor) -> Permutohedral:
+        """In place: :meth:`filter` becomes ``after * K(before * values)``.
+
+        ``before`` and ``after`` are per-point factors ``(N,)``, folded into the splat and slice
+        matrices (e.g. a symmetric normalisation and a kernel weight) so that applying them
+        costs nothing.
+        """
+        sp, sl = self._splat, self._slice
+        col = sp.col_indices()
+        self._splat = _csr(sp.crow_indices(), col, sp.values() * before[col.long()], sp.shape)
+        self._slice = _csr(sl.crow_indices(), sl.col_indices(),
+                           sl.values() * after.repeat_interleave(self.d + 1), sl.shape)
+        return self
 
     def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """Gaussian-filter ``values`` (N, C) float32 over the lattice; returns (N, C).
 
         ``reverse`` blurs the axes in the opposite order (the transpose filter).
         """
-        lat = self._splat @ values
+        # addmm with beta=0 into preallocated buffers: no zero-fill and no copy per product
+        c = values.shape[1]
+        lat, spare = values.new_empty(self.m, c), values.new_empty(self.m, c)
+        torch.addmm(lat, self._splat, values, beta=0, out=lat)
         for blur in (reversed(self._blurs) if reverse else self._blurs):
-            lat = blur @ lat
-        return self._slice @ lat
+            torch.addmm(spare, blur, lat, beta=0, out=spare)
+            lat, spare = spare, lat
+        out = values.new_empty(self.n, c)
+        return torch.addmm(out, self._slice, lat, beta=0, out=out)

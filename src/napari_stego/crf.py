@@ -11,9 +11,11 @@ Two backends compute the same thing:
 
 * ``"pydensecrf"`` calls the reference C++ implementation (the optional ``pydensecrf2``
   package, ``pip install "napari-stego[crf]"``); single-threaded, about 0.3 Mpx/s.
-* ``"torch"`` runs the same mean-field updates with a pure-torch permutohedral lattice
-  (:mod:`napari_stego._permutohedral`) on the GPU or the CPU, and agrees with it to float
-  rounding.
+* ``"torch"`` runs the same mean-field updates on the GPU or the CPU, with no compiler: the
+  bilateral kernel through a pure-torch permutohedral lattice that makes the same
+  approximation as pydensecrf (:mod:`napari_stego._permutohedral`), the 1-pixel smoothness
+  kernel as an exact separable Gaussian (pydensecrf approximates it with a lattice too).
+  Labels agree with pydensecrf on more than 99.5 % of pixels.
 
 :func:`dense_crf` refines one image; :func:`dense_crf_tiled` refines a big image tile by tile
 with a halo; :func:`crf_labels` refines a whole stack lazily (dask), slice by slice.
@@ -220,17 +222,42 @@ def _run_pydensecrf(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> np.nd
 
 _POS_CACHE: dict = {}
 _POS_LOCK = threading.Lock()
+_MAX_SEPARABLE_RADIUS = 6  # wider smoothness kernels go through the lattice
 
 
-def _kernel(feats, device, reorder=False):
-    """A lattice and its symmetric normalisation ``1 / sqrt(K 1)`` (pydensecrf's default)."""
+class _SeparableGaussian:
+    """The exact Gaussian ``exp(-|p - q|^2 / 2 sxy^2)`` on the pixel grid, truncated at 3 sxy.
+
+    Two 1-D passes of shifted adds over ``(H, W, C)``; costs no set-up, and for the reference
+    ``sxy = 1`` (7 taps) it is as fast as the lattice. Zero outside the image, like the
+    lattice (the normalisation takes care of the border).
+    """
+
+    def __init__(self, h: int, w: int, sxy: float):
+        self.h, self.w = h, w
+        self.radius = r = max(1, math.ceil(3 * sxy))
+        self.taps = [math.exp(-0.5 * (k / sxy) ** 2) for k in range(-r, r + 1)]
+
+    def filter(self, values):
+        import torch.nn.functional as F
+
+        h, w, r = self.h, self.w, self.radius
+        x = values.view(h, w, values.shape[1])
+        for pad, dim, size in (((0, 0, r, r), 1, w), ((0, 0, 0, 0, r, r), 0, h)):
+            padded = F.pad(x, pad)
+            x = padded.narrow(dim, r, size) * self.taps[r]
+            for k, tap in enumerate(self.taps):
+                if k != r:
+                    x.add_(padded.narrow(dim, k, size), alpha=tap)
+        return x.reshape(h * w, -1)
+
+
+def _normalised(kernel, n, device):
+    """A kernel and its symmetric normalisation ``1 / sqrt(K 1)`` (pydensecrf's default)."""
     import torch
 
-    from ._permutohedral import Permutohedral
-
-    lattice = Permutohedral(feats, reorder=reorder)
-    norm = lattice.filter(torch.ones(feats.shape[0], 1, device=device))
-    return lattice, torch.rsqrt(norm + 1e-20)
+    norm = kernel.filter(torch.ones(n, 1, device=device))
+    return kernel, torch.rsqrt(norm + 1e-20)
 
 
 def _grid(h, w, y0, x0, device):
@@ -242,15 +269,21 @@ def _grid(h, w, y0, x0, device):
 
 
 def _pos_kernel(h, w, sxy, device):
-    """The Gaussian (position-only) lattice depends only on the shape: keep the last one."""
+    """The smoothness kernel: exact and separable for the usual narrow ``sxy``, else a
+    permutohedral lattice (which depends only on the shape, so the last one is kept)."""
+    if math.ceil(3 * sxy) <= _MAX_SEPARABLE_RADIUS:
+        return _normalised(_SeparableGaussian(h, w, sxy), h * w, device)
     key = (h, w, float(sxy), str(device))
     with _POS_LOCK:
         hit = _POS_CACHE.get(key)
     if hit is None:
         import torch
 
+        from ._permutohedral import Permutohedral
+
         x, y = _grid(h, w, 0, 0, device)
-        hit = _kernel(torch.stack([x / sxy, y / sxy], 1), device, reorder=True)
+        lattice = Permutohedral(torch.stack([x / sxy, y / sxy], 1), reorder=True)
+        hit = _normalised(lattice, h * w, device)
         with _POS_LOCK:
             _POS_CACHE.clear()
             _POS_CACHE[key] = hit
@@ -259,7 +292,11 @@ def _pos_kernel(h, w, sxy, device):
 
 def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
                origin: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Mean-field inference of the same energy with permutohedral-lattice filters.
+    """Mean-field inference of the same energy, as pydensecrf runs it.
+
+    ``Q = softmax(-U)``, then ``iterations`` times ``Q = softmax(-U + sum_k w_k n_k K_k(n_k
+    Q))`` with each kernel ``K_k`` symmetrically normalised by ``n_k = 1 / sqrt(K_k 1)``
+    (Potts compatibility: the message of a label is its own filtered probability).
 
     ``origin`` is the (row, column) of this tile in a bigger image: the bilateral lattice is
     laid out in whole-image coordinates so that neighbouring tiles share it.
@@ -270,26 +307,36 @@ def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
     n = h * w
     with torch.inference_mode():
         unary = torch.from_numpy(probs).to(device).reshape(c, n).clamp(1e-5, 1.0).log_().neg_()
-        kernels = []
+        neg_unary = -unary.T  # (N, C); energies are built point-major, softmax runs class-major
+        kernels = []  # (weight, kernel, norm); norm None = already folded into the kernel
         if cfg.pos_w > 0:
             kernels.append((cfg.pos_w, *_pos_kernel(h, w, cfg.pos_xy_std, device)))
         if cfg.bi_w > 0:
+            from ._permutohedral import Permutohedral
+
             x, y = _grid(h, w, *origin, device)
             colour = torch.from_numpy(rgb.reshape(n, 3)).to(device).float() / cfg.bi_rgb_std
             feats = torch.cat([(x / cfg.bi_xy_std)[:, None], (y / cfg.bi_xy_std)[:, None], colour], 1)
             del x, y, colour
-            kernels.append((cfg.bi_w, *_kernel(feats, device)))
+            lattice, norm = _normalised(Permutohedral(feats), n, device)
             del feats
+            norm = norm[:, 0]
+            kernels.append((1.0, lattice.scale_(norm, norm * cfg.bi_w), None))
         q = torch.softmax(-unary, 0)
-        buf = torch.empty(n, c, device=device)
+        del unary
+        scaled = torch.empty(n, c, device=device)
         for _ in range(cfg.iterations):
-            energy = -unary
-            for weight, lattice, norm in kernels:
-                torch.mul(q.T, norm, out=buf)
-                msg = lattice.filter(buf)
-                msg *= norm
-                energy = torch.add(energy, msg.T, alpha=weight)
-            q = torch.softmax(energy, 0)
+            qt = q.T.contiguous()
+            energy = neg_unary.clone()
+            for weight, kernel, norm in kernels:
+                if norm is None:
+                    energy += kernel.filter(qt)
+                else:
+                    torch.mul(qt, norm, out=scaled)
+                    msg = kernel.filter(scaled)
+                    msg *= norm
+                    energy.add_(msg, alpha=weight)
+            q = torch.softmax(energy.T, 0)
         return q.reshape(c, h, w).cpu().numpy()
 
 
