@@ -1,8 +1,17 @@
 """The ``napari-stego`` command.
 
-Each sub-command parses its arguments, then makes one keyword call into the core; heavy
-imports (torch, timm) happen after parsing so ``--help`` answers at once. Errors a user can
-cause are printed on one line and give exit code 2.
+Each sub-command parses its arguments, then makes one keyword call into the core
+(:mod:`napari_stego.batch` for fit / segment / evaluate); heavy imports (torch, timm) happen
+after parsing.
+
+Exit codes scripts can rely on:
+
+* 0 -- done: every input has its output;
+* 1 -- the job ran, but some inputs failed or were skipped (each printed on one line, and
+  summarised at the end);
+* 2 -- the job could not start: bad arguments, unreadable or incompatible model, no
+  inputs, ... (one line, ``napari-stego: error: ...``);
+* 130 -- cancelled (Ctrl-C); finished outputs are kept and a re-run resumes.
 """
 
 from __future__ import annotations
@@ -12,8 +21,12 @@ import sys
 from pathlib import Path
 
 
+_UNITS = {"segment": "plane", "features": "image"}
+
+
 def _progress_printer(quiet: bool):
-    """A ``progress(stage, done, total)`` callback drawing tqdm bars, one per stage."""
+    """A ``progress(stage, done, total)`` callback drawing tqdm bars (with ETA), one per
+    stage; work already done when a stage starts (a resumed job) does not skew the ETA."""
     if quiet:
         return None
     from tqdm import tqdm
@@ -23,13 +36,85 @@ def _progress_printer(quiet: bool):
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=True)
-        bar.n = done
-        bar.refresh()
-        if done >= total:
+            bar = bars[stage] = tqdm(total=total, initial=done if stage == "segment" else 0,
+                                     desc=stage,
+                                     unit=_UNITS.get(stage, "step"), leave=True,
+                                     dynamic_ncols=True)
+        if done > bar.n:
+            bar.update(done - bar.n)
+        if done >= total and not bar.disable:
             bar.close()
 
     return progress
+
+
+def _logger(quiet: bool):
+    """One line per problem on stderr (kept clear of the progress bars); notes only when
+    not ``quiet``."""
+    def log(message: str) -> None:
+        if quiet:  # problems are listed once at the end
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"napari-stego: {message}", file=sys.stderr)
+        except ImportError:  # pragma: no cover
+            print(f"napari-stego: {message}", file=sys.stderr)
+    return log
+
+
+def _print_problems(problems) -> None:
+    if problems:
+        print(f"napari-stego: {len(problems)} input(s) not segmented:", file=sys.stderr)
+        for r in problems:
+            print(f"  {r.status}: {r.line()}", file=sys.stderr)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit a model on TIFF files / globs / folders and save it."""
+    from .batch import fit_files
+
+    report = fit_files(args.images, args.out, n_clusters=args.n_clusters, backbone=args.backbone,
+                       weights=args.weights, steps=args.steps, device=args.device,
+                       seed=args.seed, progress=_progress_printer(args.quiet),
+                       log=_logger(args.quiet))
+    if not args.quiet:
+        print(f"model: {report.model} (fitted on {report.n_images} images)")
+    _print_problems(report.problems)
+    return report.exit_code
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment files with a model; resumable; local or dask.distributed."""
+    from .batch import segment_files
+
+    report = segment_files(args.model, args.images, args.out, crf=args.crf,
+                           probabilities=args.probabilities, format=args.format,
+                           overwrite=args.overwrite, scheduler=args.scheduler,
+                           workers=args.workers, weights=args.weights, device=args.device,
+                           progress=_progress_printer(args.quiet), log=_logger(args.quiet))
+    if not args.quiet:
+        print(report.summary())
+    _print_problems(report.problems)
+    return report.exit_code
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Hungarian-matched scores of a folder of predictions against ground truth."""
+    from .batch import evaluate_folders
+
+    result = evaluate_folders(args.pred_dir, args.gt_dir, n_classes=args.n_classes,
+                              ignore_index=args.ignore_index, out=args.out,
+                              log=_logger(args.quiet))
+    if not args.quiet:
+        ious = ", ".join("-" if v is None else f"{v:.1f}" for v in result["iou_per_class"])
+        miou = "n/a" if result["miou"] is None else f"{result['miou']:.2f}%"
+        acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.2f}%"
+        print(f"mIoU {miou}  accuracy {acc}  over {len(result['files'])} files "
+              f"({result['n_clusters']} clusters, {result['n_classes']} classes)")
+        print(f"IoU per class: {ious}")
+        print(f"scores: {result['json']}\nconfusion matrix: {result['png']}")
+    return 1 if result["problems"] else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,11 +169,76 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backbone_names() -> list[str]:
+    """Registered backbone names, without importing torch (kept in step by a test)."""
+    return ["dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16", "dinov2_vits14_reg",
+            "dinov2_vitb14_reg", "efficientnet_lite0"]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="napari-stego", description="Unsupervised semantic segmentation (STEGO) of image stacks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="napari-stego", description="Unsupervised semantic segmentation (STEGO) of image "
+        "stacks. Exit codes: 0 done; 1 some inputs failed or were skipped; 2 the job could not "
+        "start; 130 cancelled.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit a model on TIFF files, globs or folders",
+                         formatter_class=fmt)
+    fit.add_argument("images", nargs="+", help="TIFF files, globs ('data/*.tif') or folders; "
+                     "every plane of a stack is used")
+    fit.add_argument("--out", required=True, help="model file to write (.stego)")
+    fit.add_argument("--n-clusters", type=int, default=3, help="number of clusters K")
+    fit.add_argument("--backbone", default="dino_vits8", choices=_backbone_names(),
+                     metavar="NAME", help="feature backbone: " + ", ".join(_backbone_names()))
+    fit.add_argument("--weights", help="local backbone weights file (offline machines)")
+    fit.add_argument("--steps", type=int, default=None,
+                     help="training steps (default: the training config's)")
+    fit.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    fit.set_defaults(func=cmd_fit)
+
+    seg = sub.add_parser(
+        "segment", formatter_class=fmt,
+        help="segment TIFF files with a model (resumable; local or dask.distributed)",
+        description="Write one labels file per input (same base name, same spatial shape; "
+        "uint8, or uint16 for K > 256). Re-running skips finished outputs and resumes stacks "
+        "plane by plane.")
+    seg.add_argument("model", help="model file written by `fit` or the napari widget")
+    seg.add_argument("images", nargs="+", help="TIFF files, globs or folders")
+    seg.add_argument("--out", required=True, help="output folder")
+    seg.add_argument("--crf", action="store_true", help="refine with the dense CRF")
+    seg.add_argument("--probabilities", action="store_true",
+                     help="also write <name>_proba (float32 K x H x W per plane)")
+    seg.add_argument("--format", choices=["tif", "zarr"], default="tif")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="recompute and replace outputs that exist")
+    seg.add_argument("--scheduler", default="threads",
+                     help="threads, processes, or a dask.distributed scheduler address "
+                     "(tcp://host:8786)")
+    seg.add_argument("--workers", type=int, default=1,
+                     help="threads or processes for the local schedulers")
+    seg.add_argument("--weights", help="backbone weights file, if the one the model was "
+                     "fitted with is not on this machine")
+    seg.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
+    seg.add_argument("--quiet", action="store_true",
+                     help="no progress bar, notes or summary; problems are still printed")
+    seg.set_defaults(func=cmd_segment)
+
+    ev = sub.add_parser("evaluate", formatter_class=fmt,
+                        help="Hungarian-matched mIoU / accuracy against ground truth")
+    ev.add_argument("pred_dir", help="folder of predicted labels (tif or zarr)")
+    ev.add_argument("gt_dir", help="folder of ground-truth class maps with the same base names "
+                    "(tif or png)")
+    ev.add_argument("--n-classes", type=int, default=None,
+                    help="number of classes (default: largest id in the ground truth + 1)")
+    ev.add_argument("--ignore-index", type=int, default=255,
+                    help="ground-truth value left out of the scores")
+    ev.add_argument("--out", default=None,
+                    help="folder for evaluation.json and confusion.png (default: PRED_DIR)")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
     demo = sub.add_parser("demo", help="fit and segment the bundled sample image (offline)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", default="stego-demo", help="output folder")
