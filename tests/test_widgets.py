@@ -128,7 +128,8 @@ def test_fit_in_the_gui_then_segment_evaluate_save_load(viewer, qtbot, tmp_path)
     meta = clusters.metadata["napari_stego"]
     assert meta["model"]["backbone"] == "efficientnet_lite0" and meta["model"]["n_clusters"] == 3
     assert meta["crf"] is False and meta["complete"] is True
-    np.testing.assert_array_equal(clusters.data[1], fit.model.predict(viewer.layers["tex"].data[1]) + 1)
+    expected = fit.model.predict(viewer.layers["tex"].data[1]) + 1
+    np.testing.assert_array_equal(clusters.data[1], expected)
 
     clusters.name = "renamed by the user"  # re-running updates the layer it made
     run(qtbot, seg.segment)

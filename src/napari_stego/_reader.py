@@ -94,7 +94,8 @@ def _read_one(path: Path) -> list[tuple]:
         channel_axis = axes.index("C")
     elif axes.endswith("S") and not rgb and shape[-1] > 1:
         channel_axis = len(axes) - 1
-    spatial = [a for i, a in enumerate(axes) if i != channel_axis and not (rgb and i == len(axes) - 1)]
+    last = len(axes) - 1
+    spatial = [a for i, a in enumerate(axes) if i != channel_axis and not (rgb and i == last)]
     scale = [sizes.get(a, 1.0) for a in spatial]
     if any(s != 1.0 for s in scale):
         kwargs["scale"] = tuple(scale)

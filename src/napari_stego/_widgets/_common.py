@@ -369,7 +369,8 @@ def current_index(viewer, layer, lead: tuple[int, ...]) -> tuple[int, ...]:
     ndim = layer.ndim
     point = np.asarray(viewer.dims.point)[-ndim:]
     data_pt = np.asarray(layer.world_to_data(point))
-    return tuple(int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(data_pt[: len(lead)], lead))
+    return tuple(int(np.clip(round(float(v)), 0, n - 1))
+                 for v, n in zip(data_pt[: len(lead)], lead))
 
 
 def layer_source(layer) -> Source:
@@ -426,8 +427,10 @@ class LayerPicker(Container):
             text="layers are channels of one image", value=False,
             tooltip="Combine 2 or 3 chosen grey layers (e.g. the channels of one acquisition, "
                     "as napari opens them) into one multichannel image.")
-        super().__init__(widgets=[self.layers, self.as_channels], labels=False)
-        self.layers.native.setMaximumHeight(110)
+        super().__init__(widgets=[text(f"<b>{label}</b> (Ctrl/Shift-click for several)"),
+                                  self.layers, self.as_channels], labels=False)
+        self.layers.native.setMaximumHeight(90)
+        self.margins = (0, 0, 0, 0)
         events = viewer.layers.events
         for ev in (events.inserted, events.removed, events.moved):
             ev.connect(self._refresh)
@@ -450,14 +453,13 @@ class LayerPicker(Container):
 
     def select_active(self) -> None:
         """Pre-select the active layer (or the first image) if nothing is chosen yet."""
-        from napari.layers import Image
 
         self.layers.reset_choices()
         if self.layers.value:
             return
+        valid = [layer for _, layer in self._choices()]
         active = self._viewer.layers.selection.active
-        choice = active if isinstance(active, Image) else next(
-            (layer for layer in self._viewer.layers if isinstance(layer, Image)), None)
+        choice = active if any(active is v for v in valid) else (valid[0] if valid else None)
         if choice is not None:
             self.layers.value = [choice]
 
@@ -534,6 +536,33 @@ def run_buttons(run_text: str, run_tip: str) -> tuple[PushButton, PushButton]:
                         tooltip="Stop the running job at the next step / slice; nothing is "
                                 "kept from a cancelled fit.")
     return run, cancel
+
+
+def insert_after(container: Container, anchor, qwidget) -> None:
+    """Put a plain Qt widget into ``container``'s layout right after magicgui ``anchor``."""
+    layout = container.native.layout()
+    for i in range(layout.count()):
+        w = layout.itemAt(i).widget()
+        if w is not None and (w is anchor.native or w.isAncestorOf(anchor.native)):
+            layout.insertWidget(i + 1, qwidget)
+            return
+    layout.addWidget(qwidget)
+
+
+def finish_layout(container: Container, max_height_select: int = 96) -> None:
+    """Top-align the rows (no stretched gaps) of a dock widget."""
+    container.native.layout().addStretch(1)
+
+
+def text(value: str = "") -> Label:
+    """A left-aligned, word-wrapping rich-text label."""
+    from qtpy.QtCore import Qt
+
+    label = Label(value=value)
+    label.native.setWordWrap(True)
+    label.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+    label.native.setTextFormat(Qt.RichText)
+    return label
 
 
 def collapsible(title: str, widgets: list) -> Any:

@@ -12,16 +12,17 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
 
 from ..errors import Cancelled, StegoError
 from ._common import (
-    warm_imports,
     META_KEY,
     JobMixin,
     collapsible,
     find_output,
+    finish_layout,
+    insert_after,
     layer_source,
     model_store,
     model_summary,
@@ -29,6 +30,8 @@ from ._common import (
     optional_path,
     output_layer,
     run_buttons,
+    text,
+    warm_imports,
 )
 from ._fit import _spread, device_choices
 from ._similarity import descriptor, nearest, query_vector, similarity_map
@@ -43,7 +46,8 @@ _CACHE_MAPS = 24
 def _source_choices(_widget=None):
     from ..backbones import list_backbones
 
-    return [("STEGO codes (fitted model)", CODES)] + [(f"{n} features", n) for n in list_backbones()]
+    names = [(f"{n} features", n) for n in list_backbones()]
+    return [("STEGO codes (fitted model)", CODES), *names]
 
 
 class CorrespondenceWidget(Container, JobMixin):
@@ -82,18 +86,19 @@ class CorrespondenceWidget(Container, JobMixin):
                                               "location in the image.")
         self.run_button, self.cancel_button = run_buttons(
             "Update", "Recompute the maps for the current query point.")
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)
+        self.status = text()
         self.neighbour_list = QListWidget()
-        self.neighbour_list.setMaximumHeight(120)
+        self.neighbour_list.setMaximumHeight(110)
         self.neighbour_list.itemClicked.connect(self._go_to)
         self._fold, _ = collapsible("advanced", [self.weights, self.candidates, self.device])
         buttons = Container(widgets=[self.pick_button, self.run_button, self.cancel_button],
                             layout="horizontal", labels=False)
-        super().__init__(widgets=[self.image, self.source, self.neighbours])
-        self.native.layout().addWidget(self._fold)
-        self.extend([buttons, self.status, Label(value="nearest slices (click to view)")])
-        self.native.layout().addWidget(self.neighbour_list)
+        form = Container(widgets=[self.image, self.source, self.neighbours])
+        self._list_title = text("Nearest slices (click one to view it):")
+        super().__init__(widgets=[form, buttons, self.status, self._list_title], labels=False)
+        insert_after(self, form, self._fold)
+        insert_after(self, self._list_title, self.neighbour_list)
+        finish_layout(self)
         self.pick_button.changed.connect(self.pick)
         self.run_button.changed.connect(lambda: self.query())
         self.cancel_button.changed.connect(self.cancel)
@@ -191,7 +196,8 @@ class CorrespondenceWidget(Container, JobMixin):
         self._point = point
         n = len(src.lead)
         idx = tuple(int(np.clip(round(v), 0, s - 1)) for v, s in zip(point[:n], src.lead))
-        yx = (float(np.clip(point[n], 0, src.size[0] - 1)), float(np.clip(point[n + 1], 0, src.size[1] - 1)))
+        yx = (float(np.clip(point[n], 0, src.size[0] - 1)),
+              float(np.clip(point[n + 1], 0, src.size[1] - 1)))
         k = int(self.neighbours.value) if n else 0
         candidates = _spread(src.indices(), int(self.candidates.value)) if k else []
         weights = optional_path(self.weights.value)
@@ -212,8 +218,8 @@ class CorrespondenceWidget(Container, JobMixin):
 
         def work(progress, cancel):
             stride, min_side = self._geometry(source, weights, model)
-            todo = [idx] + [c for c in candidates if (layer_id, c, source, weights) not in self._descs
-                            and c != idx]
+            todo = [idx] + [c for c in candidates if c != idx
+                            and (layer_id, c, source, weights) not in self._descs]
             progress("correspond", 0, len(todo) + k)
             fmap = feature_map(idx)
             q = query_vector(fmap, yx, src.size, stride, min_side)
@@ -284,7 +290,9 @@ class CorrespondenceWidget(Container, JobMixin):
                              blending="translucent")
         for idx, sim in result["maps"].items():
             layer.data[idx] = sim
-        layer.contrast_limits = (0.0, 1.0)
+        # stretch from the low end of the computed maps to 1 (features are rarely anti-similar)
+        low = float(np.percentile(np.stack(list(result["maps"].values())), 2))
+        layer.contrast_limits = (min(max(low, -1.0), 0.95), 1.0)
         layer.refresh()
         query = find_output(self.viewer, f"query:{image.name}")
         if query is not None:  # keep the query point visible above the map

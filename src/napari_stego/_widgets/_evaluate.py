@@ -5,13 +5,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QBrush, QColor, QFont
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
 from ..errors import Cancelled, StegoError
-from ._common import warm_imports, META_KEY, JobMixin, notify_error, output_layer, run_buttons
+from ._common import (
+    META_KEY,
+    JobMixin,
+    finish_layout,
+    insert_after,
+    notify_error,
+    output_layer,
+    run_buttons,
+    text,
+    warm_imports,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -137,18 +147,19 @@ class EvaluateWidget(Container, JobMixin):
                                         "painted. Untick if 0 is a real class.")
         self.matched = CheckBox(text="add a layer of clusters as matched classes", value=False)
         self.run_button, self.cancel_button = run_buttons("Evaluate", "Compute the scores.")
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)
-        self.summary = Label(value="")
-        self.summary.native.setWordWrap(True)
+        self.status = text()
+        self.summary = text()
         self.table = ConfusionTable()
-        self.per_class = Label(value="")
-        self.per_class.native.setWordWrap(True)
+        self.per_class = text()
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
-        super().__init__(widgets=[self.gt, self.pred, self.gt_zero, self.matched, buttons,
-                                  self.status, self.summary, self.per_class])
-        self.native.layout().addWidget(self.table)
+        form = Container(widgets=[self.gt, self.pred])
+        self._table_title = text("Confusion matrix (share of each class's pixels; matched "
+                                 "pairs in bold):")
+        super().__init__(widgets=[form, self.gt_zero, self.matched, buttons, self.status,
+                                  self.summary, self.per_class, self._table_title], labels=False)
+        insert_after(self, self._table_title, self.table)
+        finish_layout(self)
         self.run_button.changed.connect(self.evaluate)
         self.cancel_button.changed.connect(self.cancel)
         ev = napari_viewer.layers.events
@@ -202,7 +213,8 @@ class EvaluateWidget(Container, JobMixin):
             rows = []
             for j, iou in enumerate(scores["iou_per_class"]):
                 match = np.flatnonzero(scores["assignment"] == j)
-                who = f"cluster {scores['cluster_values'][match[0]]}" if match.size else "no cluster"
+                who = (f"cluster {scores['cluster_values'][match[0]]}" if match.size
+                       else "no cluster")
                 rows.append(f"class {scores['class_values'][j]}: IoU "
                             + ("–" if np.isnan(iou) else f"{iou:.1f}%") + f" ({who})")
             self.per_class.value = "<br>".join(rows)

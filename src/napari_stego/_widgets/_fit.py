@@ -6,19 +6,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 
 from ..errors import StegoError
 from ._common import (
-    warm_imports,
     JobMixin,
     LayerPicker,
     collapsible,
+    finish_layout,
+    insert_after,
     load_model_job,
     model_store,
     notify_error,
     optional_path,
     run_buttons,
+    text,
+    warm_imports,
 )
 
 if TYPE_CHECKING:
@@ -28,9 +31,15 @@ DEFAULT_STEPS = 500
 
 
 def _backbone_choices():
+    from ..backbones import list_backbones
+
+    return list_backbones()
+
+
+def _backbone_help() -> str:
     from ..backbones import get_spec, list_backbones
 
-    return [(f"{n} — {get_spec(n).description}", n) for n in list_backbones()]
+    return "\n".join(f"{n}: {get_spec(n).description}" for n in list_backbones())
 
 
 def device_choices() -> list[str]:
@@ -68,12 +77,12 @@ class FitWidget(Container, JobMixin):
         warm_imports()
         self.viewer = napari_viewer
         self.store = model_store(napari_viewer)
-        self.picker = LayerPicker(napari_viewer, label="fit on")
+        self.picker = LayerPicker(napari_viewer, label="Images to fit on")
         self.backbone = ComboBox(
             label="backbone", choices=_backbone_choices(), value="dino_vits8",
             tooltip="The frozen feature extractor. DINO ViT-S/8 is STEGO's default (weights "
                     "come from the Hugging Face cache, or a local file below); "
-                    "efficientnet_lite0 works offline with no download.")
+                    "efficientnet_lite0 works offline with no download.\n\n" + _backbone_help())
         self.weights = FileEdit(
             label="weights file", mode="r", value=None, nullable=True,
             filter="Weights (*.pth *.pt *.safetensors)",
@@ -104,21 +113,19 @@ class FitWidget(Container, JobMixin):
                                       tooltip="Write the fitted model to a .stego file.")
         self.load_button = PushButton(text="Load model…",
                                       tooltip="Read a model saved before (.stego file).")
-        self.status = Label(value="")
-        self.model_label = Label(value=self.store.describe())
-        self.model_label.native.setWordWrap(True)
-        self.status.native.setWordWrap(True)
+        self.status = text()
+        self.model_label = text()
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
         files = Container(widgets=[self.save_button, self.load_button], layout="horizontal",
                           labels=False)
+        form = Container(widgets=[self.backbone, self.weights, self.n_clusters, self.steps])
         self._fold, _ = collapsible("advanced", [self.code_dim, self.batch_size, self.max_slices,
                                                  self.device, self.seed])
-        super().__init__(widgets=[self.picker, self.backbone, self.weights, self.n_clusters,
-                                  self.steps])
-        self.native.layout().addWidget(self._fold)
-        self.extend([buttons, self.status, Label(value="<b>model</b>"), self.model_label,
-                     files])
+        super().__init__(widgets=[self.picker, form, buttons, self.status, self.model_label,
+                                  files], labels=False)
+        insert_after(self, form, self._fold)
+        finish_layout(self)
         self.run_button.changed.connect(self.fit)
         self.cancel_button.changed.connect(self.cancel)
         self.save_button.changed.connect(lambda: self.save_model())
@@ -134,7 +141,7 @@ class FitWidget(Container, JobMixin):
         return self.store.model
 
     def _model_changed(self, model) -> None:
-        self.model_label.value = self.store.describe()
+        self.model_label.value = f"<b>Model:</b> {self.store.describe()}"
         self.save_button.enabled = model is not None
 
     # ------------------------------------------------------------------------- fit

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 
 from ..errors import Cancelled, StegoError
 from ._common import (
-    warm_imports,
     LABEL_OFFSET,
     JobMixin,
     LayerPicker,
     collapsible,
+    finish_layout,
+    insert_after,
     labels_dtype,
     load_model_job,
     model_store,
@@ -21,6 +21,8 @@ from ._common import (
     notify_error,
     output_layer,
     run_buttons,
+    text,
+    warm_imports,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ def crf_module():
         from .. import crf
     except ImportError as exc:
         raise StegoError(f"the dense CRF is not available ({exc}); untick 'CRF' or install "
-                         "napari-stego with its CRF extra: pip install 'napari-stego[crf]'") from None
+                         "napari-stego with its CRF extra: pip install 'napari-stego[crf]'"
+                         ) from None
     return crf
 
 
@@ -52,7 +55,7 @@ class SegmentWidget(Container, JobMixin):
         warm_imports()
         self.viewer = napari_viewer
         self.store = model_store(napari_viewer)
-        self.picker = LayerPicker(napari_viewer, label="segment",
+        self.picker = LayerPicker(napari_viewer, label="Images to segment",
                                   tooltip="Image layers to segment: any, also ones the model "
                                           "was not fitted on. Each gets its own result layer.")
         self.slices = ComboBox(label="stacks", choices=[ALL_SLICES, CURRENT_SLICE],
@@ -86,25 +89,27 @@ class SegmentWidget(Container, JobMixin):
             "Segment", "Segment the chosen layers in the background.")
         self.load_button = PushButton(text="Load model…",
                                       tooltip="Use a model saved before (.stego file).")
-        self.model_label = Label(value=self.store.describe())
-        self.model_label.native.setWordWrap(True)
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)
+        self.model_label = text()
+        self.status = text()
         self._fold, _ = collapsible("advanced (CRF settings)", [
             self.crf_backend, self.crf_iterations, self.crf_pos_w, self.crf_pos_xy_std,
             self.crf_bi_w, self.crf_bi_xy_std, self.crf_bi_rgb_std])
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
-        super().__init__(widgets=[Label(value="<b>model</b>"), self.model_label, self.load_button,
-                                  self.picker, self.slices, self.crf])
-        self.native.layout().addWidget(self._fold)
-        self.extend([buttons, self.status])
+        form = Container(widgets=[self.slices])
+        super().__init__(widgets=[self.model_label, self.load_button, self.picker, form, self.crf,
+                                  buttons, self.status], labels=False)
+        insert_after(self, self.crf, self._fold)
+        finish_layout(self)
+        self._model_changed()
         self.run_button.changed.connect(self.segment)
         self.cancel_button.changed.connect(self.cancel)
         self.load_button.changed.connect(lambda: self.load_model())
-        self.store.changed.connect(lambda m: setattr(self.model_label, "value",
-                                                     self.store.describe()))
+        self.store.changed.connect(self._model_changed)
         self.picker.select_active()
+
+    def _model_changed(self, _model=None) -> None:
+        self.model_label.value = f"<b>Model:</b> {self.store.describe()}"
 
     @property
     def model(self):
