@@ -487,6 +487,9 @@ def _atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
             _remove(old)
         else:
             os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
     except BaseException:
         _remove(tmp)
         raise
@@ -772,8 +775,11 @@ class _Pool:
             if isinstance(scheduler, Client):
                 self.client = scheduler
             elif isinstance(scheduler, str) and (":" in scheduler):
+                import dask
+
                 try:
-                    self.client = Client(scheduler, timeout="30s")
+                    self.client = Client(scheduler, timeout=dask.config.get(
+                        "distributed.comm.timeouts.connect", "30s"))
                 except Exception as exc:
                     raise StegoError(f"cannot reach the dask scheduler at {scheduler} "
                                      f"({_short(exc, 100)})") from None

@@ -1,0 +1,368 @@
+"""Batch segmentation: outputs and metadata, resume after a kill, bad inputs, full disk,
+bad model files, dask.distributed on a real LocalCluster."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_stego import StegoError, StegoModel, batch, segment_files
+from napari_stego.errors import Cancelled
+
+
+# ------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, mosaics, offline_backbone):
+    """A 3-cluster model on the offline backbone (an untrained head with random centroids:
+    batch jobs need a model, not a good one; the CLI test fits a real one), saved, and a
+    folder of inputs: three 64 px grey images, a 3-plane stack and an RGB image."""
+    import torch
+
+    from napari_stego.head import SegmentationHead
+
+    root = tmp_path_factory.mktemp("batch")
+    images, _ = mosaics
+    tiles = [im[:64, :64] for im in images]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    head = SegmentationHead(offline_backbone.dim, 16)
+    centroids = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
+    model = StegoModel(offline_backbone, head, centroids, device="cpu")
+    model_path = model.save(root / "tex.stego")
+    data = root / "data"
+    data.mkdir()
+    for i in range(3):
+        tifffile.imwrite(data / f"img{i}.tif", (tiles[i].astype(np.uint16) * 200))
+    tifffile.imwrite(data / "stack.tif", np.stack(tiles[3:6]), photometric="minisblack")
+    rgb = np.stack([tiles[0], tiles[1], tiles[2]], -1)
+    tifffile.imwrite(data / "colour.ome.tif", rgb, photometric="rgb")
+    return model, model_path, data
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file()}
+
+
+def _visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _partials(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+
+
+class _Counter:
+    """Wraps ``batch._predict_plane`` to count (and optionally interrupt) predictions."""
+
+    def __init__(self, monkeypatch, interrupt_at: int | None = None):
+        self.calls = 0
+        self.lock = threading.Lock()
+        real = batch._predict_plane
+
+        def counted(model, plane, settings):
+            with self.lock:
+                self.calls += 1
+                n = self.calls
+            if interrupt_at is not None and n == interrupt_at:
+                raise KeyboardInterrupt  # as if the job were stopped here
+            return real(model, plane, settings)
+
+        monkeypatch.setattr(batch, "_predict_plane", counted)
+
+
+# ------------------------------------------------------------------------- outputs
+def test_one_labels_file_per_input_with_metadata(fitted, tmp_path):
+    model, model_path, data = fitted
+    before = _digest(data)
+    out = tmp_path / "out"
+    report = segment_files(model_path, data, out)
+    assert report.exit_code == 0 and report.written == 5, report
+    assert _visible(out) == ["colour.tif", "img0.tif", "img1.tif", "img2.tif", "stack.tif"]
+    assert not (out / batch.WORK_DIR).exists() and not _partials(out)
+    for name in ("img0", "img1", "img2"):
+        image = tifffile.imread(data / f"{name}.tif")
+        labels = tifffile.imread(out / f"{name}.tif")
+        assert labels.shape == image.shape and labels.dtype == np.uint8
+        np.testing.assert_array_equal(labels, model.predict(image))
+    stack = tifffile.imread(data / "stack.tif")
+    labels = tifffile.imread(out / "stack.tif")
+    assert labels.shape == (3, 64, 64) and len(np.unique(labels)) > 1
+    for i in range(3):
+        np.testing.assert_array_equal(labels[i], model.predict(stack[i]))
+    colour = tifffile.imread(out / "colour.tif")
+    assert colour.shape == (64, 64)
+    np.testing.assert_array_equal(colour, model.predict(tifffile.imread(data / "colour.ome.tif")))
+    with tifffile.TiffFile(out / "stack.tif") as tif:
+        meta = json.loads(tif.shaped_metadata[0]["napari_stego"])
+    assert meta["model"]["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert meta["model"]["backbone"] == "efficientnet_lite0" and meta["model"]["n_clusters"] == 3
+    assert meta["settings"] == {"crf": False} and meta["package_version"]
+    assert meta["input"]["path"] == str((data / "stack.tif").resolve())
+    assert _digest(data) == before  # inputs are only read
+
+
+def test_rerun_skips_finished_outputs_and_overwrite_recomputes(fitted, tmp_path, monkeypatch):
+    _, model_path, data = fitted
+    out = tmp_path / "out"
+    segment_files(model_path, data, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    counter = _Counter(monkeypatch)
+    again = segment_files(model_path, data, out)
+    assert again.existing == 5 and again.exit_code == 0 and counter.calls == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # validated, not just present: a damaged output is recomputed
+    (out / "img1.tif").write_bytes(b"II*\0 garbage")
+    notes = []
+    fixed = segment_files(model_path, data, out, log=notes.append)
+    assert fixed.written == 1 and fixed.existing == 4 and counter.calls == 1
+    assert any("recomputing" in n and "img1.tif" in n for n in notes)
+    assert tifffile.imread(out / "img1.tif").shape == (64, 64)
+    forced = segment_files(model_path, data, out, overwrite=True)
+    assert forced.written == 5 and counter.calls == 1 + 7
+
+
+def test_resume_after_sigkill_mid_write(fitted, tmp_path):
+    """A real kill -9 while the third file is being written: the file is absent (its
+    half-written temporary is hidden), the re-run cleans up and keeps the first two."""
+    _, model_path, data = fitted
+    out = tmp_path / "out"
+    script = f"""
+import os, signal, tifffile
+real, calls = tifffile.imwrite, []
+def imwrite(path, *args, **kwargs):
+    calls.append(path)
+    real(path, *args, **kwargs)
+    if len(calls) == 3:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+tifffile.imwrite = imwrite
+from napari_stego.cli import main
+main(["segment", {str(model_path)!r}, {str(data)!r}, "--out", {str(out)!r}, "--quiet"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    finished = _visible(out)
+    assert finished == ["colour.tif", "img0.tif"]  # the files in order, before the kill
+    assert len(_partials(out)) == 1  # the half-written one, under a hidden name
+    stamps = {n: (out / n).stat().st_mtime_ns for n in finished}
+    report = segment_files(model_path, data, out)
+    assert report.existing == 2 and report.written == 3 and report.exit_code == 0
+    assert {n: (out / n).stat().st_mtime_ns for n in finished} == stamps
+    assert not _partials(out)
+    assert tifffile.imread(out / "img1.tif").shape == (64, 64)
+
+
+def test_interrupted_stack_resumes_from_its_finished_planes(fitted, tmp_path, monkeypatch):
+    model, model_path, data = fitted
+    out = tmp_path / "out"
+    counter = _Counter(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        segment_files(model_path, [data / "stack.tif"], out)
+    assert _visible(out) == []  # no stack output until every plane is done
+    parts = sorted((out / batch.WORK_DIR / "stack").glob("plane_*.npz"))
+    assert [p.name for p in parts] == ["plane_0000000.npz", "plane_0000001.npz"]
+    counter.calls = 0
+    report = segment_files(model_path, [data / "stack.tif"], out)
+    assert report.written == 1 and counter.calls == 1  # only the missing plane
+    stack = tifffile.imread(data / "stack.tif")
+    np.testing.assert_array_equal(tifffile.imread(out / "stack.tif")[2], model.predict(stack[2]))
+    assert not (out / batch.WORK_DIR).exists()
+
+
+def test_cancel_keeps_finished_files(fitted, tmp_path):
+    _, model_path, data = fitted
+    cancel = threading.Event()
+
+    def progress(stage, done, total):
+        if done >= 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        segment_files(model_path, data, tmp_path / "out", progress=progress, cancel=cancel)
+    written = _visible(tmp_path / "out")
+    assert 1 <= len(written) < 5 and not _partials(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------- bad inputs
+def _bad_inputs(folder: Path, good: Path) -> dict[str, str]:
+    """name -> the words its one-line message must hold."""
+    folder.mkdir()
+    raw = good.read_bytes()
+    (folder / "truncated.tif").write_bytes(raw[: len(raw) // 2])
+    (folder / "garbage.tif").write_bytes(b"this is not a TIFF at all" * 10)
+    tifffile.imwrite(folder / "complex.tif", np.ones((16, 16), np.complex64))
+    tifffile.imwrite(folder / "channels.tif", np.ones((2, 3, 16, 16), np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    nan = np.full((32, 32), np.nan, np.float32)
+    tifffile.imwrite(folder / "nan.tif", nan)
+    tifffile.imwrite(folder / "constant.tif", np.full((32, 32), 7, np.uint16))
+    return {"truncated.tif": "truncated or corrupt", "garbage.tif": "not a TIFF",
+            "complex.tif": "unsupported dtype complex64", "channels.tif": "3 channels",
+            "nan.tif": "NaN", "constant.tif": "constant image",
+            "missing.tif": "does not exist"}
+
+
+def test_each_bad_input_gets_its_message_and_the_rest_finish(fitted, tmp_path, capsys):
+    from napari_stego.cli import main
+
+    _, model_path, data = fitted
+    expected = _bad_inputs(tmp_path / "bad", data / "img0.tif")
+    out = tmp_path / "out"
+    args = ["segment", str(model_path), str(data), str(tmp_path / "bad"),
+            str(tmp_path / "bad" / "missing.tif"), "--out", str(out), "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    for name, words in expected.items():
+        lines = [line for line in err if name in line and words in line]
+        assert lines, f"no message for {name} containing {words!r}: {err}"
+    assert any("nan.tif" in line and line.strip().startswith("skipped") for line in err)
+    assert _visible(out) == ["colour.tif", "img0.tif", "img1.tif", "img2.tif", "stack.tif"]
+    assert not _partials(out)
+
+
+def test_full_disk_reports_and_leaves_no_partial_file(fitted, tmp_path, monkeypatch):
+    _, model_path, data = fitted
+    real = tifffile.imwrite
+
+    def imwrite(path, *args, **kwargs):
+        if ".img1.tif" in str(path):
+            Path(path).write_bytes(b"II*\0 half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    out = tmp_path / "out"
+    report = segment_files(model_path, data, out)
+    [failed] = [r for r in report.results if r.status == "failed"]
+    assert failed.input.endswith("img1.tif")
+    assert "no space left on device" in failed.message and str(out / "img1.tif") in failed.message
+    assert report.written == 4 and report.exit_code == 1
+    assert not (out / "img1.tif").exists() and not _partials(out)
+
+
+def test_outputs_never_replace_inputs_or_foreign_files(fitted, tmp_path):
+    _, model_path, data = fitted
+    before = _digest(data)
+    report = segment_files(model_path, [data / "img0.tif"], data)
+    assert report.failed == 1 and "would replace an input" in report.results[0].message
+    assert _digest(data) == before
+    out = tmp_path / "out"
+    out.mkdir()
+    tifffile.imwrite(out / "img0.tif", np.zeros((8, 8), np.uint8))  # someone else's file
+    report = segment_files(model_path, [data / "img0.tif"], out)
+    assert report.failed == 1 and "not written by napari-stego" in report.results[0].message
+    assert tifffile.imread(out / "img0.tif").shape == (8, 8)
+    report = segment_files(model_path, [data / "img0.tif"], out, overwrite=True)
+    assert report.written == 1 and tifffile.imread(out / "img0.tif").shape == (64, 64)
+
+
+def _rewrite_model(src: Path, dst: Path, **changes) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["napari_stego"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(dst), metadata={"napari_stego": json.dumps(meta)})
+    return dst
+
+
+def test_bad_model_files_stop_the_job_with_one_line(fitted, tmp_path, capsys):
+    from napari_stego.cli import main
+
+    _, model_path, data = fitted
+    cases = {
+        "newer": (_rewrite_model(model_path, tmp_path / "newer.stego", format_version=99,
+                                 package_version="9.0"), "newer than this"),
+        "weights": (_rewrite_model(model_path, tmp_path / "weights.stego",
+                                   weights_fingerprint="0" * 64), "are different"),
+        "backbone": (_rewrite_model(model_path, tmp_path / "backbone.stego",
+                                    backbone="resnet_from_the_future"), "unknown backbone"),
+        "junk": (tmp_path / "junk.stego", "not a napari-stego model file"),
+        "missing": (tmp_path / "missing.stego", "does not exist"),
+    }
+    (tmp_path / "junk.stego").write_bytes(b"junk")
+    for path, words in cases.values():
+        code = main(["segment", str(path), str(data / "img0.tif"), "--out",
+                     str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("napari-stego: error:") and words in err, err
+        assert "\n" not in err
+    assert not (tmp_path / "out" / "img0.tif").exists()
+
+
+# ------------------------------------------------------------------------- formats
+def test_zarr_with_probabilities(fitted, tmp_path):
+    import zarr
+
+    model, model_path, data = fitted
+    report = segment_files(model, [data / "stack.tif", data / "img0.tif"], tmp_path,
+                           format="zarr", probabilities=True)
+    assert report.exit_code == 0 and report.written == 2
+    labels = zarr.open_array(str(tmp_path / "stack.zarr"), mode="r")
+    proba = zarr.open_array(str(tmp_path / "stack_proba.zarr"), mode="r")
+    assert labels.shape == (3, 64, 64) and proba.shape == (3, 3, 64, 64)
+    assert labels.attrs["napari_stego"]["kind"] == "labels"
+    np.testing.assert_allclose(proba[...].sum(1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(labels[...], proba[...].argmax(1))
+    assert zarr.open_array(str(tmp_path / "img0.zarr"), mode="r").shape == (64, 64)
+    again = segment_files(model, [data / "stack.tif", data / "img0.tif"], tmp_path,
+                          format="zarr", probabilities=True)
+    assert again.existing == 2
+    assert not (tmp_path / batch.WORK_DIR).exists()  # the model object's transport file too
+
+
+# ------------------------------------------------------------------------- schedulers
+def test_local_processes_scheduler(fitted, tmp_path):
+    _, model_path, data = fitted
+    report = segment_files(model_path, [data / "img0.tif", data / "stack.tif"], tmp_path,
+                           scheduler="processes", workers=1)
+    assert report.exit_code == 0 and report.written == 2
+    [worker] = report.workers  # one worker process did every plane, not this one
+    assert not worker.endswith(f":{os.getpid()}")
+
+
+@pytest.mark.slow
+def test_localcluster_gives_the_local_labels(fitted, tmp_path):
+    from distributed import Client, LocalCluster
+
+    _, model_path, data = fitted
+    local = segment_files(model_path, data, tmp_path / "local")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        remote = segment_files(model_path, data, tmp_path / "dask", scheduler=client)
+        loads = client.run(lambda: __import__("napari_stego.batch").batch._MODEL_LOADS)
+        address = cluster.scheduler_address
+        again = segment_files(model_path, data, tmp_path / "dask", scheduler=address)
+    assert local.exit_code == remote.exit_code == 0 and remote.written == 5
+    assert len(remote.workers) == 2  # 7 planes spread over both workers
+    assert sorted(loads.values()) == [1, 1]  # one model load per worker, not per plane
+    assert again.existing == 5
+    for name in _visible(tmp_path / "local"):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "dask" / name),
+                                      tifffile.imread(tmp_path / "local" / name))
+
+
+def test_bad_scheduler_and_unreachable_address(fitted, tmp_path):
+    import dask
+
+    _, model_path, data = fitted
+    with pytest.raises(StegoError, match="unknown scheduler"):
+        segment_files(model_path, data, tmp_path, scheduler="gpu-please")
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(StegoError, match="cannot reach the dask scheduler"):
+            segment_files(model_path, data, tmp_path, scheduler="tcp://127.0.0.1:1")
