@@ -164,7 +164,7 @@ class Permutohedral:
         del code, code0, holder
 
         # Lattice vertices = unique keys; the sort also groups (simplex, r) items by vertex.
-        sorted_v, perm_v = torch.sort(codes.reshape(-1))
+        sorted_v, perm_v = torch.sort(codes.reshape(-1), stable=True)
         del codes
         new = torch.ones_like(sorted_v, dtype=torch.bool)
         torch.ne(sorted_v[1:], sorted_v[:-1], out=new[1:])
@@ -187,16 +187,18 @@ class Permutohedral:
         neighbours = []
         for j in range(d1):
             shift = sum((d if i == j else -1) * stride[i] for i in range(d))
-            pair = []
-            for s in (shift, -shift):
-                target = uniq + s
-                if table is not None:
-                    pair.append(table[target])
-                else:
-                    at = torch.searchsorted(uniq, target).clamp_(max=m - 1)
-                    pair.append(torch.where(uniq[at] == target, at, -1))
-            neighbours.append(pair)
-        del uniq, table, target
+            target = uniq + shift
+            if table is not None:
+                n1 = table[target]
+            else:
+                at = torch.searchsorted(uniq, target).clamp_(max=m - 1)
+                n1 = torch.where(uniq[at] == target, at, -1)
+            # the relation is symmetric: u = n1(v)  <=>  v = n2(u)
+            n2 = torch.full_like(n1, -1)
+            found = n1 >= 0
+            n2[n1[found]] = torch.arange(m, device=dev)[found]
+            neighbours.append([n1, n2])
+        del uniq, table, target, found
 
         if reorder:
             # Number vertices in the order points first touch them (simplices are already in
@@ -285,10 +287,11 @@ class Permutohedral:
         """
         # addmm with beta=0 into preallocated buffers: no zero-fill and no copy per product
         c = values.shape[1]
-        lat, spare = values.new_empty(self.m, c), values.new_empty(self.m, c)
+        alloc = values.new_zeros if values.is_cuda else values.new_empty
+        lat, spare = alloc(self.m, c), alloc(self.m, c)
         torch.addmm(lat, self._splat, values, beta=0, out=lat)
         for blur in (reversed(self._blurs) if reverse else self._blurs):
             torch.addmm(spare, blur, lat, beta=0, out=spare)
             lat, spare = spare, lat
-        out = values.new_empty(self.n, c)
+        out = alloc(self.n, c)
         return torch.addmm(out, self._slice, lat, beta=0, out=out)

@@ -483,17 +483,30 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
                 raise Cancelled("CRF cancelled")
             store(i, _tile_job(job))
         return out
-    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(n_workers, mp_context=_mp_context()) as pool:
         for i, q in enumerate(pool.map(_tile_job, jobs())):
             if cancel is not None and cancel.is_set():
                 pool.shutdown(cancel_futures=True)
                 raise Cancelled("CRF cancelled")
             store(i, q)
     return out
+
+
+def _mp_context():
+    """Worker processes for pydensecrf tiles.
+
+    Not ``fork``: this process may run threads (dask, napari, torch) and forking them is
+    unsafe. A fork server that has imported this module once starts workers quickly.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
 
 
 def _workers(workers, n_tiles):
