@@ -1,46 +1,84 @@
-"""Automatic shifts: each term attracts the configured fraction of its own pairs."""
+"""Automatic shifts: each term attracts the fraction of pairs that belong together."""
 
 import torch
 
 from napari_stego.knn import knn_table, make_units, unit_descriptors
 from napari_stego.loss import LossConfig
-from napari_stego.shifts import AutoShiftConfig, sample_correlations, shifts_from_correlations
+from napari_stego.shifts import (AutoShiftConfig, auto_shifts, choose_shifts, pair_correlations,
+                                 same_cluster_rates, sample_pair_points)
 from napari_stego.train import TrainConfig, train_head
 
 
-def maps(offset: float, n=4, seed=0):
-    """Feature maps whose correlation level is set by a shared offset vector."""
+def maps(offset: float = 0.0, n=4, seed=0):
+    """Noise feature maps whose correlation level is raised by a shared offset vector."""
     g = torch.Generator().manual_seed(seed)
     common = torch.randn(16, 1, 1, generator=g)
     return [(offset * common + torch.randn(16, 12, 12, generator=g)).half() for _ in range(n)]
 
 
-def correlations(fmaps):
+def two_class_maps(n=4, seed=0, split=9):
+    """Maps of two feature prototypes: class 0 left of column ``split``, class 1 right."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(2, 16, generator=g) * 3
+    lab = torch.zeros(12, 12, dtype=torch.long)
+    lab[:, split:] = 1
+    return [(protos[lab].permute(2, 0, 1) + 0.3 * torch.randn(16, 12, 12, generator=g)).half()
+            for _ in range(n)], protos
+
+
+def samples_of(fmaps, n_batches=4):
     units = make_units([m.shape[-2:] for m in fmaps])
     table = knn_table(unit_descriptors(fmaps, units))
-    return sample_correlations(fmaps, units, table, window=8, batch_size=4, feature_samples=5,
-                               n_batches=4, gen=torch.Generator().manual_seed(0))
+    return units, table, sample_pair_points(fmaps, units, table, window=8, batch_size=4,
+                                            feature_samples=5, n_batches=n_batches,
+                                            gen=torch.Generator().manual_seed(0))
 
 
 def test_quantile_rule_sets_attracted_fractions():
-    corrs = correlations(maps(1.0))
-    cfg = AutoShiftConfig(self_attract=0.5, knn_attract=0.3, rand_attract=0.1)
-    shifts = shifts_from_correlations(corrs, cfg)
-    for (term, values), shift, want in zip(corrs.items(), shifts, (0.5, 0.3, 0.1)):
-        assert abs(float((values > shift).float().mean()) - want) < 0.01, term
+    corrs = pair_correlations(samples_of(maps(1.0))[2])
+    want = {"self": 0.5, "knn": 0.3, "rand": 0.1}
+    shifts = choose_shifts(corrs, want)
+    for (term, values), shift in zip(corrs.items(), shifts):
+        assert abs(float((values > shift).float().mean()) - want[term]) < 0.01, term
 
 
 def test_shifts_follow_the_correlation_scale():
-    low = shifts_from_correlations(correlations(maps(0.0)))
-    high = shifts_from_correlations(correlations(maps(3.0)))
+    fractions = {"self": 0.5, "knn": 0.4, "rand": 0.1}
+    low = choose_shifts(pair_correlations(samples_of(maps(0.0))[2]), fractions)
+    high = choose_shifts(pair_correlations(samples_of(maps(3.0))[2]), fractions)
     assert all(h > l + 0.2 for h, l in zip(high, low))
+
+
+def test_same_cluster_rate_grows_with_a_dominant_class():
+    rates = {}
+    for split in (6, 10):  # balanced halves, then class 0 on 10 of 12 columns
+        fmaps, protos = two_class_maps(split=split)
+        centroids = torch.nn.functional.normalize(protos, dim=1)
+        rates[split] = same_cluster_rates(samples_of(fmaps)[2], centroids)
+    for term in ("self", "knn", "rand"):
+        assert 0.45 < rates[6][term] < 0.85, rates
+        assert rates[10][term] > rates[6][term] + 0.05, rates
+
+
+def test_auto_shifts_estimate_fractions_without_labels():
+    fmaps, _ = two_class_maps()
+    units, table, _ = samples_of(fmaps)
+    shifts, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
+                                 feature_samples=5, pointwise=True, config=AutoShiftConfig())
+    assert set(report["attract"]) == {"self", "knn", "rand"}
+    assert all(0.5 < v <= 0.95 for v in report["attract"].values()), report
+    fixed, report = auto_shifts(fmaps, units, table, n_clusters=None, window=8, batch_size=4,
+                                feature_samples=5, pointwise=True,
+                                config=AutoShiftConfig(0.5, 0.4, 0.1))
+    assert report["attract"] == {"self": 0.5, "knn": 0.4, "rand": 0.1}
 
 
 def test_train_records_auto_shifts_and_fixed_ones_stay():
     fmaps = maps(2.0)
     base = TrainConfig(steps=1, batch_size=4, code_dim=4, window=8,
                        loss=LossConfig(feature_samples=5, neg_samples=1))
-    auto = train_head(fmaps, base).loss
-    assert (auto.self_shift, auto.knn_shift, auto.rand_shift) != (0.18, 0.12, 0.46)
+    auto = train_head(fmaps, base, n_clusters=3)
+    assert (auto.loss.self_shift, auto.loss.knn_shift, auto.loss.rand_shift) != (0.18, 0.12, 0.46)
+    assert set(auto.shift_report["attract"]) == {"self", "knn", "rand"}
     fixed = train_head(fmaps, TrainConfig(**{**base.__dict__, "auto_shifts": None})).loss
     assert (fixed.self_shift, fixed.knn_shift, fixed.rand_shift) == (0.18, 0.12, 0.46)

@@ -22,10 +22,10 @@ def test_reproducible_on_cpu_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = train_head(maps(), SMALL, seed=3)
+    a = train_head(maps(), SMALL, seed=3, n_clusters=2)
     after = torch.rand(1)
-    b = train_head(maps(), SMALL, seed=3)
-    c = train_head(maps(), SMALL, seed=4)
+    b = train_head(maps(), SMALL, seed=3, n_clusters=2)
+    c = train_head(maps(), SMALL, seed=4, n_clusters=2)
     assert a.losses == b.losses
     assert a.losses != c.losses
     for pa, pb in zip(a.head.parameters(), b.head.parameters()):
@@ -44,13 +44,13 @@ def test_loss_decreases_on_structured_maps():
                       + 0.1 * torch.randn(16, 18, 18, generator=g)).half())
     cfg = TrainConfig(steps=80, batch_size=4, code_dim=8, window=12, lr=5e-3,
                       loss=LossConfig(feature_samples=6, neg_samples=2))
-    losses = train_head(fmaps, cfg, seed=0).losses
+    losses = train_head(fmaps, cfg, seed=0, n_clusters=3).losses
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.02
 
 
 def test_progress_and_cancel():
     seen = []
-    train_head(maps(), SMALL, progress=lambda stage, i, n: seen.append((stage, i, n)))
+    train_head(maps(), SMALL, n_clusters=2, progress=lambda stage, i, n: seen.append((stage, i, n)))
     assert seen[0] == ("train", 1, 6) and seen[-1] == ("train", 6, 6)
 
     cancel = threading.Event()
@@ -60,9 +60,9 @@ def test_progress_and_cancel():
             cancel.set()
 
     with pytest.raises(Cancelled, match="step 2"):
-        train_head(maps(), SMALL, progress=stop_after_two, cancel=cancel)
+        train_head(maps(), SMALL, n_clusters=2, progress=stop_after_two, cancel=cancel)
 
 
 def test_single_small_image_trains():
-    result = train_head([torch.randn(16, 3, 4).half()], SMALL)
+    result = train_head([torch.randn(16, 3, 4).half()], SMALL, n_clusters=2)
     assert len(result.losses) == 6 and all(l == l for l in result.losses)  # no NaN

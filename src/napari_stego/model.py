@@ -99,7 +99,7 @@ class StegoModel:
 
         maps = extract_all(net, imgs, features, dev, progress, cancel)
         result = train_head(maps, train, stride=net.stride, device=dev, seed=seed,
-                            progress=progress, cancel=cancel)
+                            n_clusters=int(n_clusters), progress=progress, cancel=cancel)
         if progress is not None:
             progress("cluster", 0, 1)
         codes = _codes_of_maps(result.head, maps, dev)
@@ -107,7 +107,7 @@ class StegoModel:
         if progress is not None:
             progress("cluster", 1, 1)
         train = replace(train, loss=result.loss)  # record the shifts actually used
-        info = dict(seed=seed, n_images=len(imgs),
+        info = dict(seed=seed, n_images=len(imgs), shifts=result.shift_report,
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
         return cls(net, result.head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, device=dev, info=info)

@@ -1,15 +1,18 @@
 """Choosing the loss shifts from the data's own feature correlations (``shifts="auto"``).
 
 The reference's shifts (0.18 / 0.12 / 0.46) were tuned by hand for DINO ViT-S/8 on natural
-photos; other backbones and domains have other correlation levels. With EfficientNet-Lite0
-features on EM or blood-smear images, for instance, the spatially centred self and KNN
-correlations average about 0.5, so the reference shifts make 94-100 % of the self / KNN pairs
-attract and the codes collapse.
+photos with many classes; other backbones and domains differ. With EfficientNet-Lite0 features
+on EM or blood-smear images, for instance, the spatially centred self and KNN correlations
+average about 0.5, so the reference shifts make 94-100 % of the self / KNN pairs attract and
+the codes collapse. And in a stack where one class covers most pixels, most *random* pairs are
+of the same class, which the reference's strongly repulsive random term would tear apart.
 
-The rule: sample feature correlations exactly as training will (same windows, partners, point
-sampling and centring), and set each term's shift to the quantile of its own distribution that
-leaves a fixed fraction of pairs attracted (``F_sc > b``): a balance of attraction and
-repulsion that does not depend on the backbone's correlation scale. No labels are read.
+The rule (no labels read): sample feature correlations exactly as training will (same windows,
+partners, point sampling and centring). Estimate, for each of the three terms, the fraction of
+its point pairs that belong together with a label-free proxy: spherical k-means on the raw
+features with the requested number of clusters, a pair "belongs together" when both points fall
+in the same proxy cluster. Set each term's shift to the quantile of its own correlations that
+makes exactly that fraction attract (``F_sc > b``). Fixed fractions can be given instead.
 """
 
 from __future__ import annotations
@@ -18,51 +21,124 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .cluster import ClusterConfig, spherical_kmeans
 from .knn import Unit, draw_pairs
 from .loss import centre_correlation, correlation, negative_permutation, sample_points
+
+TERMS = ("self", "knn", "rand")
 
 
 @dataclass(frozen=True)
 class AutoShiftConfig:
-    """Fractions of pairs each term should attract, and how many batches to measure on."""
+    """How shifts are chosen.
 
-    self_attract: float = 0.5
-    knn_attract: float = 0.4
-    rand_attract: float = 0.1
+    ``*_attract``: fraction of each term's pairs that should attract; ``None`` estimates it
+    from a k-means of the raw features (the default). ``n_batches``: training-like batches to
+    measure on. ``min_attract``/``max_attract`` keep every term in a sane range.
+    """
+
+    self_attract: float | None = None
+    knn_attract: float | None = None
+    rand_attract: float | None = None
     n_batches: int = 8
+    min_attract: float = 0.05
+    max_attract: float = 0.95
+
+
+@dataclass
+class PairSamples:
+    """Sampled features of one measurement: ``(B, D, S, S)`` for the batch, partners, negatives."""
+
+    anchor: torch.Tensor
+    knn: torch.Tensor
+    rand: torch.Tensor
+
+    def partner(self, term: str) -> torch.Tensor:
+        return {"self": self.anchor, "knn": self.knn, "rand": self.rand}[term]
 
 
 @torch.no_grad()
-def sample_correlations(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
-                        window: int, batch_size: int, feature_samples: int, n_batches: int,
-                        gen: torch.Generator, pointwise: bool = True) -> dict[str, torch.Tensor]:
-    """Feature correlations of the self, KNN and random pairs, as training samples them.
-
-    Returns:
-        ``{"self": (N1,), "knn": (N2,), "rand": (N3,)}`` float32 values (centred when
-        ``pointwise``).
-    """
-    out: dict[str, list[torch.Tensor]] = {"self": [], "knn": [], "rand": []}
-    post = centre_correlation if pointwise else (lambda t: t)
+def sample_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
+                       window: int, batch_size: int, feature_samples: int, n_batches: int,
+                       gen: torch.Generator) -> list[PairSamples]:
+    """Point features of the self, KNN and random pairs, drawn as training draws them."""
+    out = []
+    s = feature_samples
     for _ in range(n_batches):
         feats, pos = draw_pairs(maps, units, table, batch_size, window, gen)
-        c1 = torch.rand(batch_size, feature_samples, feature_samples, 2, generator=gen) * 2 - 1
-        c2 = torch.rand(batch_size, feature_samples, feature_samples, 2, generator=gen) * 2 - 1
-        f1 = sample_points(feats, c1)
-        neg = sample_points(feats[negative_permutation(batch_size, gen)], c2)
-        out["self"].append(post(correlation(f1, f1)).flatten())
-        out["knn"].append(post(correlation(f1, sample_points(pos, c2))).flatten())
-        out["rand"].append(post(correlation(f1, neg)).flatten())
-    return {k: torch.cat(v) for k, v in out.items()}
+        c1 = torch.rand(batch_size, s, s, 2, generator=gen) * 2 - 1
+        c2 = torch.rand(batch_size, s, s, 2, generator=gen) * 2 - 1
+        neg = feats[negative_permutation(batch_size, gen)]
+        out.append(PairSamples(sample_points(feats, c1), sample_points(pos, c2), sample_points(neg, c2)))
+    return out
 
 
-def shifts_from_correlations(corrs: dict[str, torch.Tensor], config: AutoShiftConfig = AutoShiftConfig()
-                             ) -> tuple[float, float, float]:
+def pair_correlations(samples: Sequence[PairSamples], pointwise: bool = True) -> dict[str, torch.Tensor]:
+    """Flattened (centred) feature correlations per term: ``{"self": (N,), "knn": ..., "rand": ...}``."""
+    post = centre_correlation if pointwise else (lambda t: t)
+    return {term: torch.cat([post(correlation(p.anchor, p.partner(term))).flatten() for p in samples])
+            for term in TERMS}
+
+
+def same_cluster_rates(samples: Sequence[PairSamples], centroids: torch.Tensor) -> dict[str, float]:
+    """Fraction of each term's point pairs whose two points share a proxy cluster.
+
+    ``centroids (K, D)``: cluster centres of the raw features.
+    """
+    def labels(x: torch.Tensor) -> torch.Tensor:  # (B, D, S, S) -> (B, S*S)
+        return torch.einsum("bdn,kd->bkn", F.normalize(x.flatten(2), dim=1), centroids).argmax(1)
+
+    rates = {}
+    for term in TERMS:
+        same = total = 0
+        for p in samples:
+            a, b = labels(p.anchor), labels(p.partner(term))
+            same += int((a[:, :, None] == b[:, None, :]).sum())
+            total += a.shape[0] * a.shape[1] * b.shape[1]
+        rates[term] = same / total
+    return rates
+
+
+def feature_centroids(maps: Sequence[torch.Tensor], n_clusters: int, seed: int = 0,
+                      max_points: int = 50_000) -> torch.Tensor:
+    """Spherical k-means centres ``(K, D)`` of the raw feature vectors of ``maps``."""
+    vectors = torch.cat([m.float().flatten(1).T for m in maps])
+    if vectors.shape[0] > max_points:
+        idx = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))
+        vectors = vectors[idx[:max_points]]
+    return spherical_kmeans(vectors, n_clusters, seed=seed, config=ClusterConfig(n_init=1))
+
+
+def choose_shifts(corrs: dict[str, torch.Tensor], attract: dict[str, float],
+                  config: AutoShiftConfig = AutoShiftConfig()) -> tuple[float, float, float]:
     """``(self, knn, rand)`` shifts: the ``1 - attract`` quantile of each term's correlations."""
-    def q(values: torch.Tensor, attract: float) -> float:
-        values = values if values.numel() <= 1_000_000 else values[:: values.numel() // 1_000_000 + 1]
-        return round(float(torch.quantile(values, 1.0 - attract)), 4)
+    def q(values: torch.Tensor, fraction: float) -> float:
+        fraction = min(max(fraction, config.min_attract), config.max_attract)
+        if values.numel() > 1_000_000:  # torch.quantile's size limit; a strided subset is plenty
+            values = values[:: values.numel() // 1_000_000 + 1]
+        return round(float(torch.quantile(values, 1.0 - fraction)), 4)
 
-    return (q(corrs["self"], config.self_attract), q(corrs["knn"], config.knn_attract),
-            q(corrs["rand"], config.rand_attract))
+    return tuple(q(corrs[t], attract[t]) for t in TERMS)
+
+
+def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
+                n_clusters: int | None, window: int, batch_size: int, feature_samples: int,
+                pointwise: bool, config: AutoShiftConfig, seed: int = 0) -> tuple[tuple[float, float, float], dict]:
+    """Shifts for training on ``maps``, and a report of what they were derived from.
+
+    Returns:
+        ``((self, knn, rand), report)``; the report holds the attracted fractions used.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    samples = sample_pair_points(maps, units, table, window=window, batch_size=batch_size,
+                                 feature_samples=feature_samples, n_batches=config.n_batches, gen=gen)
+    fixed = {"self": config.self_attract, "knn": config.knn_attract, "rand": config.rand_attract}
+    if any(v is None for v in fixed.values()):
+        if n_clusters is None:
+            raise ValueError("automatic attraction fractions need n_clusters")
+        rates = same_cluster_rates(samples, feature_centroids(maps, n_clusters, seed))
+        fixed = {t: rates[t] if fixed[t] is None else fixed[t] for t in TERMS}
+    shifts = choose_shifts(pair_correlations(samples, pointwise), fixed, config)
+    return shifts, {"attract": {t: round(v, 4) for t, v in fixed.items()}}

@@ -7,6 +7,7 @@ head's codes (:mod:`napari_stego.loss`) with Adam.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -17,9 +18,10 @@ from .errors import Cancelled
 from .head import SegmentationHead
 from .knn import draw_pairs, knn_table, make_units, unit_descriptors
 from .loss import LossConfig, stego_loss
-from .shifts import AutoShiftConfig, sample_correlations, shifts_from_correlations
+from .shifts import AutoShiftConfig, auto_shifts
 
 Progress = Callable[[str, int, int], None]
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,18 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """The fitted head, the per-step total loss and the loss settings actually used."""
+    """The fitted head, the per-step total loss, the loss settings actually used and how
+    automatic shifts were chosen."""
 
     head: SegmentationHead
     losses: list[float]
     loss: LossConfig
+    shift_report: dict = field(default_factory=dict)
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
-               device: torch.device | str = "cpu", seed: int = 0, progress: Progress | None = None,
-               cancel=None) -> TrainResult:
+               device: torch.device | str = "cpu", seed: int = 0, n_clusters: int | None = None,
+               progress: Progress | None = None, cancel=None) -> TrainResult:
     """Fit a :class:`SegmentationHead` on feature maps.
 
     Args:
@@ -63,6 +67,8 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         config: training settings.
         stride: the backbone's stride (sets the default window of 224 px).
         device: where the head and the loss run.
+        n_clusters: the number of clusters the codes will be split into; automatic shifts use
+            it to estimate how many pairs belong together (see :mod:`napari_stego.shifts`).
         seed: seeds window sampling, partners, loss sampling, dropout and head init; CPU runs
             are reproducible. The global torch RNG is restored afterwards.
         progress: called as ``progress("train", step, steps)``.
@@ -77,13 +83,15 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     table = knn_table(unit_descriptors(maps, units), config.n_neighbors)
     gen = torch.Generator().manual_seed(seed)
     loss_config = config.loss
+    report: dict = {}
     if config.auto_shifts is not None:
-        corrs = sample_correlations(
-            maps, units, table, window=window, batch_size=config.batch_size,
-            feature_samples=loss_config.feature_samples, n_batches=config.auto_shifts.n_batches,
-            gen=torch.Generator().manual_seed(seed + 1), pointwise=loss_config.pointwise)
-        s_self, s_knn, s_rand = shifts_from_correlations(corrs, config.auto_shifts)
+        (s_self, s_knn, s_rand), report = auto_shifts(
+            maps, units, table, n_clusters=n_clusters, window=window, batch_size=config.batch_size,
+            feature_samples=loss_config.feature_samples, pointwise=loss_config.pointwise,
+            config=config.auto_shifts, seed=seed)
         loss_config = replace(loss_config, self_shift=s_self, knn_shift=s_knn, rand_shift=s_rand)
+        _log.info("automatic shifts self %.4f knn %.4f rand %.4f (attracted fractions %s)",
+                  s_self, s_knn, s_rand, report["attract"])
     devices = [device.index or 0] if device.type == "cuda" else []
     use_amp = config.amp and device.type == "cuda"
     losses: list[float] = []
@@ -112,4 +120,4 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             if progress is not None:
                 progress("train", step + 1, config.steps)
     head.eval()
-    return TrainResult(head=head, losses=losses, loss=loss_config)
+    return TrainResult(head=head, losses=losses, loss=loss_config, shift_report=report)
