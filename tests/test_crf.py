@@ -1,5 +1,6 @@
 """Dense CRF: the reference backend, the torch backend, inputs, tiling and stacks."""
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from napari_stego.crf import (
     dense_crf_tiled,
 )
 from napari_stego.errors import StegoError
-from napari_stego.io import to_uint8_rgb
+from napari_stego.io import IntensityConfig, to_uint8_rgb
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -159,17 +160,34 @@ def test_rgba_and_multichannel_images():
     rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], -1)
     np.testing.assert_array_equal(dense_crf(rgba, probs, backend="torch"),
                                   dense_crf(rgb, probs, backend="torch"))
-    # five fluorescence-like channels of different ranges
+    # five fluorescence-like channels of different ranges: the features' channel mapping
+    if "channels" not in {f.name for f in fields(IntensityConfig)}:
+        pytest.skip("this napari_stego.io has no channel mapping yet")
     rng = np.random.default_rng(2)
     chans = np.stack([rgb[..., i % 3].astype(np.float32) * (10.0 ** i) for i in range(5)], -1)
     chans += rng.normal(0, 1, chans.shape).astype(np.float32)
-    mapped = crf_image(chans)
-    assert mapped.shape == (64, 64, 3) and mapped.dtype == np.uint8
-    assert mapped.std() > 20  # every channel stretched by its own percentiles
-    q = dense_crf(chans, probs, backend="torch")
-    np.testing.assert_array_equal(q, dense_crf(mapped, probs, backend="torch"))
-    # two channels work too
-    assert crf_image(chans[..., :2]).shape == (64, 64, 3)
+    for channels in [(0, 2, 4), "pca"]:
+        cfg = CRFConfig(intensity=IntensityConfig(channels=channels))
+        mapped = crf_image(chans, cfg.intensity)
+        np.testing.assert_array_equal(mapped, to_uint8_rgb(chans, cfg.intensity))
+        assert mapped.shape == (64, 64, 3) and mapped.std() > 20
+        np.testing.assert_array_equal(dense_crf(chans, probs, backend="torch", config=cfg),
+                                      dense_crf(mapped, probs, backend="torch"))
+    with pytest.raises(StegoError, match="channels"):
+        dense_crf(chans, probs, backend="torch")
+
+
+def test_a_fitted_intensity_mapping_is_used_for_every_slice():
+    class Halve:  # anything with apply(block) -> (h, w, 3) floats in [0, 1]
+        def apply(self, block):
+            return np.repeat(block[..., None] / 510.0, 3, -1)
+
+    grey = IMAGES["camera"][:48, :48]
+    probs = colour_probs(grey, k=3)
+    half = np.repeat((grey // 2)[..., None], 3, -1)  # what Halve gives, as uint8
+    q = dense_crf(grey, probs, backend="torch", intensity=Halve())
+    np.testing.assert_array_equal(q, dense_crf(np.round(grey / 2).astype(np.uint8), probs, backend="torch"))
+    assert np.abs(crf_image(grey, Halve()).astype(int) - half).max() <= 1
 
 
 def test_bad_inputs_raise_stego_errors():

@@ -216,8 +216,9 @@ class Permutohedral:
             del order, old2new, resort
         del rep
 
-        # Blur matrices: x + (x[n1] + x[n2]) / 2 per axis, (m x m) CSR with 3 entries per row;
-        # a missing neighbour holds zero, so its entry points to the vertex itself, weight 0.
+        # Blur matrices: x + (x[n1] + x[n2]) / 2 per axis, (m x m) CSR with 3 entries per row
+        # (uniform rows are the fastest); a missing neighbour holds zero, so its entry points to
+        # the vertex itself with weight 0.
         self_idx = torch.arange(m, device=dev, dtype=itype)
         crow = torch.arange(0, 3 * m + 1, 3, device=dev, dtype=itype)
         blurs = []

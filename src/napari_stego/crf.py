@@ -144,40 +144,22 @@ def _torch_device(device):
 
 
 # -------------------------------------------------------------------------------- inputs
-def _channels_to_rgb(image: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
-    """``(H, W, C)`` with ``C`` = 2 or > 4 -> ``(H, W, 3)`` uint8.
-
-    Each channel is stretched by its own robust percentiles and given a hue evenly spaced
-    around the colour wheel (channel 0 red); the sum is scaled back to [0, 255].
-    """
-    from .io import to_unit_range
-
-    n_ch = image.shape[-1]
-    unit = np.stack([to_unit_range(image[..., k], intensity) for k in range(n_ch)], -1)
-    hues = np.arange(n_ch) / n_ch
-    # hue -> RGB on the fully saturated colour wheel
-    colours = np.clip(np.abs(((hues[:, None] * 6 + np.array([0, 4, 2])) % 6) - 3) - 1, 0, 1)
-    rgb = unit @ colours.astype(np.float32)
-    rgb /= np.maximum(colours.sum(0), 1e-6)
-    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def crf_image(image, intensity: IntensityConfig = IntensityConfig()) -> np.ndarray:
+def crf_image(image, intensity=None) -> np.ndarray:
     """The ``(H, W, 3)`` uint8 image the CRF's colour kernel sees.
 
-    ``(H, W, 3)`` uint8 images are used as they are. Grey, RGBA, 16-bit and float images go
-    through :func:`napari_stego.io.to_uint8_rgb` (the features' mapping and robust
-    percentiles); other channel counts get a hue composite of their per-channel stretched
-    intensities.
+    ``(H, W, 3)`` uint8 images are used as they are. Anything else goes through the
+    features' mapping: ``intensity`` is an :class:`~napari_stego.io.IntensityConfig` (default:
+    the image's own robust percentiles, :func:`napari_stego.io.to_uint8_rgb`) or a fitted
+    mapping with an ``apply(block) -> (H, W, 3) float in [0, 1]`` method (e.g. the stack-wide
+    statistics of :func:`napari_stego.io.fit_intensity`, so that every slice and tile sees
+    the same colours as the features did).
     """
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
-        if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
-            raise StegoError(f"unsupported image dtype {arr.dtype}: use integer or float images")
-        return _channels_to_rgb(arr, intensity)
-    return to_uint8_rgb(arr, intensity)
+    if hasattr(intensity, "apply"):
+        return np.round(np.asarray(intensity.apply(arr), np.float32) * 255.0).astype(np.uint8)
+    return to_uint8_rgb(arr, IntensityConfig() if intensity is None else intensity)
 
 
 def _check_probs(probs, shape=None) -> np.ndarray:
@@ -348,7 +330,7 @@ def _run(backend, rgb, probs, cfg, device, origin=(0, 0)):
 
 # ---------------------------------------------------------------------------- public API
 def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | None = None,
-              device=None, iterations: int | None = None, pos_w: float | None = None,
+              device=None, intensity=None, iterations: int | None = None, pos_w: float | None = None,
               pos_xy_std: float | None = None, bi_w: float | None = None,
               bi_xy_std: float | None = None, bi_rgb_std: float | None = None) -> np.ndarray:
     """Refine class probabilities with a fully connected CRF.
@@ -357,8 +339,8 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
     ----------
     image : (H, W) or (H, W, C) ndarray
         The image the probabilities belong to: uint8 RGB is used as it is; grey, RGBA,
-        multi-channel, 16-bit and float images are mapped to 0-255 RGB with the features'
-        robust percentiles (:func:`crf_image`).
+        multi-channel, 16-bit and float images are mapped to 0-255 RGB the way the features
+        map them (:func:`crf_image`, ``config.intensity``).
     probs : (K, H, W) float ndarray
         Class probabilities at the image's resolution.
     config : CRFConfig, optional
@@ -369,6 +351,9 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
         installed, else torch on the CPU.
     device : str or torch.device, optional
         Device of the torch backend (default: CUDA when available, else CPU).
+    intensity : IntensityStats, optional
+        A fitted intensity mapping to use instead of ``config.intensity`` (see
+        :func:`crf_image`), e.g. the stack-wide one the features were computed with.
     iterations, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std
         Override the matching :class:`CRFConfig` field (defaults 10, 3, 1, 4, 67, 3).
 
@@ -392,7 +377,7 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
     backend = _backend(backend, device)
     arr = _check_image(image)
     p = _check_probs(probs, arr.shape[:2])
-    rgb = crf_image(arr, cfg.intensity)
+    rgb = crf_image(arr, cfg.intensity if intensity is None else intensity)
     dev = _torch_device(device) if backend == "torch" else None
     return _run(backend, rgb, p, cfg, dev)
 
@@ -423,7 +408,7 @@ def _tile_job(args):
 
 def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
                     config: CRFConfig | None = None, backend: str | None = None, device=None,
-                    workers: int | None = None, progress: Progress | None = None,
+                    intensity=None, workers: int | None = None, progress: Progress | None = None,
                     cancel: threading.Event | None = None, **params) -> np.ndarray:
     """:func:`dense_crf` of a big image, tile by tile with a halo.
 
@@ -436,7 +421,7 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
 
     Parameters
     ----------
-    image, probs, config, backend, device, **params
+    image, probs, config, backend, device, intensity, **params
         As for :func:`dense_crf`.
     tile, halo : int
         Tile side and halo width in pixels.
@@ -460,7 +445,7 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
     halo = default_halo(cfg) if halo is None else int(halo)
     if halo < 0:
         raise StegoError(f"halo must be >= 0 pixels, got {halo!r}")
-    rgb = crf_image(arr, cfg.intensity)
+    rgb = crf_image(arr, cfg.intensity if intensity is None else intensity)
     dev = _torch_device(device) if backend == "torch" else None
     h, w = arr.shape[:2]
     tiles = _tiles(h, w, int(tile), halo)
@@ -519,7 +504,7 @@ def _workers(workers, n_tiles):
 
 def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
                config: CRFConfig | None = None, backend: str | None = None, device=None,
-               workers: int | None = None, **params):
+               intensity=None, workers: int | None = None, **params):
     """CRF-refined labels of an image or a stack, lazily: a dask array computed per slice.
 
     Parameters
@@ -531,6 +516,9 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
         Class probabilities per slice.
     tile, halo, config, backend, device, workers, **params
         As for :func:`dense_crf_tiled`, applied to each 2D slice.
+    intensity : IntensityStats, optional
+        One intensity mapping for every slice (e.g. :func:`napari_stego.io.fit_intensity` of
+        the stack, as the features use); default: each slice's own percentiles.
 
     Returns
     -------
@@ -562,7 +550,7 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
     def block(img, prb):
         q = dense_crf_tiled(img.reshape(img.shape[lead:]), prb.reshape(prb.shape[lead:]),
                             tile=tile, halo=halo, config=cfg, backend=backend, device=device,
-                            workers=workers)
+                            intensity=intensity, workers=workers)
         return q.argmax(0).astype(dtype).reshape((1,) * lead + (h, w))
 
     return da.blockwise(block, idx + "yx", image_d, idx + "yx" + ("c" if has_c else ""),
