@@ -17,6 +17,7 @@ everything is vectorised and runs the same on the CPU and the GPU.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -267,24 +268,27 @@ class Permutohedral:
         self._slice = _csr(torch.arange(0, n * d1 + 1, d1, device=dev, dtype=itype),
                            offsets.reshape(-1).to(itype), weights.reshape(-1) * alpha, (n, m))
 
-    def scale_(self, before: torch.Tensor, after: torch.Tensor) -> Permutohedral:
-        """In place: :meth:`filter` becomes ``after * K(before * values)``.
+    def scaled(self, before: torch.Tensor, after: torch.Tensor) -> Permutohedral:
+        """A copy whose :meth:`filter` is ``after * K(before * values)``.
 
-        ``before`` and ``after`` are per-point factors ``(N,)``, folded into the splat and slice
-        matrices (e.g. a symmetric normalisation and a kernel weight) so that applying them
-        costs nothing.
+        ``before`` and ``after`` are per-point factors ``(N,)`` (e.g. a symmetric
+        normalisation and a kernel weight), folded into the splat and slice matrices so that
+        applying them costs nothing; the blur matrices are shared.
         """
+        out = copy.copy(self)
         sp, sl = self._splat, self._slice
         col = sp.col_indices()
-        self._splat = _csr(sp.crow_indices(), col, sp.values() * before[col.long()], sp.shape)
-        self._slice = _csr(sl.crow_indices(), sl.col_indices(),
-                           sl.values() * after.repeat_interleave(self.d + 1), sl.shape)
-        return self
+        out._splat = _csr(sp.crow_indices(), col, sp.values() * before[col.long()], sp.shape)
+        out._slice = _csr(sl.crow_indices(), sl.col_indices(),
+                          sl.values() * after.repeat_interleave(self.d + 1), sl.shape)
+        return out
 
-    def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    def filter(self, values: torch.Tensor, reverse: bool = False,
+               add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Gaussian-filter ``values`` (N, C) float32 over the lattice; returns (N, C).
 
-        ``reverse`` blurs the axes in the opposite order (the transpose filter).
+        ``reverse`` blurs the axes in the opposite order (the transpose filter). ``add_to``:
+        an (N, C) tensor the result is added to in place (and returned).
         """
         # addmm with beta=0 into preallocated buffers: no zero-fill and no copy per product
         c = values.shape[1]
@@ -294,5 +298,7 @@ class Permutohedral:
         for blur in (reversed(self._blurs) if reverse else self._blurs):
             torch.addmm(spare, blur, lat, beta=0, out=spare)
             lat, spare = spare, lat
+        if add_to is not None:
+            return torch.addmm(add_to, self._slice, lat, out=add_to)
         out = alloc(self.n, c)
         return torch.addmm(out, self._slice, lat, beta=0, out=out)

@@ -207,39 +207,86 @@ _POS_LOCK = threading.Lock()
 _MAX_SEPARABLE_RADIUS = 6  # wider smoothness kernels go through the lattice
 
 
-class _SeparableGaussian:
-    """The exact Gaussian ``exp(-|p - q|^2 / 2 sxy^2)`` on the pixel grid, truncated at 3 sxy.
+def _csr(crow, col, values, shape):
+    from ._permutohedral import _csr as csr
 
-    Two 1-D passes of shifted adds over ``(H, W, C)``; costs no set-up, and for the reference
-    ``sxy = 1`` (7 taps) it is as fast as the lattice. Zero outside the image, like the
-    lattice (the normalisation takes care of the border).
-    """
-
-    def __init__(self, h: int, w: int, sxy: float):
-        self.h, self.w = h, w
-        self.radius = r = max(1, math.ceil(3 * sxy))
-        self.taps = [math.exp(-0.5 * (k / sxy) ** 2) for k in range(-r, r + 1)]
-
-    def filter(self, values):
-        import torch.nn.functional as F
-
-        h, w, r = self.h, self.w, self.radius
-        x = values.view(h, w, values.shape[1])
-        for pad, dim, size in (((0, 0, r, r), 1, w), ((0, 0, 0, 0, r, r), 0, h)):
-            padded = F.pad(x, pad)
-            x = padded.narrow(dim, r, size) * self.taps[r]
-            for k, tap in enumerate(self.taps):
-                if k != r:
-                    x.add_(padded.narrow(dim, k, size), alpha=tap)
-        return x.reshape(h * w, -1)
+    return csr(crow, col, values, shape)
 
 
-def _normalised(kernel, n, device):
-    """A kernel and its symmetric normalisation ``1 / sqrt(K 1)`` (pydensecrf's default)."""
+def _band(n: int, taps: list[float], device):
+    """The (n x n) banded Gaussian ``B[i, i + k] = taps[k + r]`` symmetrically normalised,
+    ``b_i B_ij b_j`` with ``b = 1 / sqrt(B 1)``: ``(crow, col, values)`` in int64 / float32."""
     import torch
 
-    norm = kernel.filter(torch.ones(n, 1, device=device))
-    return kernel, torch.rsqrt(norm + 1e-20)
+    r = len(taps) // 2
+    i = torch.arange(n, device=device)
+    cols = i[:, None] + torch.arange(-r, r + 1, device=device)
+    vals = torch.tensor(taps, dtype=torch.float64, device=device).expand(n, -1)
+    inside = (cols >= 0) & (cols < n)
+    vals = torch.where(inside, vals, 0.0)
+    b = torch.rsqrt(vals.sum(1))
+    vals = b[:, None] * vals * b[cols.clamp(0, n - 1)]
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    torch.cumsum(inside.sum(1), 0, out=crow[1:])
+    return crow, cols[inside], vals[inside].float()
+
+
+class _GridGaussian:
+    """The smoothness message ``w n * G(n * Q)`` with the exact Gaussian on the pixel grid.
+
+    ``G = Gy (x) Gx``, truncated at 3 ``sxy``, is separable and so is its symmetric
+    normalisation ``n = 1 / sqrt(G 1) = a(y) b(x)``; each factor, with its normalisation (and
+    the weight in ``Gy``), is a banded CSR matrix: ``X`` (N x N) filters along rows, ``Y``
+    (H x H) along columns of the ``(H, W * C)`` view. No set-up beyond the matrices, two
+    sparse products per iteration.
+    """
+
+    def __init__(self, h: int, w: int, sxy: float, weight: float, device):
+        import torch
+
+        r = max(1, math.ceil(3 * sxy))
+        taps = [math.exp(-0.5 * (k / sxy) ** 2) for k in range(-r, r + 1)]
+        self.h, self.w = h, w
+        key = ("gauss", h, w, float(sxy), str(device))
+        with _POS_LOCK:
+            x = _POS_CACHE.get(key)
+        if x is None:  # X depends on the shape only: tiles and slices reuse it
+            crow, col, val = _band(w, taps, device)
+            nnz = col.numel()
+            rows = torch.arange(h, device=device)
+            crow_x = torch.cat([(rows[:, None] * nnz + crow[None, :-1]).reshape(-1),
+                                crow.new_tensor([h * nnz])])
+            col_x = (col[None] + rows[:, None] * w).reshape(-1)
+            itype = torch.int32 if h * nnz < 2**31 else torch.int64
+            x = _csr(crow_x.to(itype), col_x.to(itype), val.repeat(h), (h * w, h * w))
+            with _POS_LOCK:
+                _POS_CACHE.clear()
+                _POS_CACHE[key] = x
+        self.x = x
+        crow, col, val = _band(h, taps, device)
+        self.y = _csr(crow.int(), col.int(), val * weight, (h, h))
+
+    def add_message(self, qt, energy):
+        import torch
+
+        h, w, c = self.h, self.w, qt.shape[1]
+        xq = torch.empty_like(qt) if not qt.is_cuda else torch.zeros_like(qt)
+        torch.addmm(xq, self.x, qt, beta=0, out=xq)
+        e = energy.view(h, w * c)
+        torch.addmm(e, self.y, xq.view(h, w * c), out=e)
+
+
+class _LatticeKernel:
+    """A message ``w n * K(n * Q)`` through a permutohedral lattice, ``w n`` folded in."""
+
+    def __init__(self, lattice, weight: float, device):
+        import torch
+
+        norm = torch.rsqrt(lattice.filter(torch.ones(lattice.n, 1, device=device))[:, 0] + 1e-20)
+        self.lattice = lattice.scaled(norm, norm * weight)
+
+    def add_message(self, qt, energy):
+        self.lattice.filter(qt, add_to=energy)
 
 
 def _grid(h, w, y0, x0, device):
@@ -250,26 +297,25 @@ def _grid(h, w, y0, x0, device):
     return xs.repeat(h), ys.repeat_interleave(w)
 
 
-def _pos_kernel(h, w, sxy, device):
+def _pos_kernel(h, w, sxy, weight, device):
     """The smoothness kernel: exact and separable for the usual narrow ``sxy``, else a
     permutohedral lattice (which depends only on the shape, so the last one is kept)."""
     if math.ceil(3 * sxy) <= _MAX_SEPARABLE_RADIUS:
-        return _normalised(_SeparableGaussian(h, w, sxy), h * w, device)
-    key = (h, w, float(sxy), str(device))
+        return _GridGaussian(h, w, sxy, weight, device)
+    key = ("lattice", h, w, float(sxy), str(device))
     with _POS_LOCK:
-        hit = _POS_CACHE.get(key)
-    if hit is None:
+        lattice = _POS_CACHE.get(key)
+    if lattice is None:
         import torch
 
         from ._permutohedral import Permutohedral
 
         x, y = _grid(h, w, 0, 0, device)
         lattice = Permutohedral(torch.stack([x / sxy, y / sxy], 1), reorder=True)
-        hit = _normalised(lattice, h * w, device)
         with _POS_LOCK:
             _POS_CACHE.clear()
-            _POS_CACHE[key] = hit
-    return hit
+            _POS_CACHE[key] = lattice
+    return _LatticeKernel(lattice, weight, device)
 
 
 def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
@@ -289,10 +335,10 @@ def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
     n = h * w
     with torch.inference_mode():
         unary = torch.from_numpy(probs).to(device).reshape(c, n).clamp(1e-5, 1.0).log_().neg_()
-        neg_unary = -unary.T  # (N, C); energies are built point-major, softmax runs class-major
-        kernels = []  # (weight, kernel, norm); norm None = already folded into the kernel
+        neg_unary = (-unary.T).contiguous()  # (N, C): energies point-major, softmax class-major
+        kernels = []
         if cfg.pos_w > 0:
-            kernels.append((cfg.pos_w, *_pos_kernel(h, w, cfg.pos_xy_std, device)))
+            kernels.append(_pos_kernel(h, w, cfg.pos_xy_std, cfg.pos_w, device))
         if cfg.bi_w > 0:
             from ._permutohedral import Permutohedral
 
@@ -300,24 +346,15 @@ def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
             colour = torch.from_numpy(rgb.reshape(n, 3)).to(device).float() / cfg.bi_rgb_std
             feats = torch.cat([(x / cfg.bi_xy_std)[:, None], (y / cfg.bi_xy_std)[:, None], colour], 1)
             del x, y, colour
-            lattice, norm = _normalised(Permutohedral(feats), n, device)
+            kernels.append(_LatticeKernel(Permutohedral(feats), cfg.bi_w, device))
             del feats
-            norm = norm[:, 0]
-            kernels.append((1.0, lattice.scale_(norm, norm * cfg.bi_w), None))
         q = torch.softmax(-unary, 0)
         del unary
-        scaled = torch.empty(n, c, device=device)
         for _ in range(cfg.iterations):
             qt = q.T.contiguous()
             energy = neg_unary.clone()
-            for weight, kernel, norm in kernels:
-                if norm is None:
-                    energy += kernel.filter(qt)
-                else:
-                    torch.mul(qt, norm, out=scaled)
-                    msg = kernel.filter(scaled)
-                    msg *= norm
-                    energy.add_(msg, alpha=weight)
+            for kernel in kernels:
+                kernel.add_message(qt, energy)
             q = torch.softmax(energy.T, 0)
         return q.reshape(c, h, w).cpu().numpy()
 
