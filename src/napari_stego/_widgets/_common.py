@@ -558,8 +558,12 @@ def text(value: str = "") -> Label:
     """A left-aligned, word-wrapping rich-text label."""
     from qtpy.QtCore import Qt
 
+    from qtpy.QtWidgets import QSizePolicy
+
     label = Label(value=value)
     label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Minimum)
+    label.native.setMinimumWidth(220)
     label.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
     label.native.setTextFormat(Qt.RichText)
     return label
@@ -570,7 +574,7 @@ def collapsible(title: str, widgets: list) -> Any:
     from superqt import QCollapsible
 
     inner = Container(widgets=widgets)
-    fold = QCollapsible(title)
+    fold = QCollapsible(title, expandedIcon="▼", collapsedIcon="▶")
     fold.addWidget(inner.native)
     fold.collapse(animate=False)
     return fold, inner

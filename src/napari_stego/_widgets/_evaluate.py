@@ -98,7 +98,8 @@ class ConfusionTable(QTableWidget):
         super().__init__()
         self.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
-        self.setMinimumHeight(150)
+        self.setMinimumHeight(120)
+        self.setMaximumHeight(320)
 
     def show_scores(self, scores: dict) -> None:
         conf = scores["confusion"]
@@ -181,6 +182,10 @@ class EvaluateWidget(Container, JobMixin):
             self.pred.value = ours[-1]
         if others and (self.gt.value is None or self.gt.value in ours):
             self.gt.value = others[0]
+        if self.pred.value is self.gt.value:  # never both the same layer by default
+            rest = [lyr for lyr in layers if lyr is not self.gt.value]
+            if rest:
+                self.pred.value = rest[-1]
 
     def evaluate(self):
         """Start the evaluation in the background; returns the :class:`Job` (or ``None``)."""
