@@ -295,5 +295,7 @@ def test_permutohedral_filter_is_a_local_blur_with_its_transpose():
     assert bool((k >= 0).all()) and bool((k.diagonal() > 0.5).all())
     far = torch.cdist(feats, feats) > 8
     assert float(k[far].max()) == 0.0  # nothing leaks past a few standard deviations
-    reordered = Permutohedral(feats, reorder=True)
-    torch.testing.assert_close(reordered.filter(torch.eye(300)), k)
+    # a weighted copy folds per-point factors in: after * K(before * v)
+    before, after = torch.rand(300), torch.rand(300)
+    torch.testing.assert_close(lattice.scaled(before, after).filter(torch.eye(300)),
+                               after[:, None] * k * before[None, :], atol=1e-6, rtol=1e-4)

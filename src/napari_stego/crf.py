@@ -311,7 +311,7 @@ def _pos_kernel(h, w, sxy, weight, device):
         from ._permutohedral import Permutohedral
 
         x, y = _grid(h, w, 0, 0, device)
-        lattice = Permutohedral(torch.stack([x / sxy, y / sxy], 1), reorder=True)
+        lattice = Permutohedral(torch.stack([x / sxy, y / sxy], 1))
         with _POS_LOCK:
             _POS_CACHE.clear()
             _POS_CACHE[key] = lattice
