@@ -147,30 +147,35 @@ class Permutohedral:
         if span <= 4 * n * d1 + (1 << 20):
             table = torch.full((span,), -1, dtype=torch.int64, device=dev)
             table[uniq] = torch.arange(m, device=dev)
+        shifts = torch.tensor([sum((d if i == j else -1) * stride[i] for i in range(d))
+                               for j in range(d1)], device=dev)
+        targets = (uniq[None, :] + shifts[:, None]).reshape(-1)  # all axes at once
+        if table is not None:
+            n1s = table[targets]
+        else:
+            at = torch.searchsorted(uniq, targets).clamp_(max=m - 1)
+            n1s = torch.where(uniq[at] == targets, at, -1)
+            del at
+        del uniq, table, targets
+        n1s = n1s.view(d1, m)
         blurs = []
         self_idx = torch.arange(m, device=dev)
         crow = torch.arange(0, 3 * m + 1, 3, device=dev, dtype=itype)
-        for j in range(d1):
-            shift = sum((d if i == j else -1) * stride[i] for i in range(d))
-            target = uniq + shift
-            if table is not None:
-                n1 = table[target]
-            else:
-                at = torch.searchsorted(uniq, target).clamp_(max=m - 1)
-                n1 = torch.where(uniq[at] == target, at, -1)
+        for n1 in n1s:
             # the relation is symmetric: u = n1(v)  <=>  v = n2(u)
-            n2 = torch.full_like(n1, -1)
             found = n1 >= 0
+            n2 = torch.full_like(n1, -1)
             n2[n1[found]] = self_idx[found]
             # x + (x[n1] + x[n2]) / 2 as an (m x m) CSR matrix with 3 entries per row (uniform
             # rows are the fastest); a missing neighbour holds zero, so its entry points to
             # the vertex itself with weight 0.
+            found2 = n2 >= 0
             cols = torch.stack([self_idx, torch.where(found, n1, self_idx),
-                                torch.where(n2 >= 0, n2, self_idx)], 1)
-            vals = torch.stack([torch.ones(m, device=dev), found * 0.5, (n2 >= 0) * 0.5], 1)
-            blurs.append(_csr(crow, cols.reshape(-1).to(itype), vals.reshape(-1).float(), (m, m)))
+                                torch.where(found2, n2, self_idx)], 1).to(itype)
+            vals = torch.stack([torch.ones(m, device=dev), found * 0.5, found2 * 0.5], 1)
+            blurs.append(_csr(crow, cols.reshape(-1), vals.reshape(-1).float(), (m, m)))
         self._blurs = blurs
-        del uniq, table, target, found, n1, n2, self_idx, cols, vals
+        del n1s, found, found2, n2, self_idx, cols, vals
 
         # Splat (m x N) and slice (N x m) as CSR matrices; the slice carries the constant
         # alpha = 1 / (1 + 2^-d) of the reference (Adams et al.'s correction for the blur's
