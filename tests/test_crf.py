@@ -282,6 +282,18 @@ def test_crf_labels_is_lazy_and_slice_by_slice():
         crf_labels(grey[:, :40], probs, backend="torch")
 
 
+def test_crf_labels_tiles_a_big_slice_like_dense_crf_tiled():
+    import dask.array as da
+
+    image = _mosaic(128)
+    probs = colour_probs(image, k=3)
+    lazy_probs = da.from_array(probs, chunks=(3, 64, 64))
+    labels = crf_labels(image, lazy_probs, tile=64, halo=24, backend="torch")
+    assert labels.shape == (128, 128) and labels.numblocks == (2, 2)
+    expected = dense_crf_tiled(image, probs, tile=64, halo=24, backend="torch").argmax(0)
+    np.testing.assert_array_equal(labels.compute(), expected)
+
+
 # ---------------------------------------------------------------------- the lattice
 def test_permutohedral_filter_is_a_local_blur_with_its_transpose():
     from napari_stego._permutohedral import Permutohedral

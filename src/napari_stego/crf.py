@@ -105,7 +105,10 @@ def default_backend(device=None) -> str:
     """
     import torch
 
-    dev = None if device is None or str(device) == "auto" else torch.device(device)
+    try:
+        dev = None if device is None or str(device) == "auto" else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise StegoError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev is not None and dev.type == "cuda":
         return "torch"
     if dev is None and torch.cuda.is_available():
@@ -155,7 +158,8 @@ def crf_image(image, intensity=None) -> np.ndarray:
     the same colours as the features did).
     """
     arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
+    plain = intensity is None or getattr(intensity, "channels", None) is None
+    if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8 and plain:
         return np.ascontiguousarray(arr)
     if hasattr(intensity, "apply"):
         return np.round(np.asarray(intensity.apply(arr), np.float32) * 255.0).astype(np.uint8)
@@ -539,10 +543,23 @@ def _workers(workers, n_tiles):
     return max(1, min(int(workers), n_tiles))
 
 
+def _tile_labels(rgb, probs, window, crop, backend, cfg, device, dtype):
+    """Labels of one tile: CRF of the read window, argmax, crop to the write window."""
+    ry0, ry1, rx0, rx1 = window
+    q = _run(backend, np.ascontiguousarray(rgb[ry0:ry1, rx0:rx1]), _check_probs(probs), cfg,
+             device, (ry0, rx0))
+    return q.argmax(0).astype(dtype)[crop]
+
+
 def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
                config: CRFConfig | None = None, backend: str | None = None, device=None,
-               intensity=None, workers: int | None = None, **params):
-    """CRF-refined labels of an image or a stack, lazily: a dask array computed per slice.
+               intensity=None, **params):
+    """CRF-refined labels of an image or a stack, lazily: a dask array, tile by tile.
+
+    Each 2D slice is cut into ``tile`` x ``tile`` blocks, each refined with a ``halo`` as in
+    :func:`dense_crf_tiled` (same tiles, same result), one dask task per block; a task reads
+    only its window of ``probs``, so a lazily predicted probability stack is never held in
+    memory whole. The colour image of a slice is mapped once per slice.
 
     Parameters
     ----------
@@ -551,8 +568,8 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
         ``probs``.
     probs : (..., K, H, W) array or dask array
         Class probabilities per slice.
-    tile, halo, config, backend, device, workers, **params
-        As for :func:`dense_crf_tiled`, applied to each 2D slice.
+    tile, halo, config, backend, device, **params
+        As for :func:`dense_crf_tiled`.
     intensity : IntensityStats, optional
         One intensity mapping for every slice (e.g. :func:`napari_stego.io.fit_intensity` of
         the stack, as the features use); default: each slice's own percentiles.
@@ -561,8 +578,10 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
     -------
     labels : (..., H, W) dask array of uint8 (uint16 for more than 256 classes)
         ``argmax`` of the refined marginals; nothing is computed until asked for (napari
-        computes the slices it shows).
+        computes the slice it shows). Tasks run on dask's scheduler: threads suit the torch
+        backend; for pydensecrf use ``labels.compute(scheduler="processes")`` to use all cores.
     """
+    import dask
     import dask.array as da
 
     cfg = _config(config, params)
@@ -573,22 +592,27 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
     if lead < 0:
         raise StegoError(f"probs must be (..., K, H, W), got shape {probs_d.shape}")
     k, h, w = probs_d.shape[-3:]
-    has_c = image_d.ndim == lead + 3
     if image_d.ndim not in (lead + 2, lead + 3) or image_d.shape[:lead + 2] != (*probs_d.shape[:lead], h, w):
         raise StegoError(
             f"image shape {image_d.shape} does not match probs shape {probs_d.shape}: "
             "expected (..., H, W) or (..., H, W, C) with the same leading axes and H, W"
         )
+    if int(tile) < 1:
+        raise StegoError(f"tile must be a positive number of pixels, got {tile!r}")
+    halo = default_halo(cfg) if halo is None else int(halo)
     dtype = np.uint8 if k <= 256 else np.uint16
-    idx = "abcdefghijklmnopqr"[:lead]
-    probs_d = probs_d.rechunk((1,) * lead + (k, h, w))
-    image_d = image_d.rechunk((1,) * lead + image_d.shape[lead:])
-
-    def block(img, prb):
-        q = dense_crf_tiled(img.reshape(img.shape[lead:]), prb.reshape(prb.shape[lead:]),
-                            tile=tile, halo=halo, config=cfg, backend=backend, device=device,
-                            intensity=intensity, workers=workers)
-        return q.argmax(0).astype(dtype).reshape((1,) * lead + (h, w))
-
-    return da.blockwise(block, idx + "yx", image_d, idx + "yx" + ("c" if has_c else ""),
-                        probs_d, idx + "kyx", dtype=dtype, concatenate=True)
+    dev = _torch_device(device) if backend == "torch" else None
+    mapping = cfg.intensity if intensity is None else intensity
+    tiles = _tiles(h, w, int(tile), halo)
+    n_cols = len(range(0, w, int(tile)))
+    slices = []
+    for index in np.ndindex(*probs_d.shape[:lead]):
+        rgb = dask.delayed(crf_image, pure=True)(image_d[index], mapping)
+        blocks = []
+        for window, (y0, y1, x0, x1), crop in tiles:
+            ry0, ry1, rx0, rx1 = window
+            labels = dask.delayed(_tile_labels, pure=True)(
+                rgb, probs_d[index][:, ry0:ry1, rx0:rx1], window, crop, backend, cfg, dev, dtype)
+            blocks.append(da.from_delayed(labels, shape=(y1 - y0, x1 - x0), dtype=dtype))
+        slices.append(da.block([blocks[i:i + n_cols] for i in range(0, len(blocks), n_cols)]))
+    return da.stack(slices).reshape(probs_d.shape[:lead] + (h, w))
