@@ -94,6 +94,20 @@ def test_torch_backend_agrees_with_pydensecrf(name):
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(pos_w=0), dict(bi_w=0, pos_xy_std=3)],
+                         ids=["bilateral", "wide-smoothness"])
+def test_lattice_kernels_match_pydensecrf_to_rounding(kw):
+    """The bilateral kernel (and a smoothness kernel too wide for the exact separable path)
+    go through the same lattice approximation as pydensecrf: equal up to float rounding."""
+    pytest.importorskip("pydensecrf.densecrf")
+    rng = np.random.default_rng(5)
+    image = IMAGES["coffee"][:48, :56]
+    probs = rng.random((3, 48, 56)).astype(np.float32)  # noisy: sensitive to any difference
+    probs /= probs.sum(0)
+    ref = dense_crf(image, probs, backend="pydensecrf", **kw)
+    np.testing.assert_allclose(dense_crf(image, probs, backend="torch", **kw), ref, atol=2e-4)
+
+
 def test_parameters_are_passed_through():
     pytest.importorskip("pydensecrf.densecrf")
     image = IMAGES["coffee"][:64, :64]
