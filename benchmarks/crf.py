@@ -70,11 +70,12 @@ def real_images():
 
 
 def run(image, probs, backend, device=None, cold=True):
+    """(Q, wall seconds, CPU seconds of this process)."""
     if cold:
         crf._POS_CACHE.clear()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     q = dense_crf(image, probs, backend=backend, device=device)
-    return q, time.perf_counter() - t
+    return q, time.perf_counter() - t, time.process_time() - c
 
 
 def cpu_name():
@@ -91,14 +92,14 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                    help="torch CPU thread counts to time")
     ap.add_argument("--no-tiled", action="store_true", help="skip the tiled vs whole check")
     ap.add_argument("--no-real", action="store_true", help="skip the real-image agreement")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     have_ref = has_pydensecrf()
     result = dict(
-        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=args.threads,
+        machine=dict(cpu=cpu_name(), cores=os.cpu_count(),
                      load_avg_before=os.getloadavg()[0], torch=torch.__version__,
                      gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None),
         classes=args.classes, iterations=crf.CRFConfig().iterations, speed=[], agreement_real=[],
@@ -107,34 +108,44 @@ def main():
     small = mosaic(64)
     dense_crf(small, colour_probs(small, k=2), backend="torch", device="cpu")
 
-    for size in args.sizes:
+    for size in sorted(args.sizes):
         image = mosaic(size)
         probs = colour_probs(image, k=args.classes)
         mpx = size * size / 1e6
         ref = None
+        rows = []
         if have_ref:
-            ref, dt = run(image, probs, "pydensecrf")
-            result["speed"].append(dict(size=size, backend="pydensecrf", device="cpu (1 core)",
-                                        seconds=round(dt, 3), mpx_per_s=round(mpx / dt, 3),
-                                        agreement=1.0))
-        for device in args.devices:
+            ref, dt, cpu = run(image, probs, "pydensecrf")
+            rows.append(dict(size=size, backend="pydensecrf", device="cpu (1 core)",
+                             seconds=round(dt, 3), cpu_seconds=round(cpu, 3),
+                             mpx_per_s=round(mpx / dt, 3), agreement=1.0))
+        runs = [("cuda", None)] if "cuda" in args.devices else []
+        runs += [("cpu", t) for t in args.threads] if "cpu" in args.devices else []
+        for device, threads in runs:
             if device == "cuda" and not torch.cuda.is_available():
-                result["speed"].append(dict(size=size, backend="torch", device="cuda",
-                                            measured=False, reason="no CUDA GPU on this machine"))
+                rows.append(dict(size=size, backend="torch", device="cuda", measured=False,
+                                 reason="no CUDA GPU on this machine"))
                 continue
-            if device == "cuda":
+            if threads is not None:
+                torch.set_num_threads(threads)
+            if device == "cuda":  # warm-up: CUDA context, cuSPARSE handles
                 run(mosaic(256), colour_probs(mosaic(256), k=args.classes), "torch", device)
-            q, cold = run(image, probs, "torch", device, cold=True)
-            _, warm = run(image, probs, "torch", device, cold=False)
-            row = dict(size=size, backend="torch", device=device if device != "cpu"
-                       else f"cpu ({args.threads} threads)", seconds_cold=round(cold, 3),
+            q, cold, cold_cpu = run(image, probs, "torch", device, cold=True)
+            _, warm, _ = run(image, probs, "torch", device, cold=False)
+            row = dict(size=size, backend="torch",
+                       device=device if threads is None else f"cpu ({threads} thread{'s' * (threads > 1)})",
+                       seconds=round(cold, 3), cpu_seconds=round(cold_cpu, 3),
                        mpx_per_s=round(mpx / cold, 3), seconds_warm=round(warm, 3),
                        mpx_per_s_warm=round(mpx / warm, 3))
             if ref is not None:
                 row["agreement"] = round(float((q.argmax(0) == ref.argmax(0)).mean()), 5)
                 row["max_abs_dq"] = round(float(np.abs(q - ref).max()), 5)
-            result["speed"].append(row)
-        print(json.dumps(result["speed"][-len(args.devices) - have_ref:]), flush=True)
+            rows.append(row)
+        torch.set_num_threads(max(args.threads))
+        whole = dict(image=image, probs=probs, torch=q.argmax(0) if runs else None,
+                     pydensecrf=None if ref is None else ref.argmax(0))
+        result["speed"] += rows
+        print(json.dumps(rows), flush=True)
 
     if have_ref and not args.no_real:
         for name, image in real_images().items():
@@ -145,17 +156,17 @@ def main():
                 image=name, shape=list(image.shape), agreement=round(float((q.argmax(0) == ref.argmax(0)).mean()), 5),
                 changed_by_crf=round(float((ref.argmax(0) != probs.argmax(0)).mean()), 4)))
 
-    if not args.no_tiled:
+    if not args.no_tiled:  # the largest size again, tile by tile, against its whole-image run
         size = max(args.sizes)
-        image = mosaic(size)
-        probs = colour_probs(image, k=args.classes)
         tiled = dict(size=size, tile=1024, halo=crf.default_halo())
-        for backend, device in [("torch", "cuda" if torch.cuda.is_available() else "cpu")] + (
-                [("pydensecrf", None)] if have_ref else []):
-            whole = dense_crf(image, probs, backend=backend, device=device).argmax(0)
+        device = "cuda" if torch.cuda.is_available() and "cuda" in args.devices else "cpu"
+        for backend in ["torch"] + (["pydensecrf"] if have_ref else []):
+            if whole[backend] is None:
+                continue
             t = time.perf_counter()
-            part = dense_crf_tiled(image, probs, tile=1024, backend=backend, device=device).argmax(0)
-            tiled[backend] = dict(disagreement_percent=round(100 * float((part != whole).mean()), 4),
+            part = dense_crf_tiled(whole["image"], whole["probs"], tile=1024, backend=backend,
+                                   device=device if backend == "torch" else None).argmax(0)
+            tiled[backend] = dict(disagreement_percent=round(100 * float((part != whole[backend]).mean()), 4),
                                   seconds=round(time.perf_counter() - t, 2))
         result["tiled_vs_whole"] = tiled
     result["machine"]["load_avg_after"] = os.getloadavg()[0]
