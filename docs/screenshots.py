@@ -39,9 +39,12 @@ def settle(app, seconds=0.6):
 
 def save(viewer, app, name: str) -> Path:
     """Grab the whole window, store it as a palette PNG under the size limit."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
     from PIL import Image
 
     viewer.window._qt_window.resize(*SIZE)
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # pictures of the widgets, not of passing messages
     settle(app)
     img = viewer.screenshot(canvas_only=False, flash=False)
     pil = Image.fromarray(np.asarray(img)[..., :3])

@@ -51,14 +51,8 @@ def warm_imports() -> None:
     if _WARM:
         return
     import importlib
-    import sys
 
-    if "triton" not in sys.modules and _mesa_llvm_loaded():
-        # Mesa's software OpenGL (llvmpipe, used on machines without a GPU driver, in VMs and
-        # under Xvfb) loads its own libLLVM; triton's bundled LLVM then segfaults on import.
-        # napari-stego never needs triton (no torch.compile), so torch is told it is absent.
-        log.info("Mesa's libLLVM is loaded: hiding triton from torch to avoid a crash")
-        sys.modules["triton"] = None
+    hide_triton_if_mesa_llvm()
 
     for name in ("torch", "timm", "timm.models.vision_transformer", "torchvision.ops",
                  "torch._dynamo", "napari_stego.model", "napari_stego.features",
@@ -68,6 +62,25 @@ def warm_imports() -> None:
         except ImportError:  # optional pieces (torchvision, the CRF module) may be missing
             pass
     _WARM = True
+
+
+def hide_triton_if_mesa_llvm() -> bool:
+    """Keep torch from importing triton when Mesa's libLLVM is already loaded.
+
+    Mesa's software OpenGL (llvmpipe: machines without a GPU driver, VMs, remote desktops,
+    Xvfb) maps its own libLLVM into napari's process; importing triton (whose bundled LLVM
+    clashes with it) afterwards segfaults. timm imports torchvision, which imports
+    ``torch._dynamo``, which imports triton when it is installed (the default Linux torch
+    wheels bring it). napari-stego never needs triton (no ``torch.compile``), so when the
+    clash is possible torch is told triton is absent. Returns whether it was hidden.
+    """
+    import sys
+
+    if "triton" in sys.modules or not _mesa_llvm_loaded():
+        return False
+    log.info("Mesa's libLLVM is loaded: hiding triton from torch to avoid a crash")
+    sys.modules["triton"] = None
+    return True
 
 
 def _mesa_llvm_loaded() -> bool:
@@ -300,6 +313,8 @@ class JobMixin:
                 user_end(job)
 
         self.job = Job(title, func, status=self.status, on_end=on_end, **callbacks)
+        cancel = self.job.cancel
+        self.native.destroyed.connect(lambda *_: cancel.set())  # widget closed: stop the job
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = f"{title}: starting…"
@@ -557,7 +572,6 @@ def finish_layout(container: Container, max_height_select: int = 96) -> None:
 def text(value: str = "") -> Label:
     """A left-aligned, word-wrapping rich-text label."""
     from qtpy.QtCore import Qt
-
     from qtpy.QtWidgets import QSizePolicy
 
     label = Label(value=value)

@@ -182,7 +182,8 @@ class FitWidget(Container, JobMixin):
         def done(model) -> None:
             from napari.utils.notifications import show_info
 
-            self.store.set(model, f"fitted on {names} ({n_images} images)")
+            plural = "image" if n_images == 1 else "images"
+            self.store.set(model, f"fitted on {names} ({n_images} {plural})")
             loss = model.info.get("final_loss")
             self.status.value = "fitted" + (f", final loss {loss:.3f}" if loss is not None else "")
             show_info(f"STEGO fitted: {model!r}. Apply it with the 'Segment' widget "
