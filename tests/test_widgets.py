@@ -288,3 +288,30 @@ def test_correspondences_before_fitting_and_with_codes(viewer, qtbot, fitted):
     run(qtbot, cor.query, (0, 10, 50))
     assert sim.metadata["napari_stego"]["compare"] == "STEGO codes"
     assert sim.data[0, 10, 50] > 0.9 and len(viewer.layers) == 4
+
+
+def test_correspondences_on_a_2d_rgb_image(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[:, 32:] = (200, 40, 40)  # two flat halves
+    viewer.add_image(rgb, name="halves", rgb=True)
+    cor = CorrespondenceWidget(viewer)
+    cor.source.value = "efficientnet_lite0"
+    run(qtbot, cor.query, (20, 50))
+    sim = viewer.layers["halves similarity"].data
+    assert sim.shape == (48, 64) and cor.neighbour_list.count() == 0
+    assert sim[:, 40:].mean() > sim[:, :24].mean()  # the clicked half is the similar one
+
+
+def test_evaluate_arrays_counts_and_refuses_mismatches():
+    from napari_stego._widgets import evaluate_arrays
+
+    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 0]])
+    pred = np.array([[2, 2, 1, 1], [2, 2, 1, 0]])  # cluster ids + 1, 0 = not segmented
+    scores = evaluate_arrays(pred, gt, pred_offset=1, gt_zero_unlabelled=True)
+    assert scores["pixels"] == 7 and scores["accuracy"] == 100.0 and scores["miou"] == 100.0
+    assert list(scores["class_values"]) == [1, 2] and list(scores["cluster_values"]) == [1, 2]
+    with pytest.raises(StegoError, match="differs"):
+        evaluate_arrays(pred[:, :3], gt, pred_offset=1, gt_zero_unlabelled=True)
+    with pytest.raises(StegoError, match="no pixel"):
+        evaluate_arrays(np.zeros_like(pred), gt, pred_offset=1, gt_zero_unlabelled=True)
