@@ -202,6 +202,11 @@ def _bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     folder.mkdir()
     raw = good.read_bytes()
     (folder / "truncated.tif").write_bytes(raw[: len(raw) // 2])
+    stack = folder / "cut_stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 60000, (3, 64, 64), np.uint16),
+                     photometric="minisblack")
+    raw_stack = stack.read_bytes()
+    stack.write_bytes(raw_stack[: int(len(raw_stack) * 0.6)])  # planes 2 and 3 cut off
     (folder / "garbage.tif").write_bytes(b"this is not a TIFF at all" * 10)
     tifffile.imwrite(folder / "complex.tif", np.ones((16, 16), np.complex64))
     tifffile.imwrite(folder / "channels.tif", np.ones((2, 3, 16, 16), np.uint16), imagej=True,
@@ -209,7 +214,8 @@ def _bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     nan = np.full((32, 32), np.nan, np.float32)
     tifffile.imwrite(folder / "nan.tif", nan)
     tifffile.imwrite(folder / "constant.tif", np.full((32, 32), 7, np.uint16))
-    return {"truncated.tif": "truncated or corrupt", "garbage.tif": "not a TIFF",
+    return {"truncated.tif": "truncated or corrupt", "cut_stack.tif": "truncated or corrupt",
+            "garbage.tif": "not a TIFF",
             "complex.tif": "unsupported dtype complex64", "channels.tif": "3 channels",
             "nan.tif": "NaN", "constant.tif": "constant image",
             "missing.tif": "does not exist"}
@@ -329,9 +335,9 @@ def test_zarr_with_probabilities(fitted, tmp_path):
 # ------------------------------------------------------------------------- schedulers
 def test_local_processes_scheduler(fitted, tmp_path):
     _, model_path, data = fitted
-    report = segment_files(model_path, [data / "img0.tif", data / "stack.tif"], tmp_path,
-                           scheduler="processes", workers=1)
-    assert report.exit_code == 0 and report.written == 2
+    report = segment_files(model_path, [data / "stack.tif"], tmp_path, scheduler="processes",
+                           workers=1)
+    assert report.exit_code == 0 and report.written == 1
     [worker] = report.workers  # one worker process did every plane, not this one
     assert not worker.endswith(f":{os.getpid()}")
 
@@ -346,11 +352,14 @@ def test_localcluster_gives_the_local_labels(fitted, tmp_path):
                       dashboard_address=None) as cluster, Client(cluster) as client:
         remote = segment_files(model_path, data, tmp_path / "dask", scheduler=client)
         loads = client.run(lambda: __import__("napari_stego.batch").batch._MODEL_LOADS)
+        # dask work inside a plane (a tiled predictor) stays on the worker's own thread
+        inner = client.run(lambda: __import__("dask").config.get("scheduler", None))
         address = cluster.scheduler_address
         again = segment_files(model_path, data, tmp_path / "dask", scheduler=address)
     assert local.exit_code == remote.exit_code == 0 and remote.written == 5
     assert len(remote.workers) == 2  # 7 planes spread over both workers
     assert sorted(loads.values()) == [1, 1]  # one model load per worker, not per plane
+    assert set(inner.values()) == {"sync"}
     assert again.existing == 5
     for name in _visible(tmp_path / "local"):
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "dask" / name),

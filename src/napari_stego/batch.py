@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -671,16 +672,42 @@ def _predict_plane(model, plane: np.ndarray, settings: _Settings
     return probs.argmax(0).astype(_label_dtype(model.n_clusters)), probs.astype(np.float32)
 
 
+def _on_dask_worker() -> bool:
+    if "distributed" not in sys.modules:
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def _pin_worker_dask() -> None:
+    """On a dask worker, make dask work *inside* a plane task (a tiled predictor's
+    ``.compute()``) run in the task's own thread. Without this dask would pick the worker's
+    client and try to ship that inner graph, model included, back to the scheduler. The
+    plane is the unit the cluster distributes; the worker process is ours to configure."""
+    import dask
+
+    if dask.config.get("scheduler", None) != "sync":
+        dask.config.set({"scheduler": "sync"})
+
+
 def _run_plane(task: _PlaneTask) -> _PlaneResult:
     """Worker side: read one plane, predict it, write it. Never raises for bad data."""
+    if _on_dask_worker():
+        _pin_worker_dask()
     t0 = time.perf_counter()
     result = _PlaneResult(task.flat, worker=_worker_name())
     stage = "reading"
     try:
         plane = _read_plane(task.input, task.layout, task.flat)
         result.blank = _blank_reason(plane)
-        if result.blank is not None and task.part is None:
-            return result  # a lone blank plane: nothing to segment, nothing written
+        if result.blank is not None and task.part is None:  # a lone blank plane:
+            result.seconds = time.perf_counter() - t0            # nothing to segment
+            return result
         stage = "loading the model"
         model = _model_of(task.model)
         stage = "predicting"
@@ -901,8 +928,9 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
         done_planes = total - sum(len(j.todo) for j in busy)
         if progress is not None:
             progress("segment", done_planes, total)
-        cancelled = _dispatch(pool, jobs, ref, loaded, settings, report, progress, say,
-                              cancel, done_planes, total)
+        with _local_dask(pool):
+            cancelled = _dispatch(pool, jobs, ref, loaded, settings, report, progress, say,
+                                  cancel, done_planes, total)
     finally:
         pool.close(cancel_pending=cancelled)
         if temporary is not None:  # a model object's transport file, and its cache entry
@@ -915,6 +943,16 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
     with contextlib.suppress(OSError):
         (out / WORK_DIR).rmdir()  # only when empty
     return report
+
+
+def _local_dask(pool: _Pool):
+    """With an in-process pool, dask work inside the planes uses local threads even when a
+    distributed ``Client`` exists in this process (it would otherwise get the graphs)."""
+    if not pool.local:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.config.set(scheduler="threads")
 
 
 def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
@@ -1078,7 +1116,10 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
         limit = 2 * pool.slots + 2
         while queue and len(running) < limit:
             job, flat = queue.pop()
-            if job.done:
+            if job.done:  # its file failed already: this plane will not run
+                total -= 1
+                if progress is not None:
+                    progress("segment", done_planes, total)
                 continue
             if job.layout.n_planes == 1:  # write the outputs straight away
                 where = dict(labels_out=str(job.labels_out), meta=dict(job.meta, blank_planes=[]),

@@ -40,6 +40,9 @@ def _progress_printer(quiet: bool):
                                      desc=stage,
                                      unit=_UNITS.get(stage, "step"), leave=True,
                                      dynamic_ncols=True)
+        if total != bar.total:  # planes of a failed stack that will not run
+            bar.total = total
+            bar.refresh()
         if done > bar.n:
             bar.update(done - bar.n)
         if done >= total and not bar.disable:
