@@ -80,7 +80,7 @@ def run(image, probs, backend, device=None, cold=True):
 
 def cpu_name():
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         return next(line.split(":", 1)[1].strip() for line in out.splitlines()
                     if line.startswith("Model name"))
     except Exception:  # noqa: BLE001 - informational only
@@ -152,9 +152,11 @@ def main():
             probs = colour_probs(image, k=4)
             ref = dense_crf(image, probs, backend="pydensecrf")
             q = dense_crf(image, probs, backend="torch", device="cpu")
-            result["agreement_real"].append(dict(
-                image=name, shape=list(image.shape), agreement=round(float((q.argmax(0) == ref.argmax(0)).mean()), 5),
-                changed_by_crf=round(float((ref.argmax(0) != probs.argmax(0)).mean()), 4)))
+            agree = float((q.argmax(0) == ref.argmax(0)).mean())
+            changed = float((ref.argmax(0) != probs.argmax(0)).mean())
+            result["agreement_real"].append(dict(image=name, shape=list(image.shape),
+                                                 agreement=round(agree, 5),
+                                                 changed_by_crf=round(changed, 4)))
 
     if not args.no_tiled:  # the largest size again, tile by tile, against its whole-image run
         size = max(args.sizes)

@@ -102,7 +102,7 @@ class Permutohedral:
         rem0i = rem0[:d].to(torch.int64)
         del rem0
         rmin, rmax = rem0i.amin(1).tolist(), rem0i.amax(1).tolist()
-        radix = [hi - lo + 4 * d1 + 1 for lo, hi in zip(rmin, rmax)]
+        radix = [hi - lo + 4 * d1 + 1 for lo, hi in zip(rmin, rmax, strict=True)]
         if math.prod(float(x) for x in radix) >= 2.0**62:
             raise ValueError("lattice too large to index: filter the image in smaller tiles")
         stride = [1] * d

@@ -426,7 +426,7 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
 def default_halo(config: CRFConfig | None = None) -> int:
     """Halo (pixels) added around each tile: twice the bilateral spatial std, at least 16."""
     cfg = CRFConfig() if config is None else config
-    return max(16, int(math.ceil(2 * max(cfg.bi_xy_std, cfg.pos_xy_std))))
+    return max(16, math.ceil(2 * max(cfg.bi_xy_std, cfg.pos_xy_std)))
 
 
 def _tiles(h: int, w: int, tile: int, halo: int):
