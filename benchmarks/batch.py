@@ -14,7 +14,10 @@ texture and noise), fits a small model on two crops with the offline backbone
 * ``resume``: the same command again over the finished folder (validation only).
 
 Cluster start-up and the first model load on each worker (torch import included) are
-timed apart: the runs measure steady-state throughput. The scaling ratio is files/s with the largest N over
+timed apart: the runs measure steady-state throughput. Each run also reports the CPU time
+its segmenting processes used (``cpu_s``; this process for ``threads``, the dask workers
+otherwise) and ``cores_used`` = ``cpu_s`` / wall time: on a machine shared with other work,
+a run can only scale as far as the cores it actually gets. The scaling ratio is files/s with the largest N over
 files/s with the smallest. Prints one JSON object (also written to ``--json``).
 """
 
@@ -69,17 +72,37 @@ def _load_model(path: str) -> None:
     cached_model(path)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def _cpu(scheduler) -> float:
+    """CPU seconds used so far by the processes that segment: this one for threads, else
+    every dask worker process."""
+    if isinstance(scheduler, str):
+        return _cpu_seconds()
+    return sum(scheduler.run(_cpu_seconds).values())
+
+
 def run(label: str, model: Path, folder: Path, out: Path, scheduler, n_files: int,
         size: int) -> dict:
     from napari_stego import segment_files
 
+    cpu0 = _cpu(scheduler)
     t0 = time.perf_counter()
     report = segment_files(model, folder, out, scheduler=scheduler)
     seconds = time.perf_counter() - t0
+    cpu = _cpu(scheduler) - cpu0
     assert report.failed == 0 and report.skipped == 0, report
     mpx = n_files * size * size / 1e6
     row = dict(run=label, seconds=round(seconds, 2), files_per_s=round(n_files / seconds, 3),
-               mpx_per_s=round(mpx / seconds, 2), written=report.written,
+               mpx_per_s=round(mpx / seconds, 2), cpu_s=round(cpu, 1),
+               cores_used=round(cpu / seconds, 2), cpu_s_per_file=round(cpu / n_files, 2),
+               written=report.written,
                existing=report.existing, workers=len(report.workers))
     print(json.dumps(row), flush=True)
     return row
