@@ -66,10 +66,10 @@ def make_folder(folder: Path, n: int, size: int, seed: int) -> list[Path]:
     return paths
 
 
-def _load_model(path: str) -> None:
+def _load_model(path: str, device: str) -> None:
     from napari_stego.batch import cached_model
 
-    cached_model(path)
+    cached_model(path, device=device)
 
 
 def _cpu_seconds() -> float:
@@ -89,12 +89,12 @@ def _cpu(scheduler) -> float:
 
 
 def run(label: str, model: Path, folder: Path, out: Path, scheduler, n_files: int,
-        size: int) -> dict:
+        size: int, device: str = "cpu") -> dict:
     from napari_stego import segment_files
 
     cpu0 = _cpu(scheduler)
     t0 = time.perf_counter()
-    report = segment_files(model, folder, out, scheduler=scheduler)
+    report = segment_files(model, folder, out, scheduler=scheduler, device=device)
     seconds = time.perf_counter() - t0
     cpu = _cpu(scheduler) - cpu0
     assert report.failed == 0 and report.skipped == 0, report
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the result here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the workers predict (cpu, cuda)")
     args = parser.parse_args()
 
     import torch
@@ -139,17 +140,17 @@ def main() -> None:
     t_fit = time.perf_counter() - t0
 
     result = dict(
-        n_files=args.n_files, size=args.size, backbone="efficientnet_lite0", device="cpu",
+        n_files=args.n_files, size=args.size, backbone="efficientnet_lite0", device=args.device,
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
         torch=torch.__version__, python=platform.python_version(),
         load_average_start=[round(v, 2) for v in os.getloadavg()],
         make_seconds=round(t_make, 1), fit_seconds=round(t_fit, 1), runs=[])
     if not args.no_threads:
         t0 = time.perf_counter()
-        cached_model(model_path)  # what the first plane would do: load once per process
+        cached_model(model_path, device=args.device)  # as the first plane would: load once
         warm = time.perf_counter() - t0
         row = run("threads", model_path, root / "images", root / "out-threads", "threads",
-                  args.n_files, args.size)
+                  args.n_files, args.size, args.device)
         row["model_load_s"] = round(warm, 1)
         result["runs"].append(row)
     for n in args.workers:
@@ -159,11 +160,11 @@ def main() -> None:
             client.wait_for_workers(n)
             startup = time.perf_counter() - t0
             t0 = time.perf_counter()  # import torch and load the model on every worker
-            client.run(_load_model, str(model_path))
+            client.run(_load_model, str(model_path), args.device)
             warm = time.perf_counter() - t0
             out = root / f"out-dask-{n}"
             row = run(f"dask-{n}", model_path, root / "images", out, client, args.n_files,
-                      args.size)
+                      args.size, args.device)
             row["cluster_startup_s"] = round(startup, 1)
             row["model_load_s"] = round(warm, 1)
             row["torch_threads_per_worker"] = list(set(client.run(torch.get_num_threads)
@@ -171,7 +172,7 @@ def main() -> None:
             result["runs"].append(row)
             if n == max(args.workers):
                 result["runs"].append(run("resume", model_path, root / "images", out, client,
-                                          args.n_files, args.size))
+                                          args.n_files, args.size, args.device))
     dask_rows = {r["run"]: r for r in result["runs"] if r["run"].startswith("dask-")}
     if len(dask_rows) >= 2:
         lo, hi = min(args.workers), max(args.workers)
