@@ -6,8 +6,13 @@ modifies its input.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -16,13 +21,36 @@ from .errors import StegoError
 
 @dataclass(frozen=True)
 class IntensityConfig:
-    """How raw intensities become [0, 1] floats.
+    """How raw intensities become [0, 1] floats, and channels become the backbone's 3.
 
     ``uint8`` images are divided by 255 (photographs, already display-ready); every other
-    dtype is stretched between robust ``percentiles`` computed over the finite pixels.
+    dtype is stretched between robust ``percentiles`` computed over the finite pixels (NaN
+    and inf are left out of the statistics and become 0).
+
+    ``channels`` says how images with a channel axis become RGB:
+
+    * ``None`` (default): 1 channel is replicated to 3, 3 channels are RGB, 4 are RGBA (alpha
+      dropped), all stretched together; any other count is an error asking for one of:
+    * ``(a, b, c)``: take these three channel indices as R, G, B (repeats allowed, e.g.
+      ``(0, 1, 1)`` for two channels); each channel gets its own percentiles.
+    * ``"pca"``: stretch each channel by its own percentiles, project onto the first three
+      principal components of the image's (or stack's) pixels, stretch each component by
+      its percentiles. Components are ordered by variance; each one's sign makes its largest
+      loading positive; with fewer than 3 channels the missing components are 0.
     """
 
     percentiles: tuple[float, float] = (0.5, 99.5)
+    channels: tuple[int, ...] | str | None = None
+
+    def __post_init__(self):
+        ch = self.channels
+        if ch is None or ch == "pca":
+            return
+        if isinstance(ch, str) or not all(isinstance(c, (int, np.integer)) for c in ch) \
+                or len(ch) != 3 or min(ch) < 0:
+            raise StegoError(f"channels must be None, 'pca' or three channel indices such as "
+                             f"(0, 1, 2), got {ch!r}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in ch))
 
 
 def image_list(images) -> list[np.ndarray]:
@@ -105,6 +133,8 @@ def to_rgb(image: np.ndarray, config: IntensityConfig = IntensityConfig()) -> np
     (H, W, 3) float32 ndarray in [0, 1]
     """
     arr = np.asarray(image)
+    if config.channels is not None and arr.ndim == 3:
+        return fit_intensity(ImageSource(arr, "YXC"), config).apply(arr)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] == 4:
@@ -115,10 +145,528 @@ def to_rgb(image: np.ndarray, config: IntensityConfig = IntensityConfig()) -> np
     if arr.ndim == 3 and arr.shape[-1] == 3:
         return to_unit_range(arr, config)
     raise StegoError(
-        f"image of shape {arr.shape} is neither grey (H, W) nor RGB (H, W, 3)"
+        f"image of shape {arr.shape} is neither grey (H, W) nor RGB (H, W, 3): for "
+        f"{arr.shape[-1] if arr.ndim == 3 else '?'} channels pick three with "
+        "IntensityConfig(channels=(a, b, c)) or use IntensityConfig(channels='pca')"
     )
 
 
 def to_uint8_rgb(image: np.ndarray, config: IntensityConfig = IntensityConfig()) -> np.ndarray:
     """The same mapping as :func:`to_rgb`, as (H, W, 3) uint8 (for the CRF and overlays)."""
     return np.round(to_rgb(image, config) * 255.0).astype(np.uint8)
+
+
+# =============================================================================================
+# Big images and stacks: lazily read sources with named axes, stack-wide intensity statistics
+# =============================================================================================
+
+LEAD_AXES = "TZQIN"  # axes whose positions become separate planes (time, depth, sequence, ...)
+STAT_SAMPLES = 1 << 23  # values read for intensity statistics (all of them when fewer)
+
+
+def guess_axes(shape: tuple[int, ...], rgb: bool | None = None) -> str:
+    """The axes of an array whose axes were not named.
+
+    ``(Y, X)``; ``(Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``), else
+    ``(Z, Y, X)``; ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
+    ``(C, Y, X)`` image, a 4D array without a colour axis last, or anything with more axes
+    needs ``axes=`` (napari layers know whether they are RGB: pass ``rgb=layer.rgb``).
+
+    Raises:
+        StegoError: the layout cannot be guessed.
+    """
+    ndim = len(shape)
+    colour_last = rgb if rgb is not None else (ndim >= 3 and shape[-1] in (3, 4))
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        return "YXC" if colour_last else "ZYX"
+    if ndim == 4 and colour_last:
+        return "ZYXC"
+    raise StegoError(
+        f"cannot tell the axes of an array of shape {tuple(shape)}: pass axes=, a string with "
+        "one letter per axis from Y, X (required), C (channels) and T, Z (planes), e.g. "
+        "axes='CYX' or axes='TZYXC'"
+    )
+
+
+def check_axes(axes: str, shape: tuple[int, ...]) -> str:
+    """Validate an axes string against a shape; returns it upper-cased (``S`` -> ``C``)."""
+    ax = str(axes).upper().replace("S", "C")
+    if len(ax) != len(shape):
+        raise StegoError(f"axes {axes!r} has {len(ax)} letters but the array has {len(shape)} "
+                         f"axes (shape {tuple(shape)})")
+    bad = sorted(set(ax) - set("YXC" + LEAD_AXES))
+    if bad or len(set(ax)) != len(ax) or "Y" not in ax or "X" not in ax:
+        raise StegoError(
+            f"axes {axes!r} is not valid: use each letter once, Y and X required, C (or S) for "
+            f"channels, and any of {', '.join(LEAD_AXES)} for planes (time, depth, ...)"
+        )
+    return ax
+
+
+class RawTiffArray:
+    """A contiguous, uncompressed TIFF series read by position, without mapping the file.
+
+    Slicing reads only the requested rows (``os.pread``), so reading tiles of a 20 GB file
+    keeps memory flat (a memory map would count every touched page in the process's RSS).
+    Supports integer and step-1 slice keys.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype, offset: int) -> None:
+        self.path = str(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.offset = int(offset)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __getstate__(self):
+        return dict(path=self.path, shape=self.shape, dtype=self.dtype.str, offset=self.offset)
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], tuple(state["shape"]), state["dtype"], state["offset"])
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, n, offset)
+        with self._lock:  # pragma: no cover - Windows
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.read(self._fd, n)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        starts, stops, squeeze = [], [], []
+        for ax, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, (int, np.integer)):
+                k = int(k) + n if k < 0 else int(k)
+                if not 0 <= k < n:
+                    raise IndexError(f"index {k} out of range for axis {ax} of size {n}")
+                starts.append(k), stops.append(k + 1), squeeze.append(ax)
+            elif isinstance(k, slice):
+                a, b, step = k.indices(n)
+                if step != 1:
+                    raise IndexError("RawTiffArray supports step-1 slices only")
+                starts.append(a), stops.append(max(a, b))
+            else:
+                raise IndexError(f"unsupported index {k!r}")
+        out_shape = tuple(b - a for a, b in zip(starts, stops))
+        out = np.empty(out_shape, self.dtype)
+        if out.size:
+            # innermost run: the last partially selected axis and every full axis after it
+            k = self.ndim - 1
+            while k > 0 and starts[k] == 0 and stops[k] == self.shape[k]:
+                k -= 1
+            inner = int(np.prod(self.shape[k + 1:], dtype=np.int64))
+            run = (stops[k] - starts[k]) * inner
+            flat = out.reshape(-1, run)
+            strides = np.cumprod((1,) + self.shape[::-1][:-1])[::-1]  # elements per step
+            item = self.dtype.itemsize
+            for r, idx in enumerate(itertools.product(*(range(a, b) for a, b in
+                                                        zip(starts[:k], stops[:k])))):
+                first = int(sum(i * s for i, s in zip(idx, strides[:k])) + starts[k] * strides[k])
+                raw = self._pread(run * item, self.offset + first * item)
+                if len(raw) != run * item:
+                    raise StegoError(f"{self.path} is shorter than its TIFF header says: "
+                                     "the file may be truncated")
+                flat[r] = np.frombuffer(raw, self.dtype)
+        return out.reshape(tuple(s for ax, s in enumerate(out_shape) if ax not in squeeze))
+
+
+def _open_tiff(path: Path):
+    """``(array-like, axes)`` of a TIFF's first series, without reading its pixels."""
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        if not tif.series:
+            raise StegoError(f"{path} holds no image series")
+        series = tif.series[0]
+        axes, shape, dtype, offset = series.axes.upper(), tuple(series.shape), series.dtype, \
+            series.dataoffset
+    if offset is not None:
+        arr = RawTiffArray(path, shape, dtype, offset)
+    else:  # compressed or tiled: tifffile's zarr view reads chunk by chunk
+        import zarr
+
+        group = zarr.open(tifffile.imread(str(path), aszarr=True, series=0, level=0), mode="r")
+        arr = group if hasattr(group, "shape") else group[sorted(group.array_keys())[0]]
+    known = set("YXCS" + LEAD_AXES)
+    axes = "".join(a if a in known else "Q" for a in axes)
+    if "C" in axes and "S" in axes:
+        if shape[axes.index("S")] != 1:
+            raise StegoError(f"{path} has both C and S axes ({axes}): pass axes= to say which "
+                             "is the channel axis")
+        axes = axes.replace("S", "Q")
+    seen, fixed = set(), []
+    for a in axes:  # several unknown axes: name them apart (Q, I, N)
+        if a in seen and a in LEAD_AXES:
+            a = next(b for b in LEAD_AXES if b not in seen and b not in axes)
+        seen.add(a)
+        fixed.append(a)
+    return arr, "".join(fixed)
+
+
+class ImageSource:
+    """One image or stack, read lazily, seen as ``n_planes`` planes of ``(H, W, C)`` pixels.
+
+    Made by :func:`open_image`. ``axes`` names every axis of ``data`` (``Y``, ``X``, optional
+    ``C``, any leading ``T``/``Z``/...); ``data`` is never read as a whole: :meth:`block` reads
+    one region of one plane. Planes are numbered in C order over the non-spatial,
+    non-channel axes (``lead_shape``).
+    """
+
+    def __init__(self, data, axes: str, *, name: str = "", identity: str | None = None) -> None:
+        self.data = data
+        self.axes = check_axes(axes, tuple(data.shape))
+        self.name = name
+        self.identity = identity  # a file's path/size/mtime, when the data lives in one
+        self.dtype = np.dtype(data.dtype)
+        if not (np.issubdtype(self.dtype, np.number) or self.dtype == bool) \
+                or np.issubdtype(self.dtype, np.complexfloating):
+            raise StegoError(f"unsupported image dtype {self.dtype}: use integer or float images")
+        shape = tuple(int(s) for s in data.shape)
+        self.shape = shape
+        self.lead_axes = "".join(a for a in self.axes if a not in "YXC")
+        self.lead_shape = tuple(shape[self.axes.index(a)] for a in self.lead_axes)
+        self.n_planes = int(np.prod(self.lead_shape, dtype=np.int64))
+        self.height, self.width = shape[self.axes.index("Y")], shape[self.axes.index("X")]
+        self.n_channels = shape[self.axes.index("C")] if "C" in self.axes else 1
+        if self.height < 1 or self.width < 1 or self.n_planes < 1 or self.n_channels < 1:
+            raise StegoError(f"empty image of shape {shape} (axes {self.axes})")
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of a per-pixel result (labels): the planes' axes, then ``(Y, X)``."""
+        return (*self.lead_shape, self.height, self.width)
+
+    def plane_index(self, plane: int) -> tuple[int, ...]:
+        """Index along the leading axes of plane number ``plane``."""
+        if not 0 <= plane < self.n_planes:
+            raise IndexError(f"plane {plane} out of range ({self.n_planes} planes)")
+        return tuple(int(i) for i in np.unravel_index(plane, self.lead_shape)) if self.lead_shape \
+            else ()
+
+    def block(self, plane: int, ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
+        """Raw pixels of one region of one plane: ``(h, w, C)`` in the source's dtype."""
+        lead = dict(zip(self.lead_axes, self.plane_index(plane)))
+        key = tuple(lead[a] if a in lead else ys if a == "Y" else xs if a == "X" else slice(None)
+                    for a in self.axes)
+        arr = self.data[key]
+        if hasattr(arr, "compute"):  # dask
+            arr = arr.compute()
+        arr = np.asarray(arr)
+        kept = [a for a in self.axes if a not in lead]  # order of the remaining axes
+        if "C" not in kept:
+            arr, kept = arr[..., None], kept + ["C"]
+        return np.transpose(arr, [kept.index(a) for a in "YXC"])
+
+    def __repr__(self) -> str:
+        return (f"ImageSource({self.name or type(self.data).__name__}, axes={self.axes!r}, "
+                f"shape={self.shape}, dtype={self.dtype})")
+
+
+def open_image(data, axes: str | None = None, *, rgb: bool | None = None,
+               name: str | None = None) -> ImageSource:
+    """A lazily read :class:`ImageSource` from an array, a dask / zarr array or a TIFF file.
+
+    Parameters
+    ----------
+    data : ndarray, dask array, zarr array, path to a TIFF / OME-TIFF, or an ImageSource
+        Nothing is read now. TIFFs are opened without reading pixels: contiguous
+        uncompressed series are read by position, others through tifffile's zarr view.
+    axes : str, optional
+        One letter per axis of ``data``: ``Y`` and ``X``, optionally ``C`` (or ``S``) for
+        channels, and ``T``, ``Z`` (or ``Q``, ``I``, ``N``) for planes, e.g. ``"YX"``,
+        ``"YXC"``, ``"ZYX"``, ``"TYXC"``, ``"CYX"``. Default: the TIFF's own axes, or
+        :func:`guess_axes`.
+    rgb : bool, optional
+        Whether the last axis is colour (napari's ``layer.rgb``); used only to guess axes.
+
+    Raises
+    ------
+    StegoError
+        Axes that do not fit, an unreadable file, an unsupported dtype.
+    """
+    if isinstance(data, ImageSource):
+        if axes is not None and check_axes(axes, data.shape) != data.axes:
+            raise StegoError(f"the source's axes are {data.axes!r}, not {axes!r}")
+        return data
+    identity = None
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.exists():
+            raise StegoError(f"image file {path} does not exist")
+        if path.is_dir() or path.suffix == ".zarr":
+            import zarr
+
+            arr = zarr.open(str(path), mode="r")
+            if not hasattr(arr, "shape"):
+                raise StegoError(f"{path} is a zarr group: pass the array inside it")
+            file_axes = None
+        elif path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
+            try:
+                arr, file_axes = _open_tiff(path)
+            except StegoError:
+                raise
+            except Exception as exc:
+                raise StegoError(f"cannot read {path} as a TIFF: {exc}") from None
+        else:
+            raise StegoError(f"cannot open {path}: pass a TIFF / OME-TIFF, a .zarr array, or "
+                             "an array")
+        st = path.stat()
+        identity = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        name = name or path.name
+        if axes is None:
+            axes = file_axes or guess_axes(arr.shape, rgb)
+        return ImageSource(arr, axes, name=name, identity=identity)
+    if not hasattr(data, "shape") or not hasattr(data, "__getitem__"):
+        data = np.asarray(data)
+    if axes is None:
+        axes = guess_axes(tuple(data.shape), rgb)
+    return ImageSource(data, axes, name=name or "")
+
+
+# ------------------------------------------------------------------------- statistics
+
+
+def _sample_regions(source: ImageSource, budget: int) -> list[tuple[int, slice, slice]]:
+    """Regions to read for statistics: everything when small, else spread blocks."""
+    h, w = source.shape2d
+    total = source.n_planes * h * w * source.n_channels
+    if total <= budget:
+        return [(p, slice(None), slice(None)) for p in range(source.n_planes)]
+    n_planes = min(source.n_planes, 32)
+    planes = np.unique(np.linspace(0, source.n_planes - 1, n_planes).round().astype(int))
+    per_plane = budget // (len(planes) * source.n_channels)
+    if h * w <= per_plane:
+        return [(int(p), slice(None), slice(None)) for p in planes]
+    side = 128
+    n_blocks = max(per_plane // (side * side), 1)
+    gy = max(int(np.sqrt(n_blocks * h / w)), 1)
+    gx = max(n_blocks // gy, 1)
+    ys = np.linspace(0, max(h - side, 0), gy).round().astype(int)
+    xs = np.linspace(0, max(w - side, 0), gx).round().astype(int)
+    return [(int(p), slice(int(y), int(y) + side), slice(int(x), int(x) + side))
+            for p in planes for y in ys for x in xs]
+
+
+def sample_pixels(source: ImageSource, budget: int = STAT_SAMPLES, progress=None) -> np.ndarray:
+    """Pixels for intensity statistics: all of them when the source holds at most ``budget``
+    values, else blocks spread evenly over (at most 32) planes.
+
+    Returns:
+        ``(N, C)`` array in the source's dtype.
+    """
+    regions = _sample_regions(source, budget)
+    out = []
+    for i, (p, ys, xs) in enumerate(regions):
+        out.append(source.block(p, ys, xs).reshape(-1, source.n_channels))
+        if progress is not None:
+            progress("statistics", i + 1, len(regions))
+    return np.concatenate(out)
+
+
+def _robust_range(values: np.ndarray, percentiles) -> tuple[float, float]:
+    """``to_unit_range``'s rule: percentiles of the finite values, min/max if they tie."""
+    v = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if v.size == 0:
+        return 0.0, 0.0
+    lo, hi = np.percentile(v, percentiles)
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    return float(lo), float(hi)
+
+
+def _stretch(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(arr - lo) / (hi - lo)`` clipped to [0, 1] in float32 (0 where ``hi == lo``)."""
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip((arr - np.float32(lo)) * np.float32(scale), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class IntensityStats:
+    """The intensity mapping of one image or stack, measured once and applied to every
+    block, so all tiles and slices agree (see :func:`fit_intensity`).
+
+    ``mode``: ``"bool"``, ``"uint8"`` (divide by 255), ``"joint"`` (one ``lo, hi`` for all
+    channels: grey and RGB), ``"channels"`` (one ``lo, hi`` per picked channel) or ``"pca"``.
+    ``channels``: source channels taken, in order (``None``: all).
+    ``lo``, ``hi``: ``(k,)`` stretch limits. ``mean``, ``basis``: ``(C,)`` and ``(C, 3)`` of
+    the PCA on stretched channels; ``lo``/``hi`` then apply to the 3 components.
+    """
+
+    mode: str
+    channels: tuple[int, ...] | None
+    lo: np.ndarray
+    hi: np.ndarray
+    mean: np.ndarray | None = None
+    basis: np.ndarray | None = None
+    chan_lo: np.ndarray | None = None
+    chan_hi: np.ndarray | None = None
+
+    def apply(self, block: np.ndarray) -> np.ndarray:
+        """Raw ``(h, w, C)`` (or ``(h, w)``) pixels -> ``(h, w, 3)`` float32 in [0, 1]."""
+        arr = np.asarray(block)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if self.channels is not None:
+            arr = arr[..., list(self.channels)]
+        if self.mode == "bool":
+            out = arr.astype(np.float32)
+        elif self.mode == "uint8":
+            out = arr.astype(np.float32) / 255.0
+        elif self.mode == "joint":
+            f = arr.astype(np.float32)
+            finite = np.isfinite(f)
+            out = _stretch(f, self.lo[0], self.hi[0])
+            out[~finite] = 0.0
+        else:
+            f = arr.astype(np.float32)
+            finite = np.isfinite(f)
+            if self.chan_lo is not None:  # per-channel stretch of the raw channels
+                lo, hi = self.chan_lo, self.chan_hi
+            else:
+                lo, hi = self.lo, self.hi
+            out = np.stack([_stretch(f[..., c], lo[c], hi[c]) for c in range(f.shape[-1])], -1)
+            out[~finite] = 0.0
+            if self.mode == "pca":
+                ok = finite.all(-1)
+                comp = (out - self.mean.astype(np.float32)) @ self.basis.astype(np.float32)
+                out = np.stack([_stretch(comp[..., k], self.lo[k], self.hi[k])
+                                for k in range(comp.shape[-1])], -1)
+                out[~ok] = 0.0
+        if out.shape[-1] == 1:
+            out = np.repeat(out, 3, axis=-1)
+        elif out.shape[-1] == 4:
+            out = out[..., :3]
+        if out.shape[-1] != 3:
+            raise StegoError(f"{out.shape[-1]} channels cannot be mapped to RGB")
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly record (for cache signatures)."""
+        def arr(a):
+            return None if a is None else np.asarray(a, np.float64).round(10).tolist()
+
+        return dict(mode=self.mode, channels=None if self.channels is None else list(self.channels),
+                    lo=arr(self.lo), hi=arr(self.hi), mean=arr(self.mean), basis=arr(self.basis),
+                    chan_lo=arr(self.chan_lo), chan_hi=arr(self.chan_hi))
+
+
+def fit_intensity(source: ImageSource, config: IntensityConfig = IntensityConfig(), *,
+                  budget: int = STAT_SAMPLES, progress=None) -> IntensityStats:
+    """Measure the intensity mapping of a whole image or stack (not per tile).
+
+    Percentiles (and the PCA) come from all pixels when the source holds at most ``budget``
+    values — then a 2D image maps exactly as :func:`to_rgb` maps it — else from blocks
+    spread over up to 32 planes (:func:`sample_pixels`).
+
+    Raises:
+        StegoError: a channel count that needs ``config.channels``, or a channel index out of
+            range.
+    """
+    c = source.n_channels
+    channels = config.channels
+    if channels is None:
+        if c in (1, 3, 4):
+            picks = (0, 1, 2) if c == 4 else None
+            mode = "joint"
+        else:
+            raise StegoError(
+                f"the image has {c} channels (axes {source.axes}): pick three with "
+                "IntensityConfig(channels=(a, b, c)) or map them with IntensityConfig("
+                "channels='pca')"
+            )
+    elif channels == "pca":
+        picks, mode = None, "pca"
+    else:
+        if max(channels) >= c:
+            raise StegoError(f"channels={channels} but the image has only {c} channel(s) "
+                             f"(indices 0..{c - 1})")
+        picks, mode = tuple(channels), "channels"
+    if source.dtype == bool and mode != "pca":
+        return IntensityStats("bool", picks, np.zeros(1), np.ones(1))
+    if source.dtype == np.uint8 and mode in ("joint", "channels"):
+        return IntensityStats("uint8", picks, np.zeros(1), np.ones(1))
+    samples = sample_pixels(source, budget, progress)
+    if picks is not None:
+        samples = samples[:, list(picks)]
+    if mode == "joint":
+        lo, hi = _robust_range(samples.astype(np.float32), config.percentiles)
+        return IntensityStats("joint", picks, np.array([lo]), np.array([hi]))
+    f = samples.astype(np.float32)
+    ranges = [_robust_range(f[:, k], config.percentiles) for k in range(f.shape[1])]
+    lo = np.array([r[0] for r in ranges])
+    hi = np.array([r[1] for r in ranges])
+    if mode == "channels":
+        return IntensityStats("channels", picks, lo, hi)
+    # PCA on the stretched channels of pixels finite in every channel
+    finite = np.isfinite(f).all(1)
+    x = np.stack([_stretch(f[:, k], lo[k], hi[k]) for k in range(c)], -1)[finite]
+    if x.shape[0] == 0:
+        x = np.zeros((1, c), np.float32)
+    mean = x.mean(0).astype(np.float64)
+    cov = np.cov((x - mean).T.astype(np.float64)) if x.shape[0] > 1 else np.zeros((c, c))
+    cov = np.atleast_2d(cov)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1][:3]
+    basis = np.zeros((c, 3))
+    for k, j in enumerate(order):
+        v = evecs[:, j]
+        basis[:, k] = v if v[np.argmax(np.abs(v))] >= 0 else -v
+    comp = (x - mean.astype(np.float32)) @ basis.astype(np.float32)
+    cr = [_robust_range(comp[:, k], config.percentiles) for k in range(3)]
+    return IntensityStats("pca", None, np.array([r[0] for r in cr]), np.array([r[1] for r in cr]),
+                          mean=mean, basis=basis, chan_lo=lo, chan_hi=hi)
+
+
+# ------------------------------------------------------------------------- fingerprints
+
+
+def data_fingerprint(source: ImageSource, mode: str = "auto") -> str:
+    """A hash that changes when the pixels change (for feature-cache keys).
+
+    ``mode="full"`` hashes every pixel (plane by plane, memory flat); ``"sample"`` hashes
+    the file's identity (path, size, modification time) when there is a file, plus blocks
+    spread over every plane (at most 256 planes; a change that touches none of them and no
+    file metadata goes unnoticed); ``"auto"`` is ``"full"`` for in-memory numpy arrays and
+    sources of at most 64 M values, else ``"sample"``.
+    """
+    if mode not in ("auto", "full", "sample"):
+        raise StegoError(f"data_hash must be 'auto', 'full' or 'sample', got {mode!r}")
+    h, w = source.shape2d
+    total = source.n_planes * h * w * source.n_channels
+    if mode == "auto":
+        mode = "full" if isinstance(source.data, np.ndarray) or total <= (1 << 26) else "sample"
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(repr((source.shape, source.axes, source.dtype.str, mode)).encode())
+    if mode == "full":
+        for p in range(source.n_planes):
+            digest.update(np.ascontiguousarray(source.block(p)).tobytes())
+        return digest.hexdigest()
+    if source.identity:
+        digest.update(source.identity.encode())
+    planes = np.unique(np.linspace(0, source.n_planes - 1, min(source.n_planes, 256)).round())
+    side = 32
+    ys = np.linspace(0, max(h - side, 0), 4).round().astype(int)
+    xs = np.linspace(0, max(w - side, 0), 4).round().astype(int)
+    for p in planes.astype(int):
+        for y in ys:
+            for x in xs:
+                block = source.block(int(p), slice(int(y), int(y) + side), slice(int(x), int(x) + side))
+                digest.update(np.ascontiguousarray(block).tobytes())
+    return digest.hexdigest()
