@@ -1,24 +1,48 @@
-"""Dense backbone features of whole images, computed once and kept for training and prediction.
+"""Dense backbone features of images and big stacks, computed once and kept for training and
+prediction.
 
 ``extract_features`` runs one image through a :class:`~napari_stego.backbones.Backbone`; small
 images are first up-sampled so their shorter side reaches ``min_side`` pixels (the reference
-trains at 224 px), so a 120 px blood-cell crop still gives a usable feature grid.
+trains at 224 px), so a 120 px blood-cell crop still gives a usable feature grid. Images larger
+than one tile are cut into tiles with a halo (:mod:`napari_stego.tiling`).
+
+``extract_source`` does the same for every plane of a lazily read
+:class:`~napari_stego.io.ImageSource` (a big 2D mosaic, a z-stack, a time-lapse), with one
+intensity mapping for the whole stack: a reader thread pool reads and normalises tiles ahead,
+tiles of equal shape go to the device in batches (bf16 autocast on CUDA; the batch is halved
+when the GPU runs out of memory), and a writer thread stores the features in a
+:class:`~napari_stego.cache.FeatureStore` (zarr, float16) plane by plane, so an interrupted
+run resumes where it stopped. :func:`feature_store` opens (or finds) that store by a hash of
+everything that determines the features.
+
+:func:`training_maps` cuts stored feature maps into crops that act as the "images" of KNN
+mining and training, held in RAM or read from the store as they are drawn.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
+import queue
+import threading
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .backbones import Backbone
-from .errors import Cancelled
-from .io import IntensityConfig, to_rgb
+from .errors import Cancelled, StegoError
+from .io import IntensityConfig, ImageSource, IntensityStats, fit_intensity, to_rgb
+from .tiling import TileConfig, Tile, cells, effective, iter_batches, round_up, tile_grid, \
+    tile_weights
 
 Progress = Callable[[str, int, int], None]
+log = logging.getLogger("napari_stego")
+AUTOCAST = (None, "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -27,54 +51,655 @@ class FeatureConfig:
 
     ``min_side``: images whose shorter side is smaller are up-sampled (bilinear) to it.
     ``dtype``: storage type of cached features (float16 halves memory).
+    ``autocast``: reduced precision for the backbone on CUDA (``"bfloat16"``, ``"float16"``
+    or ``None`` for float32); CPU and MPS always run float32.
     """
 
     min_side: int = 224
     dtype: str = "float16"
     intensity: IntensityConfig = IntensityConfig()
+    autocast: str | None = "bfloat16"
+
+    def __post_init__(self):
+        if self.autocast not in AUTOCAST:
+            raise StegoError(f"FeatureConfig.autocast must be one of {AUTOCAST}, "
+                             f"got {self.autocast!r}")
 
 
 def backbone_input(image: np.ndarray, config: FeatureConfig) -> torch.Tensor:
     """One image -> ``(1, 3, H', W')`` float32 in [0, 1], up-sampled to ``min_side`` if smaller."""
-    rgb = torch.from_numpy(to_rgb(image, config.intensity)).permute(2, 0, 1)[None]
+    return _upsample(torch.from_numpy(to_rgb(image, config.intensity)).permute(2, 0, 1)[None],
+                     config.min_side)
+
+
+def _upsample(rgb: torch.Tensor, min_side: int) -> torch.Tensor:
     h, w = rgb.shape[-2:]
     short = min(h, w)
-    if short < config.min_side:
-        scale = config.min_side / short
-        size = (max(round(h * scale), 1), max(round(w * scale), 1))
+    if short < min_side:
+        size = work_size((h, w), min_side)
         rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
     return rgb
 
 
+def work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The size an image is resized to before the backbone (see :func:`backbone_input`)."""
+    h, w = size
+    short = min(h, w)
+    if short >= min_side:
+        return int(h), int(w)
+    scale = min_side / short
+    return max(round(h * scale), 1), max(round(w * scale), 1)
+
+
+def _autocast(device: torch.device, config: FeatureConfig):
+    dtype = getattr(torch, config.autocast) if config.autocast else torch.float32
+    return torch.autocast(device.type, dtype=dtype,
+                          enabled=device.type == "cuda" and config.autocast is not None)
+
+
 @torch.inference_mode()
 def extract_features(backbone: Backbone, image: np.ndarray, config: FeatureConfig = FeatureConfig(),
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", *,
+                     tiles: TileConfig | None = None) -> torch.Tensor:
     """Features of one image.
+
+    Images that fit one tile (``tiles.tile + 2 * tiles.halo`` pixels per side, after the
+    ``min_side`` up-sampling) go through the backbone whole; bigger ones tile by tile with a
+    halo (:func:`extract_source`), with the percentiles of the whole image.
 
     Args:
         backbone: a frozen backbone (moved to ``device`` by the caller).
         image: ``(H, W)`` or ``(H, W, C)`` array, any real dtype.
+        tiles: tiling of big images (default :class:`~napari_stego.tiling.TileConfig`).
 
     Returns:
         ``(D, h, w)`` tensor on the CPU in ``config.dtype``, ``h = ceil(H'/stride)`` for the
         (possibly up-sampled) height ``H'``.
     """
-    x = backbone.normalize(backbone_input(image, config).to(device))
-    device = torch.device(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        feats = backbone(x)[0]
-    return feats.to("cpu", getattr(torch, config.dtype))
+    image = np.asarray(image)
+    tiles = tiles or TileConfig()
+    if is_single_tile(image.shape[:2], backbone, config, tiles):
+        x = backbone.normalize(backbone_input(image, config).to(device))
+        device = torch.device(device)
+        with _autocast(device, config):
+            feats = backbone(x)[0]
+        return feats.to("cpu", getattr(torch, config.dtype))
+    source = ImageSource(image, "YX" if image.ndim == 2 else "YXC")
+    h, w = feature_grid(source.shape2d, backbone, config)
+    sink = TensorSink(1, backbone.dim, h, w, config.dtype)
+    extract_source(backbone, source, sink, config, tiles, device)
+    return sink.tensors[0]
 
 
 def extract_all(backbone: Backbone, images: Sequence[np.ndarray], config: FeatureConfig,
                 device: torch.device | str, progress: Progress | None = None,
-                cancel=None) -> list[torch.Tensor]:
+                cancel=None, *, tiles: TileConfig | None = None) -> list[torch.Tensor]:
     """:func:`extract_features` for each image, reporting ``("features", i, n)``."""
     out = []
     for i, image in enumerate(images):
         if cancel is not None and cancel.is_set():
             raise Cancelled("feature extraction cancelled")
-        out.append(extract_features(backbone, image, config, device))
+        out.append(extract_features(backbone, image, config, device, tiles=tiles))
         if progress is not None:
             progress("features", i + 1, len(images))
     return out
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def default_halo(backbone: Backbone) -> int:
+    """Halo pixels when ``TileConfig.halo`` is ``None``: 8 patches for a ViT, 128 px for a
+    CNN (EfficientNet-Lite0's stride-32 stage changes by ~2 % at 128 px from a tile border,
+    and tiled labels then differ from whole-image labels on ~0.1-0.2 % of pixels)."""
+    return 8 * backbone.stride if backbone.spec.family == "vit" else 128
+
+
+def tile_halo(tiles: TileConfig, backbone: Backbone) -> tuple[int, int]:
+    """``(tile, halo)`` pixels for ``backbone``, aligned to its ``pad_to``."""
+    return effective(tiles, backbone.spec.pad_to, default_halo(backbone))
+
+
+def batch_size(tiles: TileConfig, device: torch.device) -> int:
+    """Tiles per backbone call: ``tiles.batch_size``, else 8 on CUDA and 1 elsewhere."""
+    if tiles.batch_size is not None:
+        return tiles.batch_size
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
+def is_single_tile(shape2d: tuple[int, int], backbone: Backbone, config: FeatureConfig,
+                   tiles: TileConfig) -> bool:
+    """Whether an image of ``shape2d`` pixels goes through the backbone in one piece."""
+    work = work_size(shape2d, config.min_side)
+    if tuple(work) != tuple(shape2d):  # up-sampled small images: always whole
+        return True
+    tile, halo = tile_halo(tiles, backbone)
+    return max(shape2d) <= tile + 2 * halo
+
+
+def feature_grid(shape2d: tuple[int, int], backbone: Backbone, config: FeatureConfig) -> tuple[int, int]:
+    """Feature cells ``(h, w)`` of an image of ``shape2d`` pixels."""
+    work = work_size(shape2d, config.min_side)
+    s = backbone.stride
+    return -(-work[0] // s), -(-work[1] // s)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One backbone input: a tile of a plane (``tile is None``: the whole, up-sampled plane)."""
+
+    plane: int
+    tile: Tile | None
+    shape: tuple[int, int]
+    last: bool  # the plane's last job
+
+
+def _plane_jobs(plane: int, source: ImageSource, backbone: Backbone, config: FeatureConfig,
+                tiles: TileConfig) -> list[_Job]:
+    shape2d = source.shape2d
+    work = work_size(shape2d, config.min_side)
+    if tuple(work) != tuple(shape2d):
+        return [_Job(plane, None, tuple(work), True)]
+    tile, halo = tile_halo(tiles, backbone)
+    grid = tile_grid(shape2d, tile, halo, backbone.spec.pad_to)
+    return [_Job(plane, t, t.read_shape, i == len(grid) - 1) for i, t in enumerate(grid)]
+
+
+def count_tiles(source: ImageSource, backbone: Backbone, config: FeatureConfig,
+                tiles: TileConfig) -> int:
+    """Backbone inputs needed for one plane of ``source``."""
+    return len(_plane_jobs(0, source, backbone, config, tiles))
+
+
+# ------------------------------------------------------------------------------- sinks
+
+
+class TensorSink:
+    """Features in memory: one ``(D, h, w)`` array per plane (the
+    :class:`~napari_stego.cache.FeatureStore` interface, for single images)."""
+
+    def __init__(self, n_planes: int, dim: int, height: int, width: int,
+                 dtype: str = "float16") -> None:
+        self.arrays = [np.zeros((dim, height, width), np.dtype(dtype)) for _ in range(n_planes)]
+        self._done = [False] * n_planes
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(a) for a in self.arrays]
+
+    def missing(self) -> list[int]:
+        return [i for i, d in enumerate(self._done) if not d]
+
+    def is_done(self, plane: int) -> bool:
+        return self._done[plane]
+
+    def mark_done(self, plane: int) -> None:
+        self._done[plane] = True
+
+    def write(self, plane: int, ys: slice, xs: slice, feats) -> None:
+        a = self.arrays[plane]
+        a[:, ys, xs] = np.asarray(feats, dtype=a.dtype)
+
+    def read(self, plane: int, ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
+        return self.arrays[plane][:, ys, xs]
+
+
+class _TaperPlane:
+    """Accumulates tapered tiles of one plane in a band one tile row high, and hands
+    finished rows to the sink (tiles must arrive row-major)."""
+
+    def __init__(self, sink, plane: int, grid_cells: tuple[int, int], dim: int,
+                 shape2d: tuple[int, int], stride: int, halo: int) -> None:
+        self.sink, self.plane = sink, plane
+        self.h, self.w = grid_cells
+        self.dim, self.shape2d, self.stride, self.halo = dim, shape2d, stride, halo
+        self.y0 = 0  # first cell row held
+        self.acc = np.zeros((dim, 0, self.w), np.float32)
+        self.wsum = np.zeros((0, self.w), np.float32)
+
+    def _grow(self, y1: int) -> None:
+        have = self.y0 + self.acc.shape[1]
+        if y1 > have:
+            extra = y1 - have
+            self.acc = np.concatenate([self.acc, np.zeros((self.dim, extra, self.w), np.float32)], 1)
+            self.wsum = np.concatenate([self.wsum, np.zeros((extra, self.w), np.float32)], 0)
+
+    def add(self, tile: Tile, feats: np.ndarray) -> None:
+        """``feats``: ``(D, h, w)`` on the tile's read cells."""
+        wts = tile_weights(tile, self.shape2d, self.stride, self.halo, "taper")
+        r0, r1 = cells(tile.y.read, self.stride)
+        c0, c1 = cells(tile.x.read, self.stride)
+        self._grow(r1)
+        ys = slice(r0 - self.y0, r1 - self.y0)
+        self.acc[:, ys, c0:c1] += feats.astype(np.float32) * wts
+        self.wsum[ys, c0:c1] += wts
+
+    def flush(self, upto: int) -> None:
+        """Write rows ``[y0, upto)`` (all their tiles have arrived) and drop them."""
+        n = min(upto, self.y0 + self.acc.shape[1]) - self.y0
+        if n <= 0:
+            return
+        out = self.acc[:, :n] / np.maximum(self.wsum[:n], 1e-12)
+        self.sink.write(self.plane, slice(self.y0, self.y0 + n), slice(0, self.w),
+                        out.astype(np.float16))
+        self.acc, self.wsum = self.acc[:, n:].copy(), self.wsum[n:].copy()
+        self.y0 += n
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+class _Runner:
+    """Runs batches through the backbone, halving the batch on out-of-memory errors."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, config: FeatureConfig,
+                 batch_size: int) -> None:
+        self.backbone, self.device, self.config = backbone, device, config
+        self.batch_size = batch_size
+        self.calls = 0
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] (CPU) -> ``(B, D, h, w)`` float16 on the CPU."""
+        outs, i = [], 0
+        while i < x.shape[0]:
+            n = min(self.batch_size, x.shape[0] - i)
+            try:
+                outs.append(self._forward(x[i:i + n]))
+                i += n
+            except Exception as exc:  # noqa: BLE001 - OOM of any backend
+                if not _is_oom(exc):
+                    raise
+                _free_device_memory(self.device)
+                if n == 1:
+                    raise StegoError(
+                        f"the {self.device.type} device ran out of memory on a single tile of "
+                        f"{tuple(x.shape[-2:])} pixels: use smaller tiles (TileConfig(tile=...)) "
+                        "or device='cpu'; features computed so far are kept in the cache"
+                    ) from None
+                self.batch_size = max(1, n // 2)
+                warnings.warn(f"{self.device.type} out of memory with {n} tiles per batch: "
+                              f"continuing with {self.batch_size}", RuntimeWarning, stacklevel=2)
+        return torch.cat(outs)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        dev = x.to(self.device, non_blocking=True)
+        with _autocast(self.device, self.config):
+            feats = self.backbone(self.backbone.normalize(dev))
+        return feats.to("cpu", torch.float16)
+
+
+def _load_job(source: ImageSource, stats: IntensityStats, job: _Job, min_side: int) -> np.ndarray:
+    """Read and normalise one job's pixels: ``(3, h, w)`` float32."""
+    if job.tile is None:
+        rgb = stats.apply(source.block(job.plane))
+        t = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+        return _upsample(t, min_side)[0].numpy()
+    rgb = stats.apply(source.block(job.plane, *job.tile.read))
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def extract_source(backbone: Backbone, source: ImageSource, sink, config: FeatureConfig,
+                   tiles: TileConfig, device: torch.device | str = "cpu", *,
+                   stats: IntensityStats | None = None, planes: Sequence[int] | None = None,
+                   progress: Progress | None = None, cancel=None, readers: int = 2) -> int:
+    """Compute the features of the planes of ``source`` into ``sink``, tile by tile.
+
+    Args:
+        backbone: frozen backbone, already on ``device``.
+        source: the image or stack (read lazily, one tile at a time).
+        sink: a :class:`~napari_stego.cache.FeatureStore` or :class:`TensorSink` of
+            ``(N, D, h, w)`` with ``(h, w)`` = :func:`feature_grid`.
+        stats: the intensity mapping (default: :func:`~napari_stego.io.fit_intensity` of the
+            whole source, so every tile and plane is mapped alike).
+        planes: planes to compute (default: those the sink lacks).
+        progress: ``progress("features", tiles_done, tiles_total)``.
+        cancel: anything with ``is_set()``; checked between batches. Completed planes stay in
+            the sink.
+        readers: threads reading and normalising tiles ahead of the device.
+
+    Returns:
+        the number of backbone calls made.
+    """
+    device = torch.device(device)
+    stats = stats if stats is not None else fit_intensity(source, config.intensity)
+    planes = list(sink.missing() if planes is None else planes)
+    if not planes:
+        return 0
+    jobs = [j for p in planes for j in _plane_jobs(p, source, backbone, config, tiles)]
+    total = len(jobs)
+    stride = backbone.stride
+    _, halo = tile_halo(tiles, backbone)
+    grid_cells = feature_grid(source.shape2d, backbone, config)
+    n_batch = batch_size(tiles, device)
+    runner = _Runner(backbone, device, config, n_batch)
+    batches = list(iter_batches(jobs, lambda j: j.shape, n_batch))
+    taper = tiles.blend == "taper"
+    tapers: dict[int, _TaperPlane] = {}
+
+    # writer thread: stores finished tiles in order, marks planes complete
+    write_q: queue.Queue = queue.Queue(maxsize=4)
+    errors: list[BaseException] = []
+    done_count = [0]
+
+    def store(job: _Job, feats: np.ndarray) -> None:
+        t = job.tile
+        if t is None:
+            sink.write(job.plane, slice(None), slice(None), feats)
+        elif taper and halo > 0 and (t.y.read != t.y.core or t.x.read != t.x.core):
+            tp = tapers.get(job.plane)
+            if tp is None:
+                tp = tapers[job.plane] = _TaperPlane(sink, job.plane, grid_cells, backbone.dim,
+                                                     source.shape2d, stride, halo)
+            tp.add(t, feats)
+            if t.x.core[1] == source.width and t.y.core[1] < source.height:
+                # end of a tile row: rows above the next row's read region are final
+                tp.flush((t.y.core[1] - halo) // stride)
+        else:
+            r0, _ = cells(t.y.read, stride)
+            c0, _ = cells(t.x.read, stride)
+            y0, y1 = cells(t.y.core, stride)
+            x0, x1 = cells(t.x.core, stride)
+            sink.write(job.plane, slice(y0, y1), slice(x0, x1),
+                       feats[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0])
+        if job.last:
+            tp = tapers.pop(job.plane, None)
+            if tp is not None:
+                tp.flush(grid_cells[0])
+            sink.mark_done(job.plane)
+        done_count[0] += 1
+
+    def writer() -> None:
+        while True:
+            item = write_q.get()
+            if item is None:
+                return
+            if errors:
+                continue
+            try:
+                for job, feats in item:
+                    store(job, feats)
+            except BaseException as exc:  # noqa: BLE001 - reported in the main thread
+                errors.append(exc)
+
+    wthread = threading.Thread(target=writer, name="napari-stego-writer", daemon=True)
+    wthread.start()
+    pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="napari-stego-reader")
+
+    def load(batch: list[_Job]) -> torch.Tensor:
+        arrs = [_load_job(source, stats, j, config.min_side) for j in batch]
+        x = torch.from_numpy(np.stack(arrs))
+        return x.pin_memory() if device.type == "cuda" else x
+
+    pending: collections.deque = collections.deque()
+    ahead = max(2, readers + 1)
+    finished = 0
+    try:
+        it = iter(batches)
+        for batch in it:
+            pending.append((batch, pool.submit(load, batch)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"feature extraction cancelled after {finished} of {total} tiles")
+            if errors:
+                raise errors[0]
+            batch, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(load, nxt)))
+            x = fut.result()
+            feats = runner(x).numpy()
+            write_q.put([(j, feats[k]) for k, j in enumerate(batch)])
+            finished += len(batch)
+            if progress is not None:
+                progress("features", finished, total)
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        write_q.put(None)
+        wthread.join()
+    if errors:
+        raise errors[0]
+    return runner.calls
+
+
+# ------------------------------------------------------------------------- cache stores
+
+
+def source_signature(backbone: Backbone, source: ImageSource, stats: IntensityStats,
+                     config: FeatureConfig, tiles: TileConfig, data_hash: str = "auto") -> dict:
+    """Everything that determines a source's features (the cache key's input)."""
+    from . import __version__
+    from .cache import CACHE_FORMAT, weights_fingerprint
+    from .io import data_fingerprint
+
+    tile, halo = tile_halo(tiles, backbone)
+    return dict(
+        cache_format=CACHE_FORMAT,
+        package_version=__version__,
+        data=data_fingerprint(source, data_hash),
+        shape=list(source.shape),
+        axes=source.axes,
+        dtype=source.dtype.str,
+        intensity=stats.to_dict(),
+        backbone=backbone.spec.name,
+        weights=weights_fingerprint(backbone),
+        features=dict(min_side=config.min_side, autocast=config.autocast),
+        tiles=dict(tile=tile, halo=halo, blend=tiles.blend),
+    )
+
+
+def store_layout(backbone: Backbone, source: ImageSource, config: FeatureConfig,
+                 tiles: TileConfig):
+    """The :class:`~napari_stego.cache.StoreLayout` of a source's features.
+
+    Chunks are half a tile's cells (so tile cores write whole chunks and training windows
+    read few bytes).
+    """
+    from .cache import StoreLayout
+
+    h, w = feature_grid(source.shape2d, backbone, config)
+    tile, _ = tile_halo(tiles, backbone)
+    tc = tile // backbone.stride
+    chunk = tc // 2 if tc % 2 == 0 and tc >= 32 else tc
+    return StoreLayout(source.n_planes, backbone.dim, h, w, chunk)
+
+
+def estimate_cache_bytes(backbone: Backbone, source: ImageSource, config: FeatureConfig = FeatureConfig(),
+                         tiles: TileConfig = TileConfig()) -> int:
+    """Disk bytes the features of ``source`` take in the cache (float16)."""
+    return store_layout(backbone, source, config, tiles).nbytes
+
+
+def feature_store(backbone: Backbone, source: ImageSource, config: FeatureConfig,
+                  tiles: TileConfig, cache, *, stats: IntensityStats | None = None,
+                  data_hash: str = "auto"):
+    """Open (or find) the :class:`~napari_stego.cache.FeatureStore` of a source.
+
+    Args:
+        cache: a folder, ``True`` (:func:`~napari_stego.cache.default_cache_dir`) or ``None``
+            / ``False`` (in memory).
+
+    Returns:
+        ``(store, stats)``. Nothing is computed; see :func:`ensure_features`.
+
+    Raises:
+        StegoError: the disk would fill (the message gives the size and what to do).
+    """
+    from .cache import FeatureStore, default_cache_dir, format_bytes
+
+    stats = stats if stats is not None else fit_intensity(source, config.intensity)
+    sig = source_signature(backbone, source, stats, config, tiles, data_hash)
+    layout = store_layout(backbone, source, config, tiles)
+    folder = default_cache_dir() if cache is True else (None if cache in (None, False) else cache)
+    store = FeatureStore.open(folder, sig, layout)
+    if store.missing():
+        log.info("features of %s: %d planes of %s cells, %s in %s", source, layout.n_planes,
+                 (layout.dim, layout.height, layout.width), format_bytes(layout.nbytes),
+                 store.path or "memory")
+    return store, stats
+
+
+def ensure_features(backbone: Backbone, source: ImageSource, config: FeatureConfig,
+                    tiles: TileConfig, cache, device, *, stats: IntensityStats | None = None,
+                    data_hash: str = "auto", progress: Progress | None = None, cancel=None):
+    """:func:`feature_store` plus :func:`extract_source` for the planes it lacks.
+
+    Returns:
+        ``(store, stats)`` with every plane complete.
+    """
+    store, stats = feature_store(backbone, source, config, tiles, cache, stats=stats,
+                                 data_hash=data_hash)
+    if store.missing():
+        extract_source(backbone, source, store, config, tiles, device, stats=stats,
+                       progress=progress, cancel=cancel)
+    elif progress is not None:
+        progress("features", 1, 1)
+    return store, stats
+
+
+# --------------------------------------------------------------------- training crops
+
+
+class _CropLRU:
+    """Recently read crops, up to ``max_bytes`` (shared by the lazy crops of one fit)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: collections.OrderedDict = collections.OrderedDict()
+        self.nbytes = 0
+        self.lock = threading.Lock()
+        self.reads = 0
+
+    def get(self, key, load):
+        with self.lock:
+            hit = self.items.get(key)
+            if hit is not None:
+                self.items.move_to_end(key)
+                return hit
+        value = load()
+        self.reads += 1
+        size = value.element_size() * value.nelement()
+        with self.lock:
+            if size <= self.max_bytes:
+                self.items[key] = value
+                self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    _, old = self.items.popitem(last=False)
+                    self.nbytes -= old.element_size() * old.nelement()
+        return value
+
+
+class LazyMap:
+    """A crop ``(D, h, w)`` of a stored feature map, read when sliced.
+
+    Looks like a float16 tensor to :mod:`napari_stego.knn` and :mod:`napari_stego.train`:
+    ``shape``, ``dtype`` and slicing (which returns a real tensor).
+    """
+
+    def __init__(self, store, plane: int, y: int, x: int, h: int, w: int, lru: _CropLRU) -> None:
+        self.store, self.plane, self.y, self.x = store, plane, y, x
+        self.lru = lru
+        self.shape = torch.Size((store.layout.dim, h, w))
+        self.dtype = torch.float16
+
+    def load(self) -> torch.Tensor:
+        """The whole crop as a tensor."""
+        h, w = self.shape[1:]
+        return self.lru.get((id(self.store), self.plane, self.y, self.x), lambda: torch.from_numpy(
+            self.store.read(self.plane, slice(self.y, self.y + h), slice(self.x, self.x + w))))
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return self.load()[key]
+
+    def float(self) -> torch.Tensor:
+        return self.load().float()
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.load().to(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyMap(plane={self.plane}, y={self.y}, x={self.x}, shape={tuple(self.shape)})"
+
+
+def crop_size(window: int, chunk: int | None, tiles: TileConfig) -> int:
+    """Cells per side of training crops: ``tiles.train_crop``, else twice the training
+    window rounded up to the store's chunk."""
+    if tiles.train_crop is not None:
+        return int(tiles.train_crop)
+    return round_up(2 * window, chunk or 32)
+
+
+def training_maps(maps: Sequence, window: int, tiles: TileConfig = TileConfig(), *,
+                  seed: int = 0) -> list:
+    """The "images" training draws its windows from: crops of big feature maps.
+
+    Args:
+        maps: ``(D, h, w)`` tensors (in memory) and/or feature stores (every plane of each).
+        window: training window in cells (crops are about twice as large).
+        tiles: ``train_crop``, ``max_train_crops`` and ``train_ram_mb``.
+        seed: picks the crops when there are more than ``max_train_crops``.
+
+    Maps no bigger than twice the crop size per axis stay whole (as small images always did);
+    bigger ones are cut by :func:`~napari_stego.tiling.crop_windows`. Crops of tensors are
+    views; crops of stores are read into RAM when their total fits ``train_ram_mb``, else
+    they are :class:`LazyMap` objects read as windows are drawn.
+
+    Returns:
+        list of ``(D, h_i, w_i)`` tensors or :class:`LazyMap`.
+    """
+    from .tiling import crop_windows
+
+    entries = []  # (map index, plane, y, x, h, w)
+    for m_idx, m in enumerate(maps):
+        if isinstance(m, torch.Tensor):
+            size = crop_size(window, None, tiles)
+            shapes = [(None, tuple(m.shape[-2:]))]
+        else:
+            size = crop_size(window, m.layout.chunk, tiles)
+            shapes = [(p, (m.layout.height, m.layout.width)) for p in range(m.layout.n_planes)]
+        for plane, (h, w) in shapes:
+            for y, x, ch, cw in crop_windows((h, w), size, keep=2 * size):
+                entries.append((m_idx, plane, y, x, ch, cw))
+    if len(entries) > tiles.max_train_crops:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(len(entries), tiles.max_train_crops, replace=False))
+        entries = [entries[i] for i in keep]
+    dims = {m_idx: (m.shape[0] if isinstance(m, torch.Tensor) else m.layout.dim)
+            for m_idx, m in enumerate(maps)}
+    stored_bytes = sum(dims[e[0]] * e[4] * e[5] * 2 for e in entries
+                       if not isinstance(maps[e[0]], torch.Tensor))
+    in_ram = stored_bytes <= tiles.train_ram_mb * 2**20
+    lru = _CropLRU(min(tiles.train_ram_mb, 512) * 2**20)
+    out = []
+    for m_idx, plane, y, x, h, w in entries:
+        m = maps[m_idx]
+        if isinstance(m, torch.Tensor):
+            whole = (y, x, h, w) == (0, 0, *m.shape[-2:])
+            out.append(m if whole else m[:, y:y + h, x:x + w])
+        elif in_ram:
+            out.append(torch.from_numpy(m.read(plane, slice(y, y + h), slice(x, x + w))))
+        else:
+            out.append(LazyMap(m, plane, y, x, h, w, lru))
+    return out
+
+
+def feature_config_dict(config: FeatureConfig) -> dict:
+    return asdict(config)
