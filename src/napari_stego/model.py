@@ -7,6 +7,7 @@ training -> spherical k-means on the codes -> per-pixel probabilities (-> CRF).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,12 +20,14 @@ from .backbones import Backbone, create_backbone
 from .cluster import ClusterConfig, spherical_kmeans
 from .device import resolve_device
 from .errors import StegoError
-from .features import FeatureConfig, extract_all, extract_features
+from .features import (FeatureConfig, ensure_features, extract_all, extract_features,
+                       feature_store, is_single_tile, training_maps)
 from .head import SegmentationHead
-from .io import IntensityConfig, image_list
+from .io import ImageSource, IntensityConfig, fit_intensity, image_list, open_image
 from .loss import LossConfig
 from .shifts import AutoShiftConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
+from .tiling import TileConfig
 from .train import TrainConfig, train_head
 
 Progress = Callable[[str, int, int], None]
@@ -44,6 +47,7 @@ class StegoModel:
                  train_config: TrainConfig = TrainConfig(),
                  cluster_config: ClusterConfig = ClusterConfig(),
                  predict_config: PredictConfig = PredictConfig(),
+                 tile_config: TileConfig = TileConfig(),
                  device: str | torch.device | None = None, info: dict | None = None) -> None:
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device)
@@ -53,7 +57,9 @@ class StegoModel:
         self.train_config = train_config
         self.cluster_config = cluster_config
         self.predict_config = predict_config
+        self.tile_config = tile_config
         self.info = dict(info or {})
+        self._compute_lock = threading.Lock()  # device work of lazy (dask) prediction
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -62,12 +68,17 @@ class StegoModel:
             code_dim: int | None = None, device: str | torch.device | None = None,
             seed: int = 0, train: TrainConfig | None = None, loss: LossConfig | None = None,
             features: FeatureConfig | None = None, cluster: ClusterConfig | None = None,
-            progress: Progress | None = None, cancel=None) -> StegoModel:
+            progress: Progress | None = None, cancel=None, tiles: TileConfig | None = None,
+            axes: str | None = None, rgb: bool | None = None, cache=None,
+            data_hash: str = "auto") -> StegoModel:
         """Fit a head and ``n_clusters`` centroids on unlabelled images.
 
         Args:
             images: a list of ``(H, W)`` grey or ``(H, W, 3)`` arrays of any (differing) sizes,
-                or an ``(N, H, W[, 3])`` stack.
+                or an ``(N, H, W[, 3])`` stack (each image normalised on its own, as in 0.1).
+                For big data: a dask / zarr array, a TIFF path, an
+                :class:`~napari_stego.io.ImageSource`, or a list of these (each one
+                normalised as a whole stack, features cached; see ``axes`` and ``cache``).
             n_clusters: number of clusters ``K``.
             backbone: a registered name (see :func:`~napari_stego.backbones.list_backbones`) or a
                 built :class:`~napari_stego.backbones.Backbone`.
@@ -79,14 +90,29 @@ class StegoModel:
             progress: ``progress(stage, done, total)`` with stages "features", "train",
                 "cluster".
             cancel: anything with ``is_set()`` (e.g. ``threading.Event``) to stop early.
+            tiles: tiling of big images and the training crops of big feature maps
+                (:class:`~napari_stego.tiling.TileConfig`); stored in the model.
+            axes, rgb: the axes of array / file inputs (see :func:`~napari_stego.io.open_image`);
+                giving ``axes`` makes a numpy stack one source with stack-wide intensities.
+            cache: where backbone features are kept: a folder, ``True`` (the default cache
+                folder, :func:`~napari_stego.cache.default_cache_dir`) or ``None`` (in
+                memory). With a folder, refitting the same data with other ``n_clusters``,
+                loss or training settings reuses the features without running the backbone.
+            data_hash: how the cache recognises the data (``"auto"``, ``"full"``,
+                ``"sample"``; see :func:`~napari_stego.io.data_fingerprint`).
 
         Raises:
-            StegoError: bad images, unknown backbone, missing weights, bad ``n_clusters``.
-            Cancelled: ``cancel`` was set.
+            StegoError: bad images, unknown backbone, missing weights, bad ``n_clusters``, a
+                feature cache that would not fit on its disk.
+            Cancelled: ``cancel`` was set (features already cached stay cached).
         """
         if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
             raise StegoError(f"n_clusters must be a positive integer, got {n_clusters!r}")
-        imgs = image_list(images)
+        legacy = _legacy_input(images, axes, cache)
+        if legacy:
+            imgs = image_list(images)
+        else:
+            sources = _sources(images, axes, rgb)
         dev = resolve_device(device)
         train = train or TrainConfig()
         overrides = {k: v for k, v in dict(steps=steps, code_dim=code_dim, loss=loss).items()
@@ -94,23 +120,32 @@ class StegoModel:
         train = replace(train, **overrides)
         features = features or FeatureConfig()
         cluster = cluster or ClusterConfig()
+        tiles = tiles or TileConfig()
         net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
         net = net.to(dev)
 
-        maps = extract_all(net, imgs, features, dev, progress, cancel)
-        result = train_head(maps, train, stride=net.stride, device=dev, seed=seed,
+        if legacy:
+            maps = extract_all(net, imgs, features, dev, progress, cancel, tiles=tiles)
+            n_images = len(imgs)
+        else:
+            maps = _stores(net, sources, features, tiles, cache, dev, data_hash, progress, cancel)
+            n_images = sum(src.n_planes for src in sources)
+        window = train.window or max(224 // net.stride, 1)
+        train_maps = training_maps(maps, window, tiles, seed=seed)
+        result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel)
         if progress is not None:
             progress("cluster", 0, 1)
-        codes = _codes_of_maps(result.head, maps, dev)
+        codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster)
         if progress is not None:
             progress("cluster", 1, 1)
         train = replace(train, loss=result.loss)  # record the shifts actually used
-        info = dict(seed=seed, n_images=len(imgs), shifts=result.shift_report,
+        info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
+                    shifts=result.shift_report,
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
         return cls(net, result.head, centroids, feature_config=features, train_config=train,
-                   cluster_config=cluster, device=dev, info=info)
+                   cluster_config=cluster, tile_config=tiles, device=dev, info=info)
 
     # --------------------------------------------------------------- prediction
     @property
@@ -119,7 +154,8 @@ class StegoModel:
 
     def features(self, image: np.ndarray) -> torch.Tensor:
         """Backbone features ``(D, h, w)`` of one image (float16, CPU)."""
-        return extract_features(self.backbone, _one_image(image), self.feature_config, self.device)
+        return extract_features(self.backbone, _one_image(image), self.feature_config, self.device,
+                                tiles=self.tile_config)
 
     @torch.inference_mode()
     def codes(self, image: np.ndarray) -> torch.Tensor:
@@ -129,8 +165,13 @@ class StegoModel:
 
     @torch.inference_mode()
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
-        """Cluster probabilities ``(K, H, W)`` float32 at the image's resolution."""
+        """Cluster probabilities ``(K, H, W)`` float32 at the image's resolution.
+
+        Images bigger than one tile are computed tile by tile (see :meth:`predict_lazy`).
+        """
         image = _one_image(image)
+        if not self._single_tile(image):
+            return self._lazy_one(image)[1].compute()
         code = self.codes(image).to(self.device)[None]
         work = _work_size(image.shape[:2], self.feature_config.min_side)
         code = upsample_code(code, self.backbone.stride, work, image.shape[:2])
@@ -144,6 +185,8 @@ class StegoModel:
         (:func:`napari_stego.crf.dense_crf`) before the argmax.
         """
         image = _one_image(image)
+        if not crf and not self._single_tile(image):
+            return self._lazy_one(image)[0].compute()
         probs = self.predict_proba(image)
         if crf:
             from .crf import dense_crf
@@ -151,6 +194,88 @@ class StegoModel:
             probs = dense_crf(image, probs)
         dtype = np.uint8 if self.n_clusters <= 256 else np.uint16
         return probs.argmax(0).astype(dtype)
+
+    def _single_tile(self, image: np.ndarray) -> bool:
+        return is_single_tile(image.shape[:2], self.backbone, self.feature_config,
+                              self.tile_config)
+
+    def _lazy_one(self, image: np.ndarray):
+        """Lazy ``(labels, probs)`` of one in-memory image (its own percentiles)."""
+        from .lazy import predict_dask
+
+        source = ImageSource(image, "YX" if image.ndim == 2 else "YXC")
+        stats = fit_intensity(source, self.feature_config.intensity)
+        store = None
+        if self.tile_config.blend == "taper":  # blending needs the assembled feature map
+            from .features import TensorSink, extract_source, feature_grid
+
+            h, w = feature_grid(source.shape2d, self.backbone, self.feature_config)
+            store = TensorSink(1, self.backbone.dim, h, w)
+            extract_source(self.backbone, source, store, self.feature_config, self.tile_config,
+                           self.device, stats=stats)
+        return predict_dask(self, source, stats, self.tile_config, store)
+
+    def extract(self, data, *, axes: str | None = None, rgb: bool | None = None, cache=True,
+                data_hash: str = "auto", progress: Progress | None = None, cancel=None):
+        """Compute (or find) the backbone features of an image or stack in the cache.
+
+        Args:
+            data: anything :func:`~napari_stego.io.open_image` opens.
+            cache: a folder, ``True`` (the default folder) or ``None`` (in memory).
+            progress: ``progress("features", tiles_done, tiles_total)``.
+
+        Returns:
+            the complete :class:`~napari_stego.cache.FeatureStore`.
+
+        Raises:
+            StegoError: unreadable data, or a cache that would not fit on its disk.
+            Cancelled: ``cancel`` was set (finished planes stay cached).
+        """
+        source = open_image(data, axes, rgb=rgb)
+        store, _ = ensure_features(self.backbone, source, self.feature_config, self.tile_config,
+                                   cache, self.device, data_hash=data_hash, progress=progress,
+                                   cancel=cancel)
+        return store
+
+    def predict_lazy(self, data, *, axes: str | None = None, rgb: bool | None = None,
+                     cache=None, proba: bool = False, data_hash: str = "auto",
+                     progress: Progress | None = None, cancel=None):
+        """Lazy segmentation of a big image or stack: dask arrays computed tile by tile.
+
+        Args:
+            data: an array, dask / zarr array, TIFF path or
+                :class:`~napari_stego.io.ImageSource` of shape ``(Y, X)``, ``(Y, X, C)``,
+                ``(Z|T, Y, X)``, ``(Z|T, Y, X, C)``, ``(C, Y, X)``, ... (``axes`` names them;
+                see :func:`~napari_stego.io.open_image`). Intensities are mapped with one set
+                of percentiles for the whole stack.
+            cache: ``None``: each chunk runs the backbone on its tile plus halo when it is
+                computed (nothing stored). A folder or ``True``: the features of every plane
+                are computed now (batched, resumable) or found in the cache, and chunks only
+                run the head on them.
+            proba: also return the probabilities.
+            progress: ``("features", done, total)`` while caching, then
+                ``("segment", chunks_done, chunks_total)`` as chunks are computed.
+            cancel: anything with ``is_set()``; chunks computed after it is set raise
+                :class:`~napari_stego.errors.Cancelled`.
+
+        Returns:
+            ``labels``: dask array ``(*planes, Y, X)`` of uint8 (uint16 above 256 clusters),
+            the input's axes without ``C``, Y and X last; with ``proba=True``
+            ``(labels, probs)``, ``probs`` ``(*planes, K, Y, X)`` float32. Write them with
+            ``labels.to_zarr(path)`` or ``dask.array.store`` to keep memory flat.
+        """
+        from .lazy import predict_dask
+
+        source = open_image(data, axes, rgb=rgb)
+        stats = fit_intensity(source, self.feature_config.intensity)
+        store = None
+        if cache not in (None, False):
+            store, _ = ensure_features(self.backbone, source, self.feature_config,
+                                       self.tile_config, cache, self.device, stats=stats,
+                                       data_hash=data_hash, progress=progress, cancel=cancel)
+        labels, probs = predict_dask(self, source, stats, self.tile_config, store,
+                                     progress=progress, cancel=cancel)
+        return (labels, probs) if proba else labels
 
     # -------------------------------------------------------------- persistence
     def metadata(self) -> dict:
@@ -168,6 +293,7 @@ class StegoModel:
             train_config=asdict(self.train_config),
             cluster_config=asdict(self.cluster_config),
             predict_config=asdict(self.predict_config),
+            tile_config=asdict(self.tile_config),
             info=self.info,
         )
 
@@ -231,6 +357,7 @@ class StegoModel:
                    train_config=_train_config(meta["train_config"]),
                    cluster_config=ClusterConfig(**meta["cluster_config"]),
                    predict_config=PredictConfig(**meta["predict_config"]),
+                   tile_config=TileConfig(**meta.get("tile_config", {})),
                    device=device, info=meta.get("info"))
 
     def __repr__(self) -> str:
@@ -266,8 +393,71 @@ def _codes_of_maps(head: SegmentationHead, maps, device) -> torch.Tensor:
 
 
 def _feature_config(d: dict) -> FeatureConfig:
-    intensity = IntensityConfig(percentiles=tuple(d["intensity"]["percentiles"]))
-    return FeatureConfig(min_side=d["min_side"], dtype=d["dtype"], intensity=intensity)
+    channels = d["intensity"].get("channels")
+    intensity = IntensityConfig(percentiles=tuple(d["intensity"]["percentiles"]),
+                                channels=tuple(channels) if isinstance(channels, list) else channels)
+    extra = {k: d[k] for k in ("autocast",) if k in d}
+    return FeatureConfig(min_side=d["min_side"], dtype=d["dtype"], intensity=intensity, **extra)
+
+
+def _legacy_input(images, axes, cache) -> bool:
+    """In-memory images without axes or cache: each image normalised alone, as in 0.1."""
+    if axes is not None or cache not in (None, False):
+        return False
+    if isinstance(images, np.ndarray):
+        return True
+    return isinstance(images, (list, tuple)) and all(isinstance(im, np.ndarray) for im in images)
+
+
+def _sources(images, axes, rgb) -> list[ImageSource]:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise StegoError("no images given: pass an array or a non-empty list of arrays")
+        return [open_image(im, axes, rgb=rgb) for im in images]
+    return [open_image(images, axes, rgb=rgb)]
+
+
+def _stores(net, sources, features, tiles, cache, device, data_hash, progress, cancel) -> list:
+    """Feature stores of all sources, computing what the cache lacks; progress over all."""
+    from .features import count_tiles, extract_source
+
+    opened = [feature_store(net, src, features, tiles, cache, data_hash=data_hash)
+              for src in sources]
+    todo = [len(store.missing()) * count_tiles(src, net, features, tiles)
+            for src, (store, _) in zip(sources, opened)]
+    total, offset = max(sum(todo), 1), 0
+    for src, (store, stats), n in zip(sources, opened, todo):
+        if store.missing():
+            def sub(stage, done, _total, _offset=offset):
+                if progress is not None:
+                    progress(stage, _offset + done, total)
+
+            extract_source(net, src, store, features, tiles, device, stats=stats,
+                           progress=sub, cancel=cancel)
+        offset += n
+    if progress is not None:
+        progress("features", total, total)
+    return [store for store, _ in opened]
+
+
+@torch.inference_mode()
+def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: int) -> torch.Tensor:
+    """Codes for k-means: all cells when there are at most ``max_points`` (as in 0.1), else
+    a seeded random subset spread over the maps in proportion to their size."""
+    sizes = [int(m.shape[-2]) * int(m.shape[-1]) for m in maps]
+    total = sum(sizes)
+    if total <= max_points and all(isinstance(m, torch.Tensor) for m in maps):
+        return _codes_of_maps(head, maps, device)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for m, n in zip(maps, sizes):
+        feats = (m if isinstance(m, torch.Tensor) else m.load()).to(device, torch.float32)
+        code = head(feats[None])[0].flatten(1).T
+        take = n if total <= max_points else max(1, round(max_points * n / total))
+        if take < n:
+            code = code[torch.randperm(n, generator=gen)[:take].to(code.device)]
+        out.append(code)
+    return torch.cat(out)
 
 
 def _train_config(d: dict) -> TrainConfig:

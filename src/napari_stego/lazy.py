@@ -1,0 +1,178 @@
+"""Lazy segmentation of big images and stacks: dask arrays computed tile by tile.
+
+:func:`predict_dask` turns a fitted :class:`~napari_stego.model.StegoModel` and an
+:class:`~napari_stego.io.ImageSource` into dask arrays of cluster probabilities
+``(..., K, Y, X)`` and labels ``(..., Y, X)`` (the source's plane axes, then Y and X). One
+chunk is one tile core of :class:`~napari_stego.tiling.TileConfig` in one plane; nothing runs
+until a chunk is asked for (napari computes the slices it shows; ``da.store`` /
+``to_zarr`` write to disk chunk by chunk with flat memory).
+
+A chunk's features come from a :class:`~napari_stego.cache.FeatureStore` when one is given
+(complete planes), else from the backbone on the tile plus its halo. Codes are taken one
+feature cell beyond the core on every side, so the bilinear up-sampling inside a chunk is
+exactly the up-sampling of the whole map: with cached features, tiled prediction equals
+prediction on the assembled feature map.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import Cancelled
+from .features import _autocast, _load_job, _Job, feature_grid, tile_halo, work_size
+from .io import ImageSource, IntensityStats
+from .predict import cluster_probabilities, upsample_code
+from .tiling import TileConfig, Tile, cells, cover_1d
+
+Progress = Callable[[str, int, int], None]
+
+
+def labels_dtype(n_clusters: int):
+    return np.uint8 if n_clusters <= 256 else np.uint16
+
+
+class TilePredictor:
+    """Probabilities of one tile core of one plane (the work of one dask chunk).
+
+    Thread-safe: device work is serialised by ``lock`` (tiles are read and normalised
+    outside it, so reading overlaps computing).
+    """
+
+    def __init__(self, model, source: ImageSource, stats: IntensityStats, tiles: TileConfig,
+                 store=None, *, lock: threading.Lock | None = None,
+                 progress: Progress | None = None, total: int = 0, cancel=None) -> None:
+        self.model, self.source, self.stats, self.tiles, self.store = model, source, stats, \
+            tiles, store
+        self.lock = lock or threading.Lock()
+        self.progress, self.total, self.cancel = progress, total, cancel
+        self.done = 0
+        self._count_lock = threading.Lock()
+        cfg = model.feature_config
+        self.work = work_size(source.shape2d, cfg.min_side)
+        self.whole = tuple(self.work) != tuple(source.shape2d)
+        tile, halo = tile_halo(tiles, model.backbone)
+        align = model.backbone.spec.pad_to
+        if self.whole:
+            self.ys = cover_1d(source.height, source.height, 0)
+            self.xs = cover_1d(source.width, source.width, 0)
+        else:
+            self.ys = cover_1d(source.height, tile, halo, align)
+            self.xs = cover_1d(source.width, tile, halo, align)
+        self.grid = feature_grid(source.shape2d, model.backbone, cfg)
+
+    @property
+    def chunks_yx(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (tuple(s.core[1] - s.core[0] for s in self.ys),
+                tuple(s.core[1] - s.core[0] for s in self.xs))
+
+    def _features(self, plane: int, tile: Tile | None, ya: int, yb: int, xa: int,
+                  xb: int) -> torch.Tensor:
+        """Features of cells ``[ya, yb) x [xa, xb)``: ``(1, D, n, m)`` float32 on the device."""
+        m = self.model
+        if self.store is not None and self.store.is_done(plane):
+            f = torch.from_numpy(np.ascontiguousarray(self.store.read(plane, slice(ya, yb),
+                                                                       slice(xa, xb))))
+            with self.lock:
+                return f.to(m.device, torch.float32)[None]
+        job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work), True)
+        x = torch.from_numpy(_load_job(self.source, self.stats, job, m.feature_config.min_side))
+        with self.lock, torch.inference_mode():
+            xd = x[None].to(m.device)
+            with _autocast(m.device, m.feature_config):
+                f = m.backbone(m.backbone.normalize(xd))
+            f = f.to(torch.float16).float()  # the cache's precision: same codes either way
+        if tile is None:
+            return f
+        r0, _ = cells(tile.y.read, m.backbone.stride)
+        c0, _ = cells(tile.x.read, m.backbone.stride)
+        return f[..., ya - r0:yb - r0, xa - c0:xb - c0]
+
+    @torch.inference_mode()
+    def probs(self, plane: int, iy: int, ix: int) -> np.ndarray:
+        """``(K, h, w)`` float32 probabilities of tile ``(iy, ix)``'s core in ``plane``."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("segmentation cancelled")
+        m = self.model
+        s = m.backbone.stride
+        sy, sx = self.ys[iy], self.xs[ix]
+        if self.whole:
+            f = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
+            with self.lock:
+                code = m.head(f)
+                up = upsample_code(code, s, self.work, self.source.shape2d)
+                p = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0].cpu()
+        else:
+            tile = Tile((iy, ix), sy, sx)
+            c_y, c_x = cells(sy.core, s), cells(sx.core, s)
+            r_y, r_x = (cells(sy.read, s), cells(sx.read, s)) if self.store is None or \
+                not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
+            ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
+            xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
+            f = self._features(plane, tile, ya, yb, xa, xb)
+            with self.lock:
+                code = m.head(f)
+                up = F.interpolate(code, size=((yb - ya) * s, (xb - xa) * s), mode="bilinear",
+                                   align_corners=False)
+                up = up[..., sy.core[0] - ya * s:sy.core[1] - ya * s,
+                        sx.core[0] - xa * s:sx.core[1] - xa * s]
+                p = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0].cpu()
+        out = p.numpy().astype(np.float32, copy=False)
+        if self.progress is not None:
+            with self._count_lock:
+                self.done += 1
+                done = self.done
+            self.progress("segment", done, self.total)
+        return out
+
+
+def predict_dask(model, source: ImageSource, stats: IntensityStats, tiles: TileConfig,
+                 store=None, *, progress: Progress | None = None, cancel=None):
+    """Lazy probabilities and labels of every plane of ``source``.
+
+    Returns:
+        ``(labels, probs)``: dask arrays of shape ``(*lead, Y, X)`` (uint8, or uint16 for
+        more than 256 clusters) and ``(*lead, K, Y, X)`` float32, chunked by plane and tile
+        core. ``labels`` is the argmax of ``probs``; computing both together computes each
+        tile once.
+    """
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    k = model.n_clusters
+    lead = source.lead_shape
+    lock = getattr(model, "_compute_lock", None)
+    pred = TilePredictor(model, source, stats, tiles, store, lock=lock, progress=progress,
+                         cancel=cancel)
+    cy, cx = pred.chunks_yx
+    n_y, n_x = len(cy), len(cx)
+    pred.total = source.n_planes * n_y * n_x
+    name = "stego-probs-" + uuid.uuid4().hex
+    dsk = {}
+    for plane in range(source.n_planes):
+        idx = source.plane_index(plane)
+        for iy in range(n_y):
+            for ix in range(n_x):
+                key = (name, *idx, 0, iy, ix)
+                dsk[key] = (_block, pred, plane, iy, ix, len(lead))
+    chunks = tuple((1,) * n for n in lead) + ((k,), cy, cx)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    probs = da.Array(graph, name, chunks, dtype=np.float32)
+    dtype = labels_dtype(k)
+    labels = probs.map_blocks(_argmax, dtype=dtype, drop_axis=len(lead))
+    return labels, probs
+
+
+def _block(pred: TilePredictor, plane: int, iy: int, ix: int, n_lead: int) -> np.ndarray:
+    p = pred.probs(plane, iy, ix)
+    return p.reshape((1,) * n_lead + p.shape)
+
+
+def _argmax(p: np.ndarray) -> np.ndarray:
+    k = p.shape[-3]
+    return p.argmax(-3).astype(labels_dtype(k))
