@@ -66,3 +66,18 @@ def test_progress_and_cancel():
 def test_single_small_image_trains():
     result = train_head([torch.randn(16, 3, 4).half()], SMALL, n_clusters=2)
     assert len(result.losses) == 6 and all(l == l for l in result.losses)  # no NaN
+
+
+def test_pca_init_keeps_feature_geometry_and_random_init_is_available():
+    from napari_stego.head import SegmentationHead, init_from_features
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]  # features live in 4 dims
+    vectors = 0.05 * torch.randn(500, 4, generator=g) @ basis.T
+    head = init_from_features(SegmentationHead(32, code_dim=6).eval(), vectors)
+    with torch.no_grad():
+        codes = head(vectors.T[None, :, :, None])[0, :, :, 0].T
+    # small-scale features: codes keep every inner product (no random bias swamps them)
+    torch.testing.assert_close(codes @ codes.T, vectors @ vectors.T, atol=1e-5, rtol=1e-4)
+    cfg = TrainConfig(**{**SMALL.__dict__, "init": "random", "steps": 1})
+    assert len(train_head(maps(), cfg, n_clusters=2).losses) == 1

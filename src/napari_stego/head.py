@@ -31,3 +31,25 @@ class SegmentationHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``(B, D, h, w)`` -> ``(B, K, h, w)``."""
         return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))
+
+
+@torch.no_grad()
+def init_from_features(head: SegmentationHead, vectors: torch.Tensor) -> SegmentationHead:
+    """Start the head as the best rank-``K`` map of the features' cosine geometry.
+
+    The linear branch becomes the projection on the top ``K`` (uncentred) principal directions
+    of ``vectors (N, D)``, without bias; the nonlinear branch's output layer starts at zero, so
+    at step 0 ``code . code'`` approximates ``f . f'`` as closely as any rank-``K`` linear map
+    can. With the default random initialisation the codes of small-scale features are
+    dominated by the random biases, and k-means on them starts far from k-means on the
+    features. Returns ``head``.
+    """
+    vectors = vectors.float()
+    _, _, vh = torch.linalg.svd(vectors, full_matrices=False)  # rows: principal directions
+    k = min(head.code_dim, vh.shape[0])
+    weight = head.linear.weight  # (K, D, 1, 1)
+    weight[:k] = vh[:k, :, None, None].to(weight)
+    head.linear.bias.zero_()
+    head.nonlinear[2].weight.zero_()
+    head.nonlinear[2].bias.zero_()
+    return head

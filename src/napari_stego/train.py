@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
-from .head import SegmentationHead
+from .head import SegmentationHead, init_from_features
 from .knn import draw_pairs, knn_table, make_units, unit_descriptors
 from .loss import LossConfig, stego_loss
 from .shifts import AutoShiftConfig, auto_shifts
@@ -31,6 +31,9 @@ class TrainConfig:
     ``window``: feature cells per side of a training window (``None``: 224 px / stride).
     ``auto_shifts``: measure the data's feature correlations before training and replace the
     shifts of ``loss`` (see :mod:`napari_stego.shifts`); ``None`` keeps ``loss`` as it is.
+    ``init``: ``"pca"`` starts the head from the features' principal directions
+    (:func:`~napari_stego.head.init_from_features`); ``"random"`` is PyTorch's default, as the
+    reference.
     """
 
     steps: int = 2000
@@ -44,6 +47,7 @@ class TrainConfig:
     amp: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
     auto_shifts: AutoShiftConfig | None = field(default_factory=AutoShiftConfig)
+    init: str = "pca"
 
 
 @dataclass
@@ -55,6 +59,14 @@ class TrainResult:
     losses: list[float]
     loss: LossConfig
     shift_report: dict = field(default_factory=dict)
+
+
+def _feature_sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
+    """Up to ``n`` random feature vectors ``(n, D)`` drawn from all maps."""
+    vectors = torch.cat([m.flatten(1).T for m in maps])
+    if vectors.shape[0] > n:
+        vectors = vectors[torch.randperm(vectors.shape[0], generator=gen)[:n]]
+    return vectors.float()
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
@@ -97,7 +109,12 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     losses: list[float] = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        head = SegmentationHead(maps[0].shape[0], config.code_dim, config.dropout).to(device)
+        head = SegmentationHead(maps[0].shape[0], config.code_dim, config.dropout)
+        if config.init == "pca":
+            init_from_features(head, _feature_sample(maps, 20_000, gen))
+        elif config.init != "random":
+            raise ValueError(f"TrainConfig.init must be 'pca' or 'random', got {config.init!r}")
+        head = head.to(device)
         head.train()
         opt = torch.optim.Adam(head.parameters(), lr=config.lr)
         for step in range(config.steps):
