@@ -152,7 +152,7 @@ from napari_stego.cli import main
 main(["segment", {str(model_path)!r}, {str(data)!r}, "--out", {str(out)!r}, "--quiet"])
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr
     finished = _visible(out)
     assert finished == ["colour.tif", "img0.tif"]  # the files in order, before the kill
@@ -281,7 +281,7 @@ def _rewrite_model(src: Path, dst: Path, **changes) -> Path:
 
     with safe_open(str(src), framework="pt") as f:
         meta = json.loads(f.metadata()["napari_stego"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     meta.update(changes)
     save_file(tensors, str(dst), metadata={"napari_stego": json.dumps(meta)})
     return dst
@@ -315,7 +315,7 @@ def test_bad_model_files_stop_the_job_with_one_line(fitted, tmp_path, capsys):
 def test_zarr_with_probabilities(fitted, tmp_path):
     import zarr
 
-    model, model_path, data = fitted
+    model, _, data = fitted
     report = segment_files(model, [data / "stack.tif", data / "img0.tif"], tmp_path,
                            format="zarr", probabilities=True)
     assert report.exit_code == 0 and report.written == 2
@@ -372,6 +372,6 @@ def test_bad_scheduler_and_unreachable_address(fitted, tmp_path):
     _, model_path, data = fitted
     with pytest.raises(StegoError, match="unknown scheduler"):
         segment_files(model_path, data, tmp_path, scheduler="gpu-please")
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
-        with pytest.raises(StegoError, match="cannot reach the dask scheduler"):
-            segment_files(model_path, data, tmp_path, scheduler="tcp://127.0.0.1:1")
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(StegoError, match="cannot reach the dask scheduler"):
+        segment_files(model_path, data, tmp_path, scheduler="tcp://127.0.0.1:1")

@@ -112,3 +112,14 @@ def test_cli_backbone_choices_follow_the_registry():
     from napari_stego.cli import _backbone_names
 
     assert _backbone_names() == list_backbones()
+
+
+def test_fit_without_usable_images_is_a_user_error(tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "flat.tif", np.full((32, 32), 3, np.uint16))
+    (tmp_path / "broken.tif").write_bytes(b"not a tiff")
+    assert main(["fit", str(tmp_path), "--out", str(tmp_path / "m.stego"), "--backbone",
+                 "efficientnet_lite0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-stego: error: no usable images to fit on")
+    assert "flat.tif" in err and "constant image" in err and "broken.tif" in err
+    assert not (tmp_path / "m.stego").exists()

@@ -1356,7 +1356,7 @@ def _num(v) -> float | None:
 def _confusion_png(conf: np.ndarray, assignment: np.ndarray, path: Path, cell: int = 24) -> None:
     """Row-normalised confusion heat map: rows = true classes, columns = clusters in the
     order of their matched class (unmatched last), so a good result is a bright diagonal."""
-    n_clusters, n_classes = conf.shape
+    n_clusters = conf.shape[0]
     order = sorted(range(n_clusters), key=lambda k: (assignment[k] < 0, assignment[k], k))
     m = conf[order].T.astype(np.float64)  # (classes, clusters)
     rows = m.sum(1, keepdims=True)

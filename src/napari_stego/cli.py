@@ -20,7 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 _UNITS = {"segment": "plane", "features": "image"}
 
 
@@ -66,9 +65,9 @@ def _logger(quiet: bool):
     return log
 
 
-def _print_problems(problems) -> None:
+def _print_problems(problems, what: str = "segmented") -> None:
     if problems:
-        print(f"napari-stego: {len(problems)} input(s) not segmented:", file=sys.stderr)
+        print(f"napari-stego: {len(problems)} input(s) not {what}:", file=sys.stderr)
         for r in problems:
             print(f"  {r.status}: {r.line()}", file=sys.stderr)
 
@@ -83,7 +82,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        log=_logger(args.quiet))
     if not args.quiet:
         print(f"model: {report.model} (fitted on {report.n_images} images)")
-    _print_problems(report.problems)
+    _print_problems(report.problems, "used")
     return report.exit_code
 
 
