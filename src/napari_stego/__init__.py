@@ -1,13 +1,32 @@
 """napari-stego: unsupervised semantic segmentation (STEGO) for image stacks, in napari.
 
-The core (everything without a leading underscore) imports without napari or Qt.
+The core (everything without a leading underscore) imports without napari or Qt. The public
+names below are loaded on first use, so ``import napari_stego`` (and ``napari-stego --help``)
+does not pay for torch until a model is needed.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .errors import Cancelled, StegoError  # noqa: E402
-from .model import StegoModel  # noqa: E402
-from .batch import BatchReport, evaluate_folders, fit_files, segment_files  # noqa: E402
+_EXPORTS = {
+    "StegoModel": "model",
+    "StegoError": "errors",
+    "Cancelled": "errors",
+    "segment_files": "batch",
+    "fit_files": "batch",
+    "evaluate_folders": "batch",
+    "BatchReport": "batch",
+}
 
-__all__ = ["StegoModel", "StegoError", "Cancelled", "__version__", "segment_files", "fit_files",
-           "evaluate_folders", "BatchReport"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
