@@ -173,3 +173,20 @@ def test_refit_from_the_cache_never_runs_the_backbone(offline_backbone, tmp_path
     assert calls == [] and m2.n_clusters == 5
     labels = m2.predict_lazy(lazy, cache=tmp_path).compute()
     assert calls == [] and labels.shape == (2, 256, 320) and labels.max() < 5
+
+
+def test_band_upsampling_equals_whole_map_upsampling():
+    from napari_stego.lazy import _upsample_band
+
+    code = torch.randn(1, 5, 40, 30)
+    full = upsample_code(code, 8, (317, 233), (317, 233))  # (1, 5, 317, 233)
+    ya, xa = 11, 6  # a region of the map with one cell of margin around pixels 96..256
+    region = code[:, :, ya:33, xa:27]
+    for rows in [(96, 100), (96, 256), (200, 256), (97, 161)]:
+        band = _upsample_band(region, ya, xa, 8, rows, (56, 208))
+        torch.testing.assert_close(band, full[..., rows[0]:rows[1], 56:208])
+    # at the image border the whole map clamps, and so does the band
+    band = _upsample_band(code, 0, 0, 8, (0, 64), (0, 233))
+    torch.testing.assert_close(band, full[..., :64, :])
+    band = _upsample_band(code, 0, 0, 8, (300, 317), (0, 233))
+    torch.testing.assert_close(band, full[..., 300:317, :])

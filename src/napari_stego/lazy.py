@@ -33,6 +33,32 @@ from .tiling import TileConfig, Tile, cells, cover_1d
 Progress = Callable[[str, int, int], None]
 
 
+BAND = 256  # pixel rows up-sampled at once: bounds the float32 codes in flight per chunk
+
+
+def _upsample_band(code: torch.Tensor, ya: int, xa: int, stride: int, rows: tuple[int, int],
+                   cols: tuple[int, int]) -> torch.Tensor:
+    """Bilinear up-sampling of pixel ``rows`` x ``cols`` of a code map.
+
+    ``code``: ``(1, C, n, m)`` on cells ``[ya, ya + n) x [xa, xa + m)``. Only the cells around
+    the band are interpolated, with the same scale as the whole map (exactly ``stride``), so
+    the values equal those of up-sampling the whole map wherever the band has a cell of
+    margin inside ``code`` (always, except at the image border, where the whole map clamps
+    the same way).
+
+    Returns:
+        ``(1, C, rows, cols)``.
+    """
+    n = code.shape[-2]
+    c0 = max(rows[0] // stride - 1, ya)
+    c1 = min(-(-rows[1] // stride) + 1, ya + n)
+    sub = code[:, :, c0 - ya:c1 - ya]
+    up = F.interpolate(sub, size=((c1 - c0) * stride, code.shape[-1] * stride), mode="bilinear",
+                       align_corners=False)
+    return up[..., rows[0] - c0 * stride:rows[1] - c0 * stride,
+              cols[0] - xa * stride:cols[1] - xa * stride]
+
+
 def labels_dtype(n_clusters: int):
     return np.uint8 if n_clusters <= 256 else np.uint16
 
@@ -115,13 +141,14 @@ class TilePredictor:
             ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
             xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
             f = self._features(plane, tile, ya, yb, xa, xb)
+            p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
             with self.lock:
                 code = m.head(f)
-                up = F.interpolate(code, size=((yb - ya) * s, (xb - xa) * s), mode="bilinear",
-                                   align_corners=False)
-                up = up[..., sy.core[0] - ya * s:sy.core[1] - ya * s,
-                        sx.core[0] - xa * s:sx.core[1] - xa * s]
-                p = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0].cpu()
+                for q0 in range(sy.core[0], sy.core[1], BAND):
+                    q1 = min(q0 + BAND, sy.core[1])
+                    up = _upsample_band(code, ya, xa, s, (q0, q1), sx.core)
+                    band = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0]
+                    p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
         out = p.numpy().astype(np.float32, copy=False)
         if self.progress is not None:
             with self._count_lock:
