@@ -43,6 +43,7 @@ from .tiling import TileConfig, Tile, cells, effective, iter_batches, round_up, 
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger("napari_stego")
 AUTOCAST = (None, "bfloat16", "float16")
+MEMORY_CACHE_BYTES = 512 * 2**20  # cache=None keeps at most this much in memory
 
 
 @dataclass(frozen=True)
@@ -534,8 +535,9 @@ def feature_store(backbone: Backbone, source: ImageSource, config: FeatureConfig
     """Open (or find) the :class:`~napari_stego.cache.FeatureStore` of a source.
 
     Args:
-        cache: a folder, ``True`` (:func:`~napari_stego.cache.default_cache_dir`) or ``None``
-            / ``False`` (in memory).
+        cache: a folder; ``True`` (:func:`~napari_stego.cache.default_cache_dir`); ``False``
+            (in memory); ``None``: in memory up to ``MEMORY_CACHE_BYTES`` of features, else
+            the default folder (with a log message), so big data never fills the RAM.
 
     Returns:
         ``(store, stats)``. Nothing is computed; see :func:`ensure_features`.
@@ -548,7 +550,13 @@ def feature_store(backbone: Backbone, source: ImageSource, config: FeatureConfig
     stats = stats if stats is not None else fit_intensity(source, config.intensity)
     sig = source_signature(backbone, source, stats, config, tiles, data_hash)
     layout = store_layout(backbone, source, config, tiles)
-    folder = default_cache_dir() if cache is True else (None if cache in (None, False) else cache)
+    if cache is None:
+        cache = layout.nbytes > MEMORY_CACHE_BYTES
+        if cache:
+            log.warning("features of %s take %s: caching them on disk in %s (pass cache=FOLDER "
+                        "to choose where, cache=False to keep them in memory)", source,
+                        format_bytes(layout.nbytes), default_cache_dir())
+    folder = default_cache_dir() if cache is True else (None if cache is False else cache)
     store = FeatureStore.open(folder, sig, layout)
     if store.missing():
         log.info("features of %s: %d planes of %s cells, %s in %s", source, layout.n_planes,

@@ -94,10 +94,12 @@ class StegoModel:
                 (:class:`~napari_stego.tiling.TileConfig`); stored in the model.
             axes, rgb: the axes of array / file inputs (see :func:`~napari_stego.io.open_image`);
                 giving ``axes`` makes a numpy stack one source with stack-wide intensities.
-            cache: where backbone features are kept: a folder, ``True`` (the default cache
-                folder, :func:`~napari_stego.cache.default_cache_dir`) or ``None`` (in
-                memory). With a folder, refitting the same data with other ``n_clusters``,
-                loss or training settings reuses the features without running the backbone.
+            cache: where backbone features of array / file inputs are kept: a folder,
+                ``True`` (the default cache folder,
+                :func:`~napari_stego.cache.default_cache_dir`), ``False`` (in memory) or
+                ``None`` (in memory up to 512 MB of features, else the default folder). With a
+                folder, refitting the same data with other ``n_clusters``, loss or training
+                settings reuses the features without running the backbone.
             data_hash: how the cache recognises the data (``"auto"``, ``"full"``,
                 ``"sample"``; see :func:`~napari_stego.io.data_fingerprint`).
 
@@ -189,9 +191,10 @@ class StegoModel:
             return self._lazy_one(image)[0].compute()
         probs = self.predict_proba(image)
         if crf:
-            from .crf import dense_crf
+            from .crf import dense_crf, dense_crf_tiled
 
-            probs = dense_crf(image, probs)
+            probs = dense_crf(image, probs) if self._single_tile(image) else \
+                dense_crf_tiled(image, probs)
         dtype = np.uint8 if self.n_clusters <= 256 else np.uint16
         return probs.argmax(0).astype(dtype)
 
@@ -221,7 +224,8 @@ class StegoModel:
 
         Args:
             data: anything :func:`~napari_stego.io.open_image` opens.
-            cache: a folder, ``True`` (the default folder) or ``None`` (in memory).
+            cache: a folder, ``True`` (the default folder), ``False`` (in memory) or
+                ``None`` (in memory up to 512 MB, else the default folder).
             progress: ``progress("features", tiles_done, tiles_total)``.
 
         Returns:

@@ -44,7 +44,10 @@ class TileConfig:
     training (the crops are the "images" of KNN mining); ``None``: twice the training window,
     rounded up to the cache's chunk.
     ``max_train_crops``: at most this many crops (a seeded random subset, spread over all
-    slices) take part in training.
+    slices) take part in training. The default keeps fitting under ~3 GB of RAM: the
+    automatic loss shifts (:func:`napari_stego.shifts.feature_centroids`) currently copy
+    every crop to float32 at once (~8 bytes per feature value, 2 GB for 128 crops of
+    64 x 64 x 472).
     ``train_ram_mb``: crops are held in RAM while their total stays below this; beyond it,
     windows are read from the feature cache on disk as they are drawn.
     """
@@ -54,8 +57,8 @@ class TileConfig:
     blend: str = "crop"
     batch_size: int | None = None
     train_crop: int | None = None
-    max_train_crops: int = 1024
-    train_ram_mb: int = 1024
+    max_train_crops: int = 128
+    train_ram_mb: int = 512
 
     def __post_init__(self):
         for name in ("tile", "batch_size", "max_train_crops"):
