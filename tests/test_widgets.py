@@ -270,7 +270,8 @@ def test_correspondences_before_fitting_and_with_codes(viewer, qtbot, fitted):
     wait(qtbot, cor)
     sim = viewer.layers["tex similarity"]
     assert sim.data.shape == (3, 64, 64) and sim.data.dtype == np.float32
-    assert sim.data[1, 40, 12] > 0.9  # a point is most similar to itself
+    here = sim.data[1]  # a point is (nearly) most similar to itself
+    assert here[40, 12] >= np.percentile(here, 90)
     assert cor.last["index"] == (1,)
     assert sorted(i for i, _ in cor.last["neighbours"]) == [(0,), (2,)]  # the other slices
     assert cor.neighbour_list.count() == 2
@@ -287,7 +288,9 @@ def test_correspondences_before_fitting_and_with_codes(viewer, qtbot, fitted):
     cor.neighbours.value = 0
     run(qtbot, cor.query, (0, 10, 50))
     assert sim.metadata["napari_stego"]["compare"] == "STEGO codes"
-    assert sim.data[0, 10, 50] > 0.9 and len(viewer.layers) == 4
+    here = sim.data[0]
+    assert here[10, 50] >= np.percentile(here, 90)
+    assert len(viewer.layers) == 4
 
 
 def test_correspondences_on_a_2d_rgb_image(make_napari_viewer, qtbot):
@@ -315,3 +318,30 @@ def test_evaluate_arrays_counts_and_refuses_mismatches():
         evaluate_arrays(pred[:, :3], gt, pred_offset=1, gt_zero_unlabelled=True)
     with pytest.raises(StegoError, match="no pixel"):
         evaluate_arrays(np.zeros_like(pred), gt, pred_offset=1, gt_zero_unlabelled=True)
+
+
+def test_similarity_helpers_on_a_known_grid():
+    import torch
+
+    from napari_stego._widgets._similarity import (
+        descriptor,
+        grid_cell,
+        nearest,
+        query_vector,
+        similarity_map,
+    )
+
+    fmap = torch.zeros(2, 4, 4)
+    fmap[0, :, :2] = 1  # left half points one way, right half the other
+    fmap[1, :, 2:] = 1
+    # a 32 x 32 image (min_side 32: no up-sampling), stride 8: pixel (5, 27) is cell (0, 3)
+    assert grid_cell((5, 27), (32, 32), (4, 4), 8, 32) == (0, 3)
+    q = query_vector(fmap, (5, 27), (32, 32), 8, 32)
+    sim = similarity_map(fmap, q, (32, 32), 8, 32)
+    assert sim.shape == (32, 32) and sim.dtype == np.float32
+    assert np.allclose(sim[:, 20:], 1) and np.allclose(sim[:, :12], 0)
+    left = fmap.clone()
+    left[1] = 0  # only the first feature: further from the query slice than a scaled copy
+    descs = {(0,): descriptor(fmap), (1,): descriptor(left), (2,): descriptor(fmap * 2)}
+    near = nearest(descs[(0,)], descs, 2, exclude=(0,))
+    assert [k for k, _ in near] == [(2,), (1,)] and near[0][1] > near[1][1]
