@@ -108,6 +108,7 @@ def test_fit_in_the_gui_then_segment_evaluate_save_load(viewer, qtbot, tmp_path)
     assert fit.picker.layers.value == [viewer.layers["tex"]]
     fit.backbone.value = "efficientnet_lite0"
     fit.n_clusters.value, fit.steps.value, fit.batch_size.value = 3, 4, 2
+    fit.tile_size.value = 512
     stages = []
     job = fit.fit()
     job.progress._changed.connect(lambda s, d, t, loss: stages.append(s))
@@ -115,6 +116,7 @@ def test_fit_in_the_gui_then_segment_evaluate_save_load(viewer, qtbot, tmp_path)
     wait(qtbot, fit)
     assert job.error is None, job.error
     assert fit.model is not None and fit.model.n_clusters == 3
+    assert fit.model.tile_config.tile == 512
     assert {"features", "train", "cluster"} <= set(stages)
     assert fit.run_button.enabled and not fit.cancel_button.enabled and fit.save_button.enabled
     assert "efficientnet_lite0" in seg.model_label.value  # shared with the Segment widget

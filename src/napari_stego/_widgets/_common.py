@@ -136,6 +136,7 @@ def model_summary(model: StegoModel) -> dict:
                 steps=train["steps"], batch_size=train["batch_size"],
                 seed=meta["info"].get("seed"), n_images=meta["info"].get("n_images"),
                 final_loss=meta["info"].get("final_loss"),
+                tile=(meta.get("tile_config") or {}).get("tile"),
                 package_version=meta["package_version"])
 
 

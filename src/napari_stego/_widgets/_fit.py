@@ -103,6 +103,14 @@ class FitWidget(Container, JobMixin):
             label="max slices / layer", value=64, min=1, max=100_000,
             tooltip="Stacks: fit on at most this many slices per layer, evenly spread (features "
                     "of every used slice are kept in memory).")
+        from ..tiling import TileConfig
+
+        self.tile_size = SpinBox(
+            label="tile size (px)", value=TileConfig().tile, min=64, max=16_384, step=64,
+            tooltip="Images larger than this go through the backbone tile by tile (with a "
+                    "halo, so tiles join seamlessly); smaller images are processed whole. "
+                    "Lower it if the GPU / RAM runs out. Stored in the model and used when "
+                    "segmenting.")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto",
                                tooltip="'auto' picks a CUDA GPU, then Apple MPS, then the CPU.")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1,
@@ -121,7 +129,7 @@ class FitWidget(Container, JobMixin):
                           labels=False)
         form = Container(widgets=[self.backbone, self.weights, self.n_clusters, self.steps])
         self._fold, _ = collapsible("advanced", [self.code_dim, self.batch_size, self.max_slices,
-                                                 self.device, self.seed])
+                                                 self.tile_size, self.device, self.seed])
         super().__init__(widgets=[self.picker, form, buttons, self.status, self.model_label,
                                   files], labels=False)
         insert_after(self, form, self._fold)
@@ -161,6 +169,9 @@ class FitWidget(Container, JobMixin):
         train = TrainConfig(steps=int(self.steps.value), batch_size=int(self.batch_size.value),
                             code_dim=int(self.code_dim.value))
         device, seed = self.device.value, int(self.seed.value)
+        from ..tiling import TileConfig
+
+        tiles = TileConfig(tile=int(self.tile_size.value))
         names = ", ".join(src.name for src in sources)
         n_images = sum(len(idx) for _, idx in plan)
 
@@ -176,8 +187,8 @@ class FitWidget(Container, JobMixin):
                         raise Cancelled("cancelled while reading images")
                     images.append(src.image(idx))
             return StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights,
-                                  device=device, seed=seed, train=train, progress=progress,
-                                  cancel=cancel)
+                                  device=device, seed=seed, train=train, tiles=tiles,
+                                  progress=progress, cancel=cancel)
 
         def done(model) -> None:
             from napari.utils.notifications import show_info
