@@ -11,9 +11,18 @@ from skimage import data
 
 from napari_stego.cache import FeatureStore, cache_key
 from napari_stego.errors import Cancelled, StegoError
-from napari_stego.features import (FeatureConfig, LazyMap, TensorSink, backbone_input,
-                                   ensure_features, estimate_cache_bytes, extract_features,
-                                   extract_source, feature_grid, training_maps)
+from napari_stego.features import (
+    FeatureConfig,
+    LazyMap,
+    TensorSink,
+    backbone_input,
+    ensure_features,
+    estimate_cache_bytes,
+    extract_features,
+    extract_source,
+    feature_grid,
+    training_maps,
+)
 from napari_stego.io import IntensityConfig, open_image
 from napari_stego.knn import Unit, crop_window
 from napari_stego.tiling import TileConfig
@@ -224,6 +233,8 @@ def test_training_crops_of_big_maps(tmp_path):
     assert maps[0].data_ptr() == big.data_ptr()  # views, no copies
     capped = training_maps([big], window=28, tiles=TileConfig(max_train_crops=2), seed=1)
     assert len(capped) == 2
+    many = training_maps([small] * 300, window=28, tiles=TileConfig(max_train_crops=2))
+    assert len(many) == 300  # small in-memory images are all used, as before
 
     store = FeatureStore.open(tmp_path, {"x": 1}, StoreLayout(3, 8, 200, 150, 32))
     values = np.random.default_rng(4).normal(size=(3, 8, 200, 150)).astype(np.float16)
@@ -232,7 +243,9 @@ def test_training_crops_of_big_maps(tmp_path):
         store.mark_done(p)
     in_ram = training_maps([store], window=28)
     assert len(in_ram) == 36 and all(isinstance(m, torch.Tensor) for m in in_ram)
-    lazy = training_maps([store], window=28, tiles=TileConfig(train_ram_mb=0))
+    by_bytes = training_maps([store], window=28, tiles=TileConfig(train_ram_mb=1))
+    assert len(by_bytes) == 16  # 1 MiB of 8 x 64 x 64 float16 crops
+    lazy = training_maps([store], window=28, tiles=TileConfig(train_ram_mb=0, max_train_crops=36))
     assert all(isinstance(m, LazyMap) for m in lazy)
     m = lazy[4]
     np.testing.assert_array_equal(m[:, 3:10, 5:9].numpy(),

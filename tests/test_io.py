@@ -1,10 +1,13 @@
 """Intensity scaling and image splitting."""
 
+import dask.array as da
 import numpy as np
 import pytest
+import tifffile
 
 from napari_stego.errors import StegoError
-from napari_stego.io import image_list, to_rgb, to_uint8_rgb
+from napari_stego.io import (IntensityConfig, RawTiffArray, data_fingerprint, fit_intensity,
+                             guess_axes, image_list, open_image, to_rgb, to_uint8_rgb)
 
 
 def test_uint8_is_divided_not_stretched():
@@ -56,11 +59,6 @@ def test_image_list_shapes():
 
 
 # ----------------------------------------------------------------- big data: sources, stats
-import dask.array as da  # noqa: E402
-import tifffile  # noqa: E402
-
-from napari_stego.io import (IntensityConfig, RawTiffArray, data_fingerprint, fit_intensity,  # noqa: E402
-                             guess_axes, open_image)
 
 
 def test_guess_axes_and_errors():

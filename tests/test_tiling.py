@@ -4,8 +4,18 @@ import numpy as np
 import pytest
 
 from napari_stego.errors import StegoError
-from napari_stego.tiling import (TileConfig, cells, compute_overhead, cover_1d, crop_windows,
-                                 effective, iter_batches, ramp_1d, tile_grid, tile_weights)
+from napari_stego.tiling import (
+    TileConfig,
+    cells,
+    compute_overhead,
+    cover_1d,
+    crop_windows,
+    effective,
+    iter_batches,
+    ramp_1d,
+    tile_grid,
+    tile_weights,
+)
 
 
 @pytest.mark.parametrize("length", [1, 31, 32, 100, 511, 512, 700, 1000, 4099])

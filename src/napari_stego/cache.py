@@ -233,5 +233,13 @@ class FeatureStore:
                 f"done={int(self._done.sum())}/{len(self._done)})")
 
 
-__all__ = ["FeatureStore", "StoreLayout", "cache_key", "check_disk_space", "default_cache_dir",
-           "format_bytes", "weights_fingerprint", "CACHE_FORMAT"]
+__all__ = [
+    "CACHE_FORMAT",
+    "FeatureStore",
+    "StoreLayout",
+    "cache_key",
+    "check_disk_space",
+    "default_cache_dir",
+    "format_bytes",
+    "weights_fingerprint",
+]

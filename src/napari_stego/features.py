@@ -28,7 +28,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,9 +36,17 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .errors import Cancelled, StegoError
-from .io import IntensityConfig, ImageSource, IntensityStats, fit_intensity, to_rgb
-from .tiling import TileConfig, Tile, cells, effective, iter_batches, round_up, tile_grid, \
-    tile_weights
+from .io import ImageSource, IntensityConfig, IntensityStats, fit_intensity, to_rgb
+from .tiling import (
+    Tile,
+    TileConfig,
+    cells,
+    effective,
+    iter_batches,
+    round_up,
+    tile_grid,
+    tile_weights,
+)
 
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger("napari_stego")
@@ -321,7 +329,7 @@ class _Runner:
             try:
                 outs.append(self._forward(x[i:i + n]))
                 i += n
-            except Exception as exc:  # noqa: BLE001 - OOM of any backend
+            except Exception as exc:  # OOM of any backend
                 if not _is_oom(exc):
                     raise
                 _free_device_memory(self.device)
@@ -434,7 +442,7 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
             try:
                 for job, feats in item:
                     store(job, feats)
-            except BaseException as exc:  # noqa: BLE001 - reported in the main thread
+            except BaseException as exc:
                 errors.append(exc)
 
     wthread = threading.Thread(target=writer, name="napari-stego-writer", daemon=True)
@@ -663,19 +671,22 @@ def training_maps(maps: Sequence, window: int, tiles: TileConfig = TileConfig(),
         maps: ``(D, h, w)`` tensors (in memory) and/or feature stores (every plane of each).
         window: training window in cells (crops are about twice as large).
         tiles: ``train_crop``, ``max_train_crops`` and ``train_ram_mb``.
-        seed: picks the crops when there are more than ``max_train_crops``.
+        seed: picks the crops when there are more than allowed.
 
     Maps no bigger than twice the crop size per axis stay whole (as small images always did);
-    bigger ones are cut by :func:`~napari_stego.tiling.crop_windows`. Crops of tensors are
-    views; crops of stores are read into RAM when their total fits ``train_ram_mb``, else
-    they are :class:`LazyMap` objects read as windows are drawn.
+    bigger ones are cut by :func:`~napari_stego.tiling.crop_windows`. In-memory maps that
+    stay whole are all used, as before. The other entries (crops of big maps, planes of
+    stores) are a seeded random subset: ``max_train_crops`` of them, or with ``None`` as many
+    as fit ``train_ram_mb`` of float16. Crops of tensors are views; crops of stores are read
+    into RAM when their total fits ``train_ram_mb``, else they are :class:`LazyMap` objects
+    read as windows are drawn.
 
     Returns:
-        list of ``(D, h_i, w_i)`` tensors or :class:`LazyMap`.
+        list of ``(D, h_i, w_i)`` tensors or :class:`LazyMap`, in map order.
     """
     from .tiling import crop_windows
 
-    entries = []  # (map index, plane, y, x, h, w)
+    entries, whole = [], []  # (map index, plane, y, x, h, w); kept in-memory whole maps
     for m_idx, m in enumerate(maps):
         if isinstance(m, torch.Tensor):
             size = crop_size(window, None, tiles)
@@ -684,30 +695,39 @@ def training_maps(maps: Sequence, window: int, tiles: TileConfig = TileConfig(),
             size = crop_size(window, m.layout.chunk, tiles)
             shapes = [(p, (m.layout.height, m.layout.width)) for p in range(m.layout.n_planes)]
         for plane, (h, w) in shapes:
-            for y, x, ch, cw in crop_windows((h, w), size, keep=2 * size):
-                entries.append((m_idx, plane, y, x, ch, cw))
-    if len(entries) > tiles.max_train_crops:
+            crops = crop_windows((h, w), size, keep=2 * size)
+            for y, x, ch, cw in crops:
+                e = (m_idx, plane, y, x, ch, cw)
+                (whole if plane is None and len(crops) == 1 else entries).append(e)
+    dim = {i: (m.shape[0] if isinstance(m, torch.Tensor) else m.layout.dim)
+           for i, m in enumerate(maps)}
+
+    def nbytes(e):
+        return dim[e[0]] * e[4] * e[5] * 2
+
+    budget = tiles.train_ram_mb * 2**20
+    if tiles.max_train_crops is not None:
+        cap = tiles.max_train_crops
+    elif entries:
+        cap = max(1, int(budget // (sum(map(nbytes, entries)) / len(entries))))
+    else:
+        cap = 0
+    if len(entries) > cap:
         rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(len(entries), tiles.max_train_crops, replace=False))
+        keep = np.sort(rng.choice(len(entries), cap, replace=False))
         entries = [entries[i] for i in keep]
-    dims = {m_idx: (m.shape[0] if isinstance(m, torch.Tensor) else m.layout.dim)
-            for m_idx, m in enumerate(maps)}
-    stored_bytes = sum(dims[e[0]] * e[4] * e[5] * 2 for e in entries
-                       if not isinstance(maps[e[0]], torch.Tensor))
-    in_ram = stored_bytes <= tiles.train_ram_mb * 2**20
+    stored = [e for e in entries if not isinstance(maps[e[0]], torch.Tensor)]
+    in_ram = sum(map(nbytes, stored)) <= max(budget, 0)
     lru = _CropLRU(min(tiles.train_ram_mb, 512) * 2**20)
     out = []
-    for m_idx, plane, y, x, h, w in entries:
+    for m_idx, plane, y, x, h, w in sorted(whole + entries, key=lambda e: (e[0], e[1] or 0)):
         m = maps[m_idx]
         if isinstance(m, torch.Tensor):
-            whole = (y, x, h, w) == (0, 0, *m.shape[-2:])
-            out.append(m if whole else m[:, y:y + h, x:x + w])
+            is_whole = (y, x, h, w) == (0, 0, *m.shape[-2:])
+            out.append(m if is_whole else m[:, y:y + h, x:x + w])
         elif in_ram:
             out.append(torch.from_numpy(m.read(plane, slice(y, y + h), slice(x, x + w))))
         else:
             out.append(LazyMap(m, plane, y, x, h, w, lru))
     return out
 
-
-def feature_config_dict(config: FeatureConfig) -> dict:
-    return asdict(config)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
-from .features import _autocast, _load_job, _Job, feature_grid, tile_halo, work_size
+from .features import _autocast, _Job, _load_job, feature_grid, tile_halo, work_size
 from .io import ImageSource, IntensityStats
 from .predict import cluster_probabilities, upsample_code
-from .tiling import TileConfig, Tile, cells, cover_1d
+from .tiling import Tile, TileConfig, cells, cover_1d
 
 Progress = Callable[[str, int, int], None]
 

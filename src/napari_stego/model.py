@@ -20,13 +20,20 @@ from .backbones import Backbone, create_backbone
 from .cluster import ClusterConfig, spherical_kmeans
 from .device import resolve_device
 from .errors import StegoError
-from .features import (FeatureConfig, ensure_features, extract_all, extract_features,
-                       feature_store, is_single_tile, training_maps)
+from .features import (
+    FeatureConfig,
+    ensure_features,
+    extract_all,
+    extract_features,
+    feature_store,
+    is_single_tile,
+    training_maps,
+)
 from .head import SegmentationHead
 from .io import ImageSource, IntensityConfig, fit_intensity, image_list, open_image
 from .loss import LossConfig
-from .shifts import AutoShiftConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
+from .shifts import AutoShiftConfig
 from .tiling import TileConfig
 from .train import TrainConfig, train_head
 

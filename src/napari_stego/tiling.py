@@ -43,13 +43,15 @@ class TileConfig:
     ``train_crop``: feature cells per side of the crops a big feature map is cut into for
     training (the crops are the "images" of KNN mining); ``None``: twice the training window,
     rounded up to the cache's chunk.
-    ``max_train_crops``: at most this many crops (a seeded random subset, spread over all
-    slices) take part in training. The default keeps fitting under ~3 GB of RAM: the
-    automatic loss shifts (:func:`napari_stego.shifts.feature_centroids`) currently copy
-    every crop to float32 at once (~8 bytes per feature value, 2 GB for 128 crops of
-    64 x 64 x 472).
-    ``train_ram_mb``: crops are held in RAM while their total stays below this; beyond it,
-    windows are read from the feature cache on disk as they are drawn.
+    ``max_train_crops``: how many crops of big maps (and planes of cached stacks) take part
+    in training, a seeded random subset over all planes; ``None``: as many as fit
+    ``train_ram_mb`` (82 crops of 64 x 64 cells x 472 channels). Small in-memory images
+    are always all used.
+    ``train_ram_mb``: float16 crops are held in RAM up to this total; crops beyond it (only
+    with an explicit ``max_train_crops``) are read from the feature cache as windows are
+    drawn. The default keeps fitting under ~3 GB of RAM: the automatic loss shifts
+    (:func:`napari_stego.shifts.feature_centroids`) currently copy every crop to float32 at
+    once, so each feature value of the crops costs ~10 bytes at the peak.
     """
 
     tile: int = 1024
@@ -57,13 +59,13 @@ class TileConfig:
     blend: str = "crop"
     batch_size: int | None = None
     train_crop: int | None = None
-    max_train_crops: int = 128
-    train_ram_mb: int = 512
+    max_train_crops: int | None = None
+    train_ram_mb: int = 320
 
     def __post_init__(self):
         for name in ("tile", "batch_size", "max_train_crops"):
             value = getattr(self, name)
-            if value is None and name == "batch_size":
+            if value is None and name in ("batch_size", "max_train_crops"):
                 continue
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise StegoError(f"TileConfig.{name} must be a positive integer, got {value!r}")
@@ -255,6 +257,21 @@ def compute_overhead(shape: tuple[int, int], config: TileConfig, align: int,
     return read / float(shape[0] * shape[1])
 
 
-__all__ = ["TileConfig", "Span", "Tile", "cover_1d", "tile_grid", "grid_shape", "cells",
-           "ramp_1d", "tile_weights", "crop_windows", "iter_batches", "n_tiles",
-           "compute_overhead", "effective", "round_up", "BLENDS"]
+__all__ = [
+    "BLENDS",
+    "Span",
+    "Tile",
+    "TileConfig",
+    "cells",
+    "compute_overhead",
+    "cover_1d",
+    "crop_windows",
+    "effective",
+    "grid_shape",
+    "iter_batches",
+    "n_tiles",
+    "ramp_1d",
+    "round_up",
+    "tile_grid",
+    "tile_weights",
+]
