@@ -63,8 +63,9 @@ def test_same_cluster_rate_grows_with_a_dominant_class():
 def test_auto_shifts_estimate_fractions_without_labels():
     fmaps, _ = two_class_maps()
     units, table, _ = samples_of(fmaps)
+    proxy = AutoShiftConfig(self_attract=None, knn_attract=None, rand_attract=None)
     shifts, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
-                                 feature_samples=5, pointwise=True, config=AutoShiftConfig())
+                                 feature_samples=5, pointwise=True, config=proxy)
     assert set(report["attract"]) == {"self", "knn", "rand"}
     assert all(0.5 < v <= 0.95 for v in report["attract"].values()), report
     fixed, report = auto_shifts(fmaps, units, table, n_clusters=None, window=8, batch_size=4,
@@ -79,6 +80,6 @@ def test_train_records_auto_shifts_and_fixed_ones_stay():
                        loss=LossConfig(feature_samples=5, neg_samples=1))
     auto = train_head(fmaps, base, n_clusters=3)
     assert (auto.loss.self_shift, auto.loss.knn_shift, auto.loss.rand_shift) != (0.18, 0.12, 0.46)
-    assert set(auto.shift_report["attract"]) == {"self", "knn", "rand"}
+    assert auto.shift_report["attract"] == {"self": 0.3, "knn": 0.3, "rand": 0.3}
     fixed = train_head(fmaps, TrainConfig(**{**base.__dict__, "auto_shifts": None})).loss
     assert (fixed.self_shift, fixed.knn_shift, fixed.rand_shift) == (0.18, 0.12, 0.46)
