@@ -81,3 +81,10 @@ def test_pca_init_keeps_feature_geometry_and_random_init_is_available():
     torch.testing.assert_close(codes @ codes.T, vectors @ vectors.T, atol=1e-5, rtol=1e-4)
     cfg = TrainConfig(**{**SMALL.__dict__, "init": "random", "steps": 1})
     assert len(train_head(maps(), cfg, n_clusters=2).losses) == 1
+
+
+def test_loss_is_reported_live():
+    seen = []
+    result = train_head(maps(), SMALL, n_clusters=2, on_loss=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == list(range(1, 7))
+    assert [l for _, l in seen] == result.losses

@@ -75,7 +75,8 @@ class StegoModel:
             code_dim: int | None = None, device: str | torch.device | None = None,
             seed: int = 0, train: TrainConfig | None = None, loss: LossConfig | None = None,
             features: FeatureConfig | None = None, cluster: ClusterConfig | None = None,
-            progress: Progress | None = None, cancel=None, tiles: TileConfig | None = None,
+            progress: Progress | None = None, cancel=None,
+            on_loss=None, tiles: TileConfig | None = None,
             axes: str | None = None, rgb: bool | None = None, cache=None,
             data_hash: str = "auto") -> StegoModel:
         """Fit a head and ``n_clusters`` centroids on unlabelled images.
@@ -97,6 +98,7 @@ class StegoModel:
             progress: ``progress(stage, done, total)`` with stages "features", "train",
                 "cluster".
             cancel: anything with ``is_set()`` (e.g. ``threading.Event``) to stop early.
+            on_loss: ``on_loss(step, loss)`` after every training step (live loss display).
             tiles: tiling of big images and the training crops of big feature maps
                 (:class:`~napari_stego.tiling.TileConfig`); stored in the model.
             axes, rgb: the axes of array / file inputs (see :func:`~napari_stego.io.open_image`);
@@ -142,7 +144,8 @@ class StegoModel:
         window = train.window or max(224 // net.stride, 1)
         train_maps = training_maps(maps, window, tiles, seed=seed)
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
-                            n_clusters=int(n_clusters), progress=progress, cancel=cancel)
+                            n_clusters=int(n_clusters), progress=progress, cancel=cancel,
+                            on_loss=on_loss)
         if progress is not None:
             progress("cluster", 0, 1)
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)

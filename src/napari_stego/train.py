@@ -71,7 +71,8 @@ def _feature_sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
                device: torch.device | str = "cpu", seed: int = 0, n_clusters: int | None = None,
-               progress: Progress | None = None, cancel=None) -> TrainResult:
+               progress: Progress | None = None, cancel=None,
+               on_loss: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fit a :class:`SegmentationHead` on feature maps.
 
     Args:
@@ -85,6 +86,7 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             are reproducible. The global torch RNG is restored afterwards.
         progress: called as ``progress("train", step, steps)``.
         cancel: anything with ``is_set()``; checked every step (raises :class:`Cancelled`).
+        on_loss: called as ``on_loss(step, total_loss)`` after every step (for live display).
 
     Returns:
         :class:`TrainResult`.
@@ -134,6 +136,8 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             loss.total.backward()
             opt.step()
             losses.append(float(loss.total.detach()))
+            if on_loss is not None:
+                on_loss(step + 1, losses[-1])
             if progress is not None:
                 progress("train", step + 1, config.steps)
     head.eval()

@@ -188,7 +188,9 @@ class FitWidget(Container, JobMixin):
                     images.append(src.image(idx))
             return StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights,
                                   device=device, seed=seed, train=train, tiles=tiles,
-                                  progress=progress, cancel=cancel)
+                                  progress=progress, cancel=cancel,
+                                  on_loss=lambda step, loss: progress("train", step, train.steps,
+                                                                      loss=loss))
 
         def done(model) -> None:
             from napari.utils.notifications import show_info
