@@ -183,7 +183,9 @@ class StegoModel:
         """
         image = _one_image(image)
         if not self._single_tile(image):
-            return self._lazy_one(image)[1].compute()
+            # in-process threads: never ship the model to a dask.distributed Client that
+            # happens to exist (a dask worker, a napari console with a cluster)
+            return self._lazy_one(image)[1].compute(scheduler="threads")
         code = self.codes(image).to(self.device)[None]
         work = _work_size(image.shape[:2], self.feature_config.min_side)
         code = upsample_code(code, self.backbone.stride, work, image.shape[:2])
@@ -198,7 +200,7 @@ class StegoModel:
         """
         image = _one_image(image)
         if not crf and not self._single_tile(image):
-            return self._lazy_one(image)[0].compute()
+            return self._lazy_one(image)[0].compute(scheduler="threads")
         probs = self.predict_proba(image)
         if crf:
             from .crf import dense_crf, dense_crf_tiled
