@@ -62,11 +62,15 @@ class TrainResult:
 
 
 def _feature_sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
-    """Up to ``n`` random feature vectors ``(n, D)`` drawn from all maps."""
-    vectors = torch.cat([m.flatten(1).T for m in maps])
-    if vectors.shape[0] > n:
-        vectors = vectors[torch.randperm(vectors.shape[0], generator=gen)[:n]]
-    return vectors.float()
+    """Up to ``n`` random feature vectors ``(n, D)`` drawn from all maps, spread over the maps
+    in proportion to their cells (never a copy of all maps at once)."""
+    cells = torch.tensor([m.shape[-2] * m.shape[-1] for m in maps], dtype=torch.float64)
+    per_map = torch.floor(cells / cells.sum() * n).long().clamp(min=1)
+    parts = []
+    for m, k, c in zip(maps, per_map.tolist(), cells.long().tolist()):
+        idx = torch.randperm(c, generator=gen)[: min(k, c)]
+        parts.append(m.flatten(1)[:, idx].T.float())
+    return torch.cat(parts)
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
