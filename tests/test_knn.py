@@ -47,3 +47,13 @@ def test_crop_window_size_and_content():
     torch.testing.assert_close(crop, fmap[:, y:y + 4, x:x + 4])
     small = crop_window(fmap, Unit(0, 0, 0, 3, 3), 5, g)  # resized up
     assert small.shape == (2, 5, 5)
+
+
+def test_sample_vectors_draws_from_every_map_without_exceeding_n():
+    from napari_stego.knn import sample_vectors
+
+    maps = [torch.full((3, 10, 10), float(i)).half() for i in range(4)]
+    out = sample_vectors(maps, 40, torch.Generator().manual_seed(0))
+    assert out.shape == (40, 3) and out.dtype == torch.float32
+    assert sorted(set(out[:, 0].tolist())) == [0.0, 1.0, 2.0, 3.0]
+    assert sample_vectors(maps, 10_000, torch.Generator()).shape == (400, 3)

@@ -100,3 +100,16 @@ def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch
                             for i in ids.tolist()]).float()
 
     return windows(picks), windows(partners)
+
+
+def sample_vectors(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
+    """About ``n`` random feature vectors ``(~n, D)`` float32 (at most ``n``, plus one per map
+    when there are more maps than ``n``), spread over the maps in proportion to their cells;
+    never a copy of all maps at once."""
+    cells = torch.tensor([m.shape[-2] * m.shape[-1] for m in maps], dtype=torch.float64)
+    per_map = torch.floor(cells / cells.sum() * n).long().clamp(min=1)
+    parts = []
+    for m, k, c in zip(maps, per_map.tolist(), cells.long().tolist()):
+        idx = torch.randperm(c, generator=gen)[: min(k, c)]
+        parts.append(m.flatten(1)[:, idx].T.float())
+    return torch.cat(parts)

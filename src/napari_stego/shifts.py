@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .cluster import ClusterConfig, spherical_kmeans
-from .knn import Unit, draw_pairs
+from .knn import Unit, draw_pairs, sample_vectors
 from .loss import centre_correlation, correlation, negative_permutation, sample_points
 
 TERMS = ("self", "knn", "rand")
@@ -109,10 +109,7 @@ def same_cluster_rates(samples: Sequence[PairSamples], centroids: torch.Tensor) 
 def feature_centroids(maps: Sequence[torch.Tensor], n_clusters: int, seed: int = 0,
                       max_points: int = 50_000) -> torch.Tensor:
     """Spherical k-means centres ``(K, D)`` of the raw feature vectors of ``maps``."""
-    vectors = torch.cat([m.float().flatten(1).T for m in maps])
-    if vectors.shape[0] > max_points:
-        idx = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))
-        vectors = vectors[idx[:max_points]]
+    vectors = sample_vectors(maps, max_points, torch.Generator().manual_seed(seed))
     return spherical_kmeans(vectors, n_clusters, seed=seed, config=ClusterConfig(n_init=1))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .errors import Cancelled
 from .head import SegmentationHead, init_from_features
-from .knn import draw_pairs, knn_table, make_units, unit_descriptors
+from .knn import draw_pairs, knn_table, make_units, sample_vectors, unit_descriptors
 from .loss import LossConfig, stego_loss
 from .shifts import AutoShiftConfig, auto_shifts
 
@@ -59,18 +59,6 @@ class TrainResult:
     losses: list[float]
     loss: LossConfig
     shift_report: dict = field(default_factory=dict)
-
-
-def _feature_sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
-    """Up to ``n`` random feature vectors ``(n, D)`` drawn from all maps, spread over the maps
-    in proportion to their cells (never a copy of all maps at once)."""
-    cells = torch.tensor([m.shape[-2] * m.shape[-1] for m in maps], dtype=torch.float64)
-    per_map = torch.floor(cells / cells.sum() * n).long().clamp(min=1)
-    parts = []
-    for m, k, c in zip(maps, per_map.tolist(), cells.long().tolist()):
-        idx = torch.randperm(c, generator=gen)[: min(k, c)]
-        parts.append(m.flatten(1)[:, idx].T.float())
-    return torch.cat(parts)
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
@@ -117,7 +105,7 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         torch.manual_seed(seed)
         head = SegmentationHead(maps[0].shape[0], config.code_dim, config.dropout)
         if config.init == "pca":
-            init_from_features(head, _feature_sample(maps, 20_000, gen))
+            init_from_features(head, sample_vectors(maps, 20_000, gen))
         elif config.init != "random":
             raise ValueError(f"TrainConfig.init must be 'pca' or 'random', got {config.init!r}")
         head = head.to(device)
