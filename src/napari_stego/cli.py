@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-_UNITS = {"segment": "plane", "features": "image"}
+_UNITS = {"segment": "plane", "features": "image", "codes": "file", "score": "K"}
 
 
 def _progress_printer(quiet: bool):
@@ -117,6 +117,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"IoU per class: {ious}")
         print(f"scores: {result['json']}\nconfusion matrix: {result['png']}")
     return 1 if result["problems"] else 0
+
+
+class _FilePlanes:
+    """The planes of each file, read one file at a time (a failed file gives ``[]`` and a
+    ``"failed"`` result); ``len`` is the number of files."""
+
+    def __init__(self, files, results: list, log) -> None:
+        self.files, self.results, self.log = list(files), results, log
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self):
+        from .batch import FileResult, read_planes
+        from .errors import StegoError
+
+        for path in self.files:
+            try:
+                planes = read_planes(path)
+            except StegoError as exc:
+                self.results.append(FileResult(str(path), "failed", str(exc)))
+                self.log(f"failed: {self.results[-1].line()}")
+                planes = []
+            yield planes
+
+
+def cmd_suggest_k(args: argparse.Namespace) -> int:
+    """Score K = k_min..k_max on a model's codes of the images; print a table (or JSON)."""
+    import json
+
+    from .batch import expand_inputs
+    from .choose_k import ChooseKConfig, suggest_for_model
+    from .errors import StegoError
+    from .model import StegoModel
+
+    if not 2 <= args.k_min <= args.k_max:
+        raise StegoError(f"need 2 <= --k-min <= --k-max, got {args.k_min} and {args.k_max}")
+    log = _logger(args.quiet)
+    files, problems = expand_inputs(args.images)
+    for p in problems:
+        log(f"failed: {p.line()}")
+    if not files:
+        raise StegoError("no images: " + ("; ".join(p.line() for p in problems)
+                                          or "no inputs given"))
+    model = StegoModel.load(args.model, weights=args.weights, device=args.device)
+    config = ChooseKConfig(seeds=args.seeds, max_points=args.max_points, seed=args.seed)
+    scores = suggest_for_model(model, _FilePlanes(files, problems, log),
+                               range(args.k_min, args.k_max + 1), config=config,
+                               progress=_progress_printer(args.quiet or args.json))
+    if args.json:
+        print(json.dumps(scores.to_dict(), indent=2))
+    else:
+        print(scores.table())
+    _print_problems(problems, "used")
+    return 1 if problems else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -241,6 +296,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for evaluation.json and confusion.png (default: PRED_DIR)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+    sk = sub.add_parser(
+        "suggest-k", formatter_class=fmt,
+        help="score numbers of clusters K on a model's codes (no labels needed)",
+        description="Sample the model's code vectors over the images, run k-means for each K "
+        "with several seeds, and print each K's cosine silhouette and stability (mean pairwise "
+        "adjusted Rand index of the runs). Suggested K: the highest silhouette among the K "
+        "whose stability is within 0.1 of the most stable K. Refit with it: "
+        "napari-stego fit ... --n-clusters K.")
+    sk.add_argument("model", help="model file written by `fit` or the napari widget")
+    sk.add_argument("images", nargs="+", help="TIFF files, globs or folders; every plane of "
+                    "a stack is used")
+    sk.add_argument("--k-min", type=int, default=2, help="smallest K scored (>= 2)")
+    sk.add_argument("--k-max", type=int, default=12, help="largest K scored")
+    sk.add_argument("--seeds", type=int, default=3,
+                    help="k-means runs per K (their agreement is the stability)")
+    sk.add_argument("--max-points", type=int, default=10_000,
+                    help="code vectors sampled over all images")
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--json", action="store_true",
+                    help="print the scores as JSON instead of a table (no progress bars)")
+    sk.add_argument("--weights", help="backbone weights file, if the one the model was "
+                    "fitted with is not on this machine")
+    sk.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
+    sk.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    sk.set_defaults(func=cmd_suggest_k)
+
     demo = sub.add_parser("demo", help="fit and segment the bundled sample image (offline)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", default="stego-demo", help="output folder")

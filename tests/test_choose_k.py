@@ -1,0 +1,261 @@
+"""Choosing K: the scores (ARI, cosine silhouette) against direct computations, planted
+clusters found, the model-level helper and the ``suggest-k`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from napari_stego.choose_k import (
+    ChooseKConfig,
+    KScore,
+    adjusted_rand_index,
+    best_k,
+    cosine_silhouette,
+    sample_model_codes,
+    suggest_for_model,
+    suggest_n_clusters,
+)
+from napari_stego.errors import Cancelled, StegoError
+
+
+def planted(n_clusters: int, *, dim: int = 16, per: int = 300, noise: float = 0.15,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_clusters`` orthogonal directions on the sphere plus Gaussian noise: ``(N, dim)``
+    points and their ``(N,)`` true labels."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.eye(dim)[:n_clusters] * 2.0  # any norm: the scores normalise
+    x = torch.cat([d + noise * 2.0 * torch.randn(per, dim, generator=g) for d in dirs])
+    return x, torch.arange(n_clusters).repeat_interleave(per)
+
+
+# ------------------------------------------------------------------------------------ ARI
+def test_ari_known_values():
+    # values from the adjusted Rand index's definition (Hubert & Arabie), as scikit-learn
+    assert adjusted_rand_index([0, 0, 1, 2], [0, 0, 1, 1]) == pytest.approx(4 / 7)
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    assert adjusted_rand_index([0, 0, 1, 1], [7, 7, 3, 3]) == 1.0  # renaming does not matter
+    assert adjusted_rand_index([0, 0, 0], [1, 1, 1]) == 1.0  # both trivial
+    assert adjusted_rand_index(torch.tensor([0, 1, 1, 2]), np.array([0, 1, 1, 2])) == 1.0
+
+
+def test_ari_of_independent_labelings_is_near_zero_and_matches_pair_counting():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 4000), rng.integers(0, 5, 4000)
+    assert abs(adjusted_rand_index(a, b)) < 0.01
+    # brute force on a small case: pair counts -> ARI
+    a, b = rng.integers(0, 3, 40), rng.integers(0, 4, 40)
+    i, j = np.triu_indices(40, 1)
+    same_a, same_b = a[i] == a[j], b[i] == b[j]
+    index, sa, sb, total = (same_a & same_b).sum(), same_a.sum(), same_b.sum(), len(i)
+    expected = sa * sb / total
+    ari = (index - expected) / ((sa + sb) / 2 - expected)
+    assert adjusted_rand_index(a, b) == pytest.approx(ari, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------ silhouette
+def _direct_silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    d = cdist(x, x, "cosine")
+    out = []
+    for i in range(len(x)):
+        own = labels == labels[i]
+        if own.sum() == 1:
+            out.append(0.0)
+            continue
+        a = d[i, own].sum() / (own.sum() - 1)  # d[i, i] = 0
+        b = min(d[i, labels == c].mean() for c in np.unique(labels) if c != labels[i])
+        out.append((b - a) / max(a, b))
+    return float(np.mean(out))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cosine_silhouette_matches_the_direct_pairwise_computation(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(37, 5))
+    labels = rng.integers(0, 4, 37)
+    labels[0] = 9  # a singleton cluster (counts 0) and non-contiguous ids
+    expected = _direct_silhouette(x, labels)
+    got = cosine_silhouette(torch.tensor(x), torch.tensor(labels))
+    assert got == pytest.approx(expected, abs=1e-10)
+
+
+def test_silhouette_is_high_for_true_labels_and_nan_for_one_cluster():
+    x, truth = planted(3, per=50)
+    assert cosine_silhouette(x, truth) > 0.6
+    shuffled = truth[torch.randperm(len(truth), generator=torch.Generator().manual_seed(0))]
+    assert abs(cosine_silhouette(x, shuffled)) < 0.1
+    assert math.isnan(cosine_silhouette(x, torch.zeros(len(x), dtype=torch.long)))
+
+
+# ------------------------------------------------------------------------- planted clusters
+@pytest.mark.parametrize("k_true", [4, 6])
+def test_planted_clusters_give_best_k(k_true):
+    x, _ = planted(k_true, seed=k_true)
+    scores = suggest_n_clusters(x, range(2, 10))
+    assert scores.best == k_true, scores.table()
+    assert scores.k_values == list(range(2, 10))
+    sil = {r.k: r.silhouette for r in scores.rows}
+    assert max(sil, key=sil.get) == k_true
+    stab = {r.k: r.stability for r in scores.rows}
+    assert stab[k_true] > 0.95
+    for wrong in (k_true - 1, k_true + 1, k_true + 2):
+        assert stab[k_true] > stab[wrong] + 0.05, scores.table()
+    assert scores.row(k_true).smallest == pytest.approx(1 / k_true, abs=0.03)
+
+
+def test_scores_are_reproducible_and_depend_on_the_seed():
+    x, _ = planted(3, noise=0.5, per=200)
+    a = suggest_n_clusters(x, [2, 5], seed=3)
+    b = suggest_n_clusters(x, [2, 5], config=ChooseKConfig(seed=3))
+    assert a == b
+    c = suggest_n_clusters(x, [2, 5], seed=4)
+    assert [r.stability for r in c.rows] != [r.stability for r in a.rows]
+
+
+def test_max_points_subsamples_and_single_seed_has_no_stability():
+    x, _ = planted(4, per=500)
+    scores = suggest_n_clusters(x, [3, 4, 5], max_points=600, seeds=1)
+    assert scores.n_points == 600 and scores.seeds == 1
+    assert all(math.isnan(r.stability) for r in scores.rows)
+    assert scores.best == 4  # silhouette alone
+
+
+def test_best_k_rule():
+    def row(k, sil, stab):
+        return KScore(k, sil, stab, stab, 0.1)
+
+    rows = [row(2, 0.50, 0.99), row(3, 0.60, 0.70), row(4, 0.55, 0.93), row(5, 0.55, 0.95)]
+    # K=3 has the top silhouette but is unstable; of the stable ones 4 and 5 tie -> 4
+    assert best_k(rows, 0.1) == 4
+    assert best_k(rows, 0.5) == 3
+    assert best_k(rows, 0.0) == 2
+    assert best_k([row(2, float("nan"), 0.4), row(3, float("nan"), 0.9)]) == 3
+
+
+def test_bad_arguments_progress_and_cancel():
+    x, _ = planted(2, per=20)
+    with pytest.raises(StegoError, match="at least 2"):
+        suggest_n_clusters(x, [1, 2])
+    with pytest.raises(StegoError, match="more than the 40"):
+        suggest_n_clusters(x, [2, 41])
+    with pytest.raises(StegoError, match="non-empty"):
+        suggest_n_clusters(torch.zeros(0, 4), [2])
+    with pytest.raises(StegoError, match="seeds"):
+        suggest_n_clusters(x, [2], seeds=0)
+    calls = []
+    suggest_n_clusters(x, [2, 3, 4], progress=lambda *a: calls.append(a))
+    assert calls == [("score", 1, 3), ("score", 2, 3), ("score", 3, 3)]
+    event = threading.Event()
+    event.set()
+    with pytest.raises(Cancelled):
+        suggest_n_clusters(x, [2, 3], cancel=event)
+
+
+def test_table_and_json():
+    x, _ = planted(4, per=100)
+    scores = suggest_n_clusters(x, range(2, 7), current=3)
+    table = scores.table()
+    best_line = next(line for line in table.splitlines() if "<- best" in line)
+    assert best_line.split()[0] == "4"
+    assert "(model)" in next(line for line in table.splitlines() if line.split()[0] == "3")
+    data = json.loads(json.dumps(scores.to_dict()))
+    assert data["best"] == 4 and data["current"] == 3
+    assert [r["k"] for r in data["rows"]] == [2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------ from a model
+class _FakeModel:
+    """``codes(image)``: the image itself as a ``(1, h, w)`` code (one value per cell)."""
+
+    n_clusters = 2
+
+    def codes(self, image):
+        return torch.as_tensor(np.asarray(image, np.float32))[None]
+
+
+def test_code_sample_is_uniform_over_all_cells_and_bounded():
+    model = _FakeModel()
+    big, small = np.zeros((60, 50)), np.ones((20, 50))  # 3000 and 1000 cells
+    sample = sample_model_codes(model, [big, small], max_points=1000, seed=0)
+    assert sample.shape == (1000, 1)
+    share_small = float(sample.mean())
+    assert 0.21 < share_small < 0.29  # 1000 / 4000 of all cells (a per-image quota gives 0.5)
+    # all cells when there are fewer than max_points; stacks and lazy items work
+    stack = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    items = iter([stack, [], [stack[0]]])  # a generator-like iterable, an empty item
+    allc = sample_model_codes(model, items, max_points=10_000)
+    assert sorted(allc[:, 0].tolist()) == sorted(stack.ravel().tolist() + stack[0].ravel().tolist())
+    calls = []
+    sample_model_codes(model, stack, progress=lambda *a: calls.append(a))
+    assert calls == [("codes", 1, 2), ("codes", 2, 2)]
+    with pytest.raises(StegoError):
+        sample_model_codes(model, [[]])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(offline_backbone):
+    from napari_stego import StegoModel
+    from napari_stego.samples import texture_mosaics
+    from napari_stego.train import TrainConfig
+
+    images, _ = texture_mosaics(n=3, size=64, seed=1)
+    model = StegoModel.fit(list(images), 3, backbone=offline_backbone,
+                           train=TrainConfig(steps=4, batch_size=2), seed=0)
+    return model, list(images)
+
+
+def test_suggest_for_model_on_real_codes(tiny_model):
+    model, images = tiny_model
+    code = model.codes(images[0])
+    cells = code.shape[1] * code.shape[2]
+    stages = []
+    scores = suggest_for_model(model, images, range(2, 6), max_points=2 * cells, seeds=2,
+                               progress=lambda s, d, t: stages.append((s, d, t)))
+    assert scores.current == 3 and scores.k_values == [2, 3, 4, 5]
+    assert scores.n_points == 2 * cells  # 3 images' cells, sampled down
+    assert scores.best in scores.k_values
+    for r in scores.rows:
+        assert -1 <= r.silhouette <= 1 and -1 <= r.stability <= 1
+    assert ("codes", 3, 3) in stages and stages[-1] == ("score", 4, 4)
+    # the sample really is the model's codes: all vectors when max_points is large
+    full = sample_model_codes(model, images, max_points=10 * cells)
+    assert full.shape == (3 * cells, code.shape[0])
+    own = code.flatten(1).T
+    dist = torch.cdist(own, full, compute_mode="donot_use_mm_for_euclid_dist")
+    assert float(dist.min(1).values.max()) < 1e-5
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_suggest_k_table_json_and_errors(tiny_model, tmp_path, capsys):
+    import tifffile
+
+    from napari_stego.cli import main
+
+    model, images = tiny_model
+    path = model.save(tmp_path / "m.stego")
+    data = tmp_path / "data"
+    data.mkdir()
+    tifffile.imwrite(data / "a.tif", images[0])
+    tifffile.imwrite(data / "stack.tif", np.stack(images[1:]), photometric="minisblack")
+    args = ["suggest-k", str(path), str(data), "--k-max", "4", "--seeds", "2",
+            "--device", "cpu"]
+    assert main([*args, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "<- best" in out and "silhouette" in out and "best K =" in out
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["k"] for r in result["rows"]] == [2, 3, 4] and result["current"] == 3
+    assert result["best"] in (2, 3, 4)
+    # a missing input: the rest is used, exit 1; no inputs at all: exit 2
+    (data / "broken.tif").write_bytes(b"not a tiff")
+    assert main([*args[:3], str(tmp_path / "nope.tif"), *args[3:], "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "nope.tif" in err and "broken.tif" in err
+    assert main(["suggest-k", str(path), str(tmp_path / "none*.tif")]) == 2
+    assert main(["suggest-k", str(path), str(data), "--k-min", "1"]) == 2
