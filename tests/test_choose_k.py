@@ -259,3 +259,17 @@ def test_cli_suggest_k_table_json_and_errors(tiny_model, tmp_path, capsys):
     assert "nope.tif" in err and "broken.tif" in err
     assert main(["suggest-k", str(path), str(tmp_path / "none*.tif")]) == 2
     assert main(["suggest-k", str(path), str(data), "--k-min", "1"]) == 2
+
+
+def test_imports_without_napari_qt_or_matplotlib_and_is_exported():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_stego.choose_k, napari_stego\n"
+            "assert napari_stego.suggest_n_clusters is napari_stego.choose_k.suggest_n_clusters\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in "
+            "('napari', 'qtpy', 'PyQt5', 'magicgui', 'vispy', 'matplotlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

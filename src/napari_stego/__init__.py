@@ -17,6 +17,7 @@ _EXPORTS = {
     "fit_files": "batch",
     "evaluate_folders": "batch",
     "BatchReport": "batch",
+    "suggest_n_clusters": "choose_k",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
