@@ -375,3 +375,272 @@ def test_bad_scheduler_and_unreachable_address(fitted, tmp_path):
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
             pytest.raises(StegoError, match="cannot reach the dask scheduler"):
         segment_files(model_path, data, tmp_path, scheduler="tcp://127.0.0.1:1")
+
+
+# ------------------------------------------------------------------------- big planes: tiles
+TILES_CFG = {"tile": 128, "halo": 128}  # planes over 384 px (tile + 2 halo) are tiled
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory, offline_backbone):
+    """A model with small tiles whose clusters mean something (the head projects the
+    features on their 16 main principal components, centred; centroids are k-means of its
+    codes), saved; the same model with tiles big enough to predict every image here whole;
+    and inputs bigger than one tile: a 512 px grey image, a 512 px RGB photo, a 2-plane
+    uint16 stack of 416 x 400 px."""
+    import torch
+    from skimage import data
+
+    from napari_stego.cluster import spherical_kmeans
+    from napari_stego.features import extract_features
+    from napari_stego.head import SegmentationHead
+    from napari_stego.tiling import TileConfig
+
+    root = tmp_path_factory.mktemp("tiled")
+    camera = data.camera()
+    head = SegmentationHead(offline_backbone.dim, 16).eval()
+    with torch.inference_mode():
+        feats = extract_features(offline_backbone, camera[::2, ::2]).float()  # (D, h, w)
+        vectors = feats.flatten(1).T
+        mean = vectors.mean(0)
+        axes = torch.linalg.svd(vectors - mean, full_matrices=False).Vh[:16]  # (16, D)
+        head.linear.weight.copy_(axes[:, :, None, None])
+        head.linear.bias.copy_(-(axes @ mean))
+        head.nonlinear[2].weight.zero_()
+        head.nonlinear[2].bias.zero_()
+        codes = head(feats[None])[0].flatten(1).T
+    centroids = spherical_kmeans(codes, 3, seed=0)
+    model = StegoModel(offline_backbone, head, centroids, device="cpu",
+                       tile_config=TileConfig(**TILES_CFG))
+    whole = StegoModel(offline_backbone, head, centroids, device="cpu",
+                       tile_config=TileConfig(tile=2048))
+    path = model.save(root / "small-tiles.stego")
+    big = root / "big"
+    big.mkdir()
+    tifffile.imwrite(big / "camera.tif", camera)
+    tifffile.imwrite(big / "astronaut.tif", data.astronaut(), photometric="rgb")
+    stack = np.stack([camera[:416, :400], camera[96:, 112:]]).astype(np.uint16) * 200
+    tifffile.imwrite(big / "stack.tif", stack, photometric="minisblack")
+    return model, whole, path, big
+
+
+def _expected_tiles(model, shape2d) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The tile cores ``StegoModel.predict`` cuts a plane into (row-major)."""
+    from napari_stego.features import tile_halo
+    from napari_stego.tiling import cover_1d
+
+    tile, halo = tile_halo(model.tile_config, model.backbone)
+    ys, xs = (cover_1d(n, tile, halo, model.backbone.spec.pad_to) for n in shape2d)
+    return [(sy.core, sx.core) for sy in ys for sx in xs]
+
+
+class _TileSpy:
+    """Wraps ``batch._predict_tile``: records the tile cores predicted (and optionally stops
+    the job, as if killed, at call ``interrupt_at``)."""
+
+    def __init__(self, monkeypatch, interrupt_at: int | None = None):
+        self.cores: list[tuple] = []
+        self.interrupt_at = interrupt_at
+        self.lock = threading.Lock()
+        real = batch._predict_tile
+
+        def spy(pred, tile, window, crf_intensity, settings):
+            with self.lock:
+                self.cores.append((pred.ys[tile[0]].core, pred.xs[tile[1]].core))
+                n = len(self.cores)
+            if n == self.interrupt_at:
+                raise KeyboardInterrupt
+            return real(pred, tile, window, crf_intensity, settings)
+
+        monkeypatch.setattr(batch, "_predict_tile", spy)
+
+
+def test_big_planes_are_predicted_tile_by_tile(tiled, tmp_path, monkeypatch):
+    model, whole, path, big = tiled
+    spy = _TileSpy(monkeypatch)
+    reads: list[tuple[int, ...]] = []
+    real_getitem = batch._PlaneArray.__getitem__
+
+    def getitem(self, key):
+        block = real_getitem(self, key)
+        reads.append(block.shape[:2])
+        return block
+
+    def whole_plane(*args):
+        raise AssertionError("a big plane was read whole by a plane task")
+
+    monkeypatch.setattr(batch._PlaneArray, "__getitem__", getitem)
+    monkeypatch.setattr(batch, "_read_plane", whole_plane)
+    seen: list[tuple] = []
+    out = tmp_path / "out"
+    inputs = [big / "camera.tif", big / "astronaut.tif"]
+    report = segment_files(path, inputs, out, progress=lambda *a: seen.append(a))
+    assert report.exit_code == 0 and report.written == 2, report
+
+    expected = _expected_tiles(model, (512, 512))
+    assert len(expected) == 16  # 4 x 4 tiles of 128 px
+    assert sorted(spy.cores) == sorted(expected * 2)  # each tile of each plane, once
+    tiles = [s for s in seen if s[0] == "tiles"]
+    assert tiles[0] == ("tiles", 0, 32) and tiles[-1] == ("tiles", 32, 32)
+    assert [s for s in seen if s[0] == "segment"][-1] == ("segment", 2, 2)
+    # bounded reads: uint8 planes need no intensity statistics, so every read is one tile
+    # core plus its halo (at most 128 + 2 x 128 px a side), never the plane
+    assert len(reads) >= 32 and max(max(r) for r in reads) <= 384
+
+    for name in ("camera", "astronaut"):
+        image = tifffile.imread(big / f"{name}.tif")
+        labels = tifffile.imread(out / f"{name}.tif")
+        assert labels.shape == (512, 512) and labels.dtype == np.uint8
+        # the labels StegoModel.predict gives (the same tiles, computed the same way) ...
+        np.testing.assert_array_equal(labels, model.predict(image))
+        # ... and those of a whole-plane pass, up to the seams
+        agree = (labels == whole.predict(image)).mean()
+        assert agree >= 0.995, (name, agree)
+        assert len(np.unique(labels)) == 3
+        with tifffile.TiffFile(out / f"{name}.tif") as tif:
+            assert tif.pages[0].is_tiled and tif.pages[0].tile == (128, 128)
+            meta = json.loads(tif.shaped_metadata[0]["napari_stego"])
+        assert meta["complete"] and meta["shape"] == [512, 512] and meta["blank_planes"] == []
+    assert _visible(out) == ["astronaut.tif", "camera.tif"]
+    assert not (out / batch.WORK_DIR).exists() and not _partials(out)
+    again = segment_files(path, inputs, out)
+    assert again.existing == 2 and len(spy.cores) == 32  # finished: nothing recomputed
+
+
+def test_tiled_stack_to_zarr_with_probabilities(tiled, tmp_path):
+    import zarr
+
+    model, _, path, big = tiled
+    report = segment_files(path, [big / "stack.tif"], tmp_path, format="zarr",
+                           probabilities=True)
+    assert report.exit_code == 0 and report.written == 1, report
+    stack = tifffile.imread(big / "stack.tif")
+    labels = zarr.open_array(str(tmp_path / "stack.zarr"), mode="r")
+    proba = zarr.open_array(str(tmp_path / "stack_proba.zarr"), mode="r")
+    assert labels.shape == (2, 416, 400) and labels.chunks == (1, 128, 128)
+    assert proba.shape == (2, 3, 416, 400) and proba.dtype == np.float32
+    for i in range(2):
+        np.testing.assert_array_equal(labels[i], model.predict(stack[i]))
+        np.testing.assert_allclose(proba[i], model.predict_proba(stack[i]), atol=1e-6)
+    np.testing.assert_array_equal(labels[...], proba[...].argmax(1))
+    assert labels.attrs["napari_stego"]["shape"] == [2, 416, 400]
+    again = segment_files(path, [big / "stack.tif"], tmp_path, format="zarr",
+                          probabilities=True)
+    assert again.existing == 1 and not (tmp_path / batch.WORK_DIR).exists()
+
+
+def test_tiled_planes_with_crf(tiled, tmp_path):
+    model, whole, path, big = tiled
+    out = tmp_path / "out"
+    report = segment_files(path, [big / "camera.tif"], out, crf=True, probabilities=True)
+    assert report.exit_code == 0, report
+    image = tifffile.imread(big / "camera.tif")
+    labels = tifffile.imread(out / "camera.tif")
+    proba = tifffile.imread(out / "camera_proba.tif")
+    assert proba.shape == (3, 512, 512)
+    np.testing.assert_allclose(proba.sum(0), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(labels, proba.argmax(0))
+    refined = model.predict(image, crf=True)
+    assert (labels != model.predict(image)).mean() > 0.001  # the CRF did change labels
+    for reference in (refined, whole.predict(image, crf=True)):
+        agree = (labels == reference).mean()
+        assert agree >= 0.995, agree
+
+
+def test_interrupted_big_plane_resumes_from_its_finished_tiles(tiled, tmp_path, monkeypatch):
+    model, _, path, big = tiled
+    out = tmp_path / "out"
+    spy = _TileSpy(monkeypatch, interrupt_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        segment_files(path, [big / "camera.tif"], out)
+    assert _visible(out) == []  # no output until every tile is done
+    parts = sorted((out / batch.WORK_DIR / "camera").glob("plane_*_tile_*.npz"))
+    assert len(parts) >= 5  # the tiles finished before the interruption
+    spy.cores.clear()
+    spy.interrupt_at = None
+    report = segment_files(path, [big / "camera.tif"], out)
+    assert report.written == 1 and len(spy.cores) == 16 - len(parts)  # only the missing ones
+    np.testing.assert_array_equal(tifffile.imread(out / "camera.tif"),
+                                  model.predict(tifffile.imread(big / "camera.tif")))
+    assert not (out / batch.WORK_DIR).exists() and not _partials(out)
+
+
+def test_cancel_between_tiles_keeps_them_for_the_next_run(tiled, tmp_path, monkeypatch):
+    _, _, path, big = tiled
+    out = tmp_path / "out"
+    spy = _TileSpy(monkeypatch)
+    cancel = threading.Event()
+
+    def progress(stage, done, total):
+        if stage == "tiles" and done >= 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        segment_files(path, [big / "camera.tif"], out, progress=progress, cancel=cancel)
+    ran = len(spy.cores)
+    assert 3 <= ran < 16 and _visible(out) == [] and not _partials(out)
+    seen: list[tuple] = []
+    report = segment_files(path, [big / "camera.tif"], out, progress=lambda *a: seen.append(a))
+    assert report.written == 1 and len(spy.cores) == 16
+    assert next(s for s in seen if s[0] == "tiles") == ("tiles", ran, 16)
+
+
+def test_bad_big_planes_fail_or_skip_with_one_line(tiled, tmp_path):
+    _, _, path, big = tiled
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tifffile.imwrite(bad / "flat.tif", np.full((400, 416), 7, np.uint16))
+    tifffile.imwrite(bad / "cut.tif", tifffile.imread(big / "stack.tif"))
+    raw = (bad / "cut.tif").read_bytes()
+    (bad / "cut.tif").write_bytes(raw[: int(len(raw) * 0.7)])  # the second plane cut off
+    seen: list[tuple] = []
+    out = tmp_path / "out"
+    report = segment_files(path, [bad, big / "camera.tif"], out,
+                           progress=lambda *a: seen.append(a))
+    status = {Path(r.input).name: r for r in report.results}
+    assert status["camera.tif"].status == "written"
+    assert status["flat.tif"].status == "skipped"
+    assert "constant image (every pixel is 7)" in status["flat.tif"].message
+    assert status["cut.tif"].status == "failed"
+    assert "truncated or corrupt" in status["cut.tif"].message
+    assert _visible(out) == ["camera.tif"] and not _partials(out)
+    # the blank plane's tiles are gone; the failed file's stay (as a stack's planes do)
+    assert [p.name for p in (out / batch.WORK_DIR).iterdir()] == ["cut"]
+    for stage in ("segment", "tiles"):  # the bars end full: work that will not run is dropped
+        last = [s for s in seen if s[0] == stage][-1]
+        assert last[1] == last[2], last
+
+
+def test_taper_blending_keeps_the_whole_plane_path(tiled, tmp_path, monkeypatch):
+    """Tapered tiles need the whole plane's feature map: such a model's planes go to one
+    worker whole, as before, and still get StegoModel.predict's labels."""
+    from napari_stego.tiling import TileConfig
+
+    model, _, _, big = tiled
+    taper = StegoModel(model.backbone, model.head, model.centroids, device="cpu",
+                       tile_config=TileConfig(**TILES_CFG, blend="taper"))
+    path = taper.save(tmp_path / "taper.stego")
+    tile_spy, plane_spy = _TileSpy(monkeypatch), _Counter(monkeypatch)
+    report = segment_files(path, [big / "camera.tif"], tmp_path / "out")
+    assert report.written == 1 and tile_spy.cores == [] and plane_spy.calls == 1
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "camera.tif"),
+                                  taper.predict(tifffile.imread(big / "camera.tif")))
+
+
+@pytest.mark.slow
+def test_tiles_of_one_plane_spread_over_localcluster_workers(tiled, tmp_path):
+    from distributed import Client, LocalCluster, get_task_stream
+
+    _, _, path, big = tiled
+    local = segment_files(path, [big / "camera.tif"], tmp_path / "local")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client, \
+            get_task_stream(client) as stream:
+        remote = segment_files(path, [big / "camera.tif"], tmp_path / "dask", scheduler=client)
+    assert local.exit_code == remote.exit_code == 0
+    tile_tasks = [t for t in stream.data if str(t["key"]).startswith("_run_tile")]
+    assert len(tile_tasks) == 16  # one task per tile of the one plane
+    assert len({t["worker"] for t in tile_tasks}) == 2  # ... run by both workers
+    assert len(remote.workers) == 2
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "dask" / "camera.tif"),
+                                  tifffile.imread(tmp_path / "local" / "camera.tif"))

@@ -17,15 +17,24 @@ How a ``segment`` job runs
    data. A single-plane file is written straight to its output; a stack's planes go to
    per-plane parts in ``OUT/.napari-stego-work/<name>/`` and a last task assembles them.
    Parts survive a killed job, so a re-run finishes a big stack without recomputing it.
-3. *Writes are atomic*: every file (parts included) is written under a hidden temporary
+3. *Tiles*: a plane bigger than one tile of the model's
+   :class:`~napari_stego.tiling.TileConfig` (``features.is_single_tile`` is false) is not
+   given to one worker whole. A *statistics* task measures the plane's intensity mapping
+   once (:func:`~napari_stego.io.fit_intensity`, as ``StegoModel.predict`` does), then one
+   task per tile core reads only that core plus its halo from the TIFF and predicts it with
+   :class:`~napari_stego.lazy.TilePredictor` (the computation of ``StegoModel.predict`` on a
+   big image, chunk for chunk: the labels are the same); with ``crf`` the core is grown by
+   the CRF's halo, refined, and cropped back. Each tile writes a tile part (resumable like
+   a stack's planes); the assembly task streams the parts into the output (a tiled TIFF, or
+   zarr chunks of one tile core) holding one row of tiles. No task holds a whole big plane
+   (the statistics read at most 8 M values). Models that blend tiles with
+   ``blend="taper"`` need the whole plane's feature map and keep the whole-plane path.
+4. *Writes are atomic*: every file (parts included) is written under a hidden temporary
    name in the same folder and renamed when complete; a killed job never leaves a
    half-written output under the output's name, and inputs are only ever read.
 
 Models are loaded once per worker process (:func:`cached_model`, keyed by the model
-file's SHA-256, device and weights), not once per plane.
-
-Tiled prediction of a single huge plane is not here yet: a plane is predicted whole.
-``_predict_plane`` is the one place a lazy/tiled predictor plugs in.
+file's SHA-256, device and weights), not once per plane or tile.
 """
 
 from __future__ import annotations
@@ -503,12 +512,15 @@ def _clean_partials(final: Path) -> None:
         _remove(p)
 
 
-def _tiff_writer(data: np.ndarray | Iterable[np.ndarray], shape, dtype, meta: dict):
+def _tiff_writer(data: np.ndarray | Iterable[np.ndarray], shape, dtype, meta: dict,
+                 tile: tuple[int, int] | None = None):
+    """``data``: planes (pages), or with ``tile`` the TIFF tiles of every page in order."""
     def write(tmp: Path) -> None:
         import tifffile
 
         tifffile.imwrite(str(tmp), data, shape=tuple(shape), dtype=dtype, compression="zlib",
-                         photometric="minisblack", metadata={META_KEY: json.dumps(meta)})
+                         photometric="minisblack", metadata={META_KEY: json.dumps(meta)},
+                         tile=tile)
     return write
 
 
@@ -627,6 +639,38 @@ class _PlaneTask:
     part: str | None = None        # ... a stack: write the plane to this part
 
 
+# tile cores of a tiled plane: ((y0, y1), ...) along Y, ((x0, x1), ...) along X
+_Grid = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
+# raw pixel range of (part of) a plane: (any finite pixel, min, max), for blank planes
+_Range = tuple[bool, object, object]
+
+
+@dataclass(frozen=True)
+class _StatsTask:
+    """Measure a tiled plane's intensity mapping once, for all its tiles."""
+
+    input: str
+    layout: _Layout
+    flat: int
+    intensity: object             # the model's IntensityConfig
+    crf_intensity: object | None  # the CRF's IntensityConfig, with --crf
+
+
+@dataclass(frozen=True)
+class _TileTask:
+    """Predict one tile core of a plane and write it to ``part``."""
+
+    model: _ModelRef
+    settings: _Settings
+    input: str
+    layout: _Layout
+    flat: int
+    tile: tuple[int, int]          # (row, column) in the grid
+    core: tuple[tuple[int, int], tuple[int, int]]  # the core the caller expects (a check)
+    stats: tuple                   # (IntensityStats of the features, of the CRF or None)
+    part: str
+
+
 @dataclass
 class _PlaneResult:
     flat: int
@@ -637,6 +681,8 @@ class _PlaneResult:
     seconds: float = 0.0
     worker: str = ""
     wrote: bool = False
+    stats: tuple | None = None     # a statistics task's result
+    range: _Range | None = None    # a tile task's core pixel range
 
 
 @dataclass(frozen=True)
@@ -649,6 +695,7 @@ class _AssembleTask:
     proba_out: str | None
     meta: dict
     work: str
+    grid: _Grid | None = None      # tiled planes: parts are tiles, see _tile_part_path
 
 
 def _worker_name() -> str:
@@ -750,12 +797,18 @@ def _run_assemble(task: _AssembleTask) -> _PlaneResult:
 
         fmt = task.settings.format
         meta = dict(task.meta, kind="labels", shape=list(shape))
-        _write_output(Path(task.labels_out), planes("labels"), shape, dtype, meta, fmt)
-        if task.proba_out is not None:
-            pshape = (*shape[:-2], task.n_clusters, *shape[-2:])
-            _write_output(Path(task.proba_out), planes("proba"), pshape, np.float32,
-                          dict(meta, kind="probabilities", shape=list(pshape), dtype="float32"),
-                          fmt, plane_ndim=3)
+        pshape = (*shape[:-2], task.n_clusters, *shape[-2:])
+        pmeta = dict(meta, kind="probabilities", shape=list(pshape), dtype="float32")
+        if task.grid is not None:  # tiled planes: stream the tile parts
+            _write_tiled(Path(task.labels_out), task, shape, dtype, meta, ["labels"])
+            if task.proba_out is not None:
+                _write_tiled(Path(task.proba_out), task, pshape, np.dtype(np.float32), pmeta,
+                             [f"proba{k}" for k in range(task.n_clusters)])
+        else:
+            _write_output(Path(task.labels_out), planes("labels"), shape, dtype, meta, fmt)
+            if task.proba_out is not None:
+                _write_output(Path(task.proba_out), planes("proba"), pshape, np.float32, pmeta,
+                              fmt, plane_ndim=3)
         shutil.rmtree(task.work, ignore_errors=True)
         result.wrote = True
     except Exception as exc:
@@ -763,6 +816,375 @@ def _run_assemble(task: _AssembleTask) -> _PlaneResult:
         result.message = _describe(exc, "writing")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# ============================================================================ tiles
+def _plane_grid(model, shape2d: tuple[int, int]) -> _Grid | None:
+    """The tile cores a plane of ``shape2d`` pixels is predicted in, or ``None`` when it is
+    predicted whole: it fits one tile (``features.is_single_tile``), or the model blends
+    tiles with ``"taper"`` (which needs the feature map of the whole plane).
+
+    The cores are those of :class:`~napari_stego.lazy.TilePredictor` (``tiling.cover_1d``
+    with the model's tile and halo, aligned to the backbone's ``pad_to``).
+    """
+    from .features import is_single_tile, tile_halo
+    from .tiling import cover_1d
+
+    if model.tile_config.blend != "crop" or is_single_tile(
+            tuple(shape2d), model.backbone, model.feature_config, model.tile_config):
+        return None
+    tile, halo = tile_halo(model.tile_config, model.backbone)
+    align = model.backbone.spec.pad_to
+    return tuple(tuple(s.core for s in cover_1d(int(n), tile, halo, align)) for n in shape2d)
+
+
+def _grid_tiles(grid: _Grid) -> list[tuple[int, int]]:
+    """Every ``(row, column)`` of a grid, row-major."""
+    return [(iy, ix) for iy in range(len(grid[0])) for ix in range(len(grid[1]))]
+
+
+def _core_shape(grid: _Grid, tile: tuple[int, int]) -> tuple[int, int]:
+    (y0, y1), (x0, x1) = grid[0][tile[0]], grid[1][tile[1]]
+    return y1 - y0, x1 - x0
+
+
+def _tile_part_path(work: str | Path, flat: int, tile: tuple[int, int]) -> Path:
+    return Path(work) / f"plane_{flat:07d}_tile_{tile[0]:04d}_{tile[1]:04d}.npz"
+
+
+class _PlaneArray:
+    """Plane ``flat`` of a TIFF as a lazily read ``(H, W)`` or ``(H, W, C)`` array: slicing
+    ``[ys, xs]`` reads only that region (what :class:`~napari_stego.io.ImageSource` needs).
+
+    Use it as a context manager (the TIFF stays open meanwhile). The last region read is
+    kept: reading a part of it again (a tile's core after its core plus halo) reads nothing.
+    """
+
+    def __init__(self, path: str | Path, layout: _Layout, flat: int) -> None:
+        import tifffile
+        import zarr
+
+        self.layout, self.flat = layout, flat
+        h, w = layout.plane_shape
+        rgb = layout.rgb_axis
+        self.shape = (h, w) if rgb is None else (h, w, layout.shape[rgb])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(layout.dtype)
+        self._store = tifffile.imread(str(path), aszarr=True, series=0, level=0)
+        try:
+            self._arr = zarr.open(self._store, mode="r")
+        except BaseException:
+            self._store.close()
+            raise
+        self._last: tuple[tuple[int, int, int, int], np.ndarray] | None = None
+
+    def __enter__(self) -> _PlaneArray:  # noqa: PYI034 (Python 3.10: no typing.Self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = (key if isinstance(key, tuple) else (key,)) + (slice(None),) * 2
+        (y0, y1, _), (x0, x1, _) = key[0].indices(self.shape[0]), key[1].indices(self.shape[1])
+        if self._last is not None:
+            (a0, a1, b0, b1), block = self._last
+            if a0 <= y0 and y1 <= a1 and b0 <= x0 and x1 <= b1:
+                return block[y0 - a0:y1 - a0, x0 - b0:x1 - b0]
+        idx = list(self.layout.index(self.flat))
+        sy, sx = self.layout.spatial
+        idx[sy], idx[sx] = slice(y0, y1), slice(x0, x1)
+        block = np.asarray(self._arr[tuple(idx)])
+        rgb = self.layout.rgb_axis
+        if rgb is not None:  # the colour axis last, wherever the file keeps it
+            block = np.moveaxis(block, int(sy < rgb) + int(sx < rgb), -1)
+        self._last = ((y0, y1, x0, x1), block)
+        return block
+
+
+def _plane_source(array: _PlaneArray):
+    from .io import ImageSource
+
+    return ImageSource(array, "YX" if array.ndim == 2 else "YXC")
+
+
+def _pixel_range(pixels: np.ndarray) -> _Range:
+    """``(any finite pixel, min, max)`` of raw pixels, min and max over the finite ones."""
+    if pixels.dtype.kind == "f":
+        finite = np.isfinite(pixels)
+        if not finite.any():
+            return False, None, None
+        if not finite.all():
+            pixels = pixels[finite]
+    return True, pixels.min().item(), pixels.max().item()
+
+
+def _merge_ranges(a: _Range | None, b: _Range | None) -> _Range | None:
+    if a is None or not a[0]:
+        return b if b is not None else a
+    if b is None or not b[0]:
+        return a
+    return True, min(a[1], b[1]), max(a[2], b[2])
+
+
+def _range_reason(r: _Range | None) -> str | None:
+    """:func:`_blank_reason` of a plane seen tile by tile (from its tiles' ranges)."""
+    if r is None or not r[0]:
+        return "every pixel is NaN or infinite"
+    if r[1] == r[2]:
+        return f"constant image (every pixel is {r[1]!r})"
+    return None
+
+
+def _save_tile_part(path: Path, labels: np.ndarray, proba: np.ndarray | None,
+                    rng: _Range) -> None:
+    """One tile's labels ``(h, w)``, probabilities (``proba<k>``: ``(h, w)`` each, so the
+    assembly reads one cluster at a time) and raw pixel range."""
+    def write(tmp: Path) -> None:
+        arrays = dict(labels=labels, finite=np.array(bool(rng[0])),
+                      lo=np.asarray(rng[1] if rng[0] else 0),
+                      hi=np.asarray(rng[2] if rng[0] else 0))
+        if proba is not None:
+            arrays.update({f"proba{k}": proba[k] for k in range(proba.shape[0])})
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    _atomic_write(path, write)
+
+
+def _tile_part_range(path: Path, shape: tuple[int, int], n_proba: int) -> _Range | None:
+    """The pixel range a finished tile part records, or ``None`` if it is missing, damaged
+    or lacks what this job needs (``n_proba`` probability maps)."""
+    try:
+        with np.load(path) as z:
+            if z["labels"].shape != tuple(shape) or any(f"proba{k}" not in z.files
+                                                         for k in range(n_proba)):
+                return None
+            if not bool(z["finite"]):
+                return False, None, None
+            return True, z["lo"].item(), z["hi"].item()
+    except Exception:
+        return None
+
+
+def _tile_spans(pred, tile: tuple[int, int], grow: int):
+    """``(Y, X)`` :class:`~napari_stego.tiling.Span` s of ``tile``: the predictor's own, or
+    with ``grow > 0`` its core grown by ``grow`` pixels (clipped to the plane), read with the
+    model's halo and aligned to ``pad_to`` like the predictor's own reads (so its feature
+    cells are the whole plane's)."""
+    from .features import tile_halo
+    from .tiling import Span, round_up
+
+    sy, sx = pred.ys[tile[0]], pred.xs[tile[1]]
+    if grow <= 0:
+        return sy, sx
+    model = pred.model
+    _, halo = tile_halo(model.tile_config, model.backbone)
+    align = model.backbone.spec.pad_to
+
+    def grown(span, n: int):
+        c0, c1 = max(0, span.core[0] - grow), min(n, span.core[1] + grow)
+        return Span((c0, c1), (max(0, (c0 - halo) // align * align),
+                               min(n, round_up(c1 + halo, align))))
+
+    h, w = pred.source.shape2d
+    return grown(sy, h), grown(sx, w)
+
+
+def _crf_halo() -> int:
+    from .crf import default_halo
+
+    return default_halo()
+
+
+def _refine_window(image: np.ndarray, probs: np.ndarray, intensity,
+                   origin: tuple[int, int]) -> np.ndarray:
+    """Dense CRF of one window of a plane, as :func:`~napari_stego.crf.dense_crf_tiled` runs
+    each of its tiles: the reference parameters, the default backend, the bilateral lattice
+    in whole-plane coordinates (``origin``: the window's top-left pixel).
+
+    ``image``: raw ``(h, w, C)`` pixels; ``probs``: ``(K, h, w)``. Returns ``(K, h, w)``.
+    """
+    from .crf import CRFConfig, _backend, _run, _torch_device, crf_image
+
+    backend = _backend(None, None)
+    device = _torch_device(None) if backend == "torch" else None
+    rgb = crf_image(image[..., 0] if image.shape[-1] == 1 else image, intensity)
+    return _run(backend, np.ascontiguousarray(rgb), np.ascontiguousarray(probs, np.float32),
+                CRFConfig(), device, origin)
+
+
+def _predict_tile(pred, tile: tuple[int, int], window, crf_intensity, settings: _Settings
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels ``(h, w)`` and, when asked, probabilities ``(K, h, w)`` of one tile core.
+
+    Without CRF: ``pred.probs`` of the tile, the chunk ``StegoModel.predict`` computes for it.
+    With CRF: the probabilities of ``window`` (the core grown by the CRF halo, see
+    :func:`_tile_spans`), refined (:func:`_refine_window`), cropped to the core.
+    """
+    import copy
+
+    model = pred.model
+    if not settings.crf:
+        probs = pred.probs(0, *tile)
+    else:
+        wy, wx = window
+        grown = copy.copy(pred)  # the same predictor, on one tile: the grown window
+        grown.ys, grown.xs = [wy], [wx]
+        probs = grown.probs(0, 0, 0)
+        image = pred.source.block(0, slice(*wy.core), slice(*wx.core))
+        probs = _refine_window(image, probs, crf_intensity, (wy.core[0], wx.core[0]))
+        sy, sx = pred.ys[tile[0]], pred.xs[tile[1]]
+        probs = np.ascontiguousarray(probs[:, sy.core[0] - wy.core[0]:sy.core[1] - wy.core[0],
+                                           sx.core[0] - wx.core[0]:sx.core[1] - wx.core[0]])
+    labels = probs.argmax(0).astype(_label_dtype(model.n_clusters))
+    return labels, (probs.astype(np.float32, copy=False) if settings.probabilities else None)
+
+
+def _run_stats(task: _StatsTask) -> _PlaneResult:
+    """Worker side: the intensity mapping of one tiled plane (``fit_intensity`` reads all its
+    pixels up to 8 M values, else blocks spread over it), for all its tiles."""
+    from .io import fit_intensity
+
+    t0 = time.perf_counter()
+    result = _PlaneResult(task.flat, worker=_worker_name())
+    try:
+        with _PlaneArray(task.input, task.layout, task.flat) as arr:
+            source = _plane_source(arr)
+            stats = fit_intensity(source, task.intensity)
+            crf = None
+            if task.crf_intensity is not None:
+                crf = stats if task.crf_intensity == task.intensity else \
+                    fit_intensity(source, task.crf_intensity)
+        result.stats = (stats, crf)
+    except Exception as exc:
+        result.ok = False
+        result.message = _describe(exc, "reading")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_tile(task: _TileTask) -> _PlaneResult:
+    """Worker side: read one tile core plus its halo, predict it, write its part."""
+    from .lazy import TilePredictor
+
+    if _on_dask_worker():
+        _pin_worker_dask()
+    t0 = time.perf_counter()
+    result = _PlaneResult(task.flat, worker=_worker_name())
+    stage = "reading"
+    try:
+        with _PlaneArray(task.input, task.layout, task.flat) as arr:
+            source = _plane_source(arr)
+            stage = "loading the model"
+            model = _model_of(task.model)
+            pred = TilePredictor(model, source, task.stats[0], model.tile_config,
+                                 lock=getattr(model, "_compute_lock", None))
+            sy, sx = _tile_spans(pred, task.tile, 0)
+            if (sy.core, sx.core) != tuple(task.core):
+                raise StegoError(f"tile {task.tile} covers {sy.core} x {sx.core} on this worker, "
+                                 f"{task.core[0]} x {task.core[1]} for the job: mixed "
+                                 "napari-stego versions?")
+            window = _tile_spans(pred, task.tile, _crf_halo() if task.settings.crf else 0)
+            stage = "reading"
+            arr[slice(*window[0].read), slice(*window[1].read)]  # once; the predictor reuses it
+            result.range = _pixel_range(arr[slice(*sy.core), slice(*sx.core)])
+            stage = "predicting"
+            labels, proba = _predict_tile(pred, task.tile, window, task.stats[1], task.settings)
+        result.pixels = int(labels.size)
+        stage = "writing"
+        _save_tile_part(Path(task.part), labels, proba, result.range)
+        result.wrote = True
+    except Exception as exc:
+        result.ok = False
+        result.message = _describe(exc, stage)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+class _TileReader:
+    """Regions of one map (``key``: ``"labels"`` or ``"proba<k>"``) of a tiled plane, read
+    back from its tile parts. Holds the parts of the tile rows the last region spans (one
+    row of tiles when regions follow the tile rows), so regions must go top to bottom."""
+
+    def __init__(self, work: str | Path, flat: int, grid: _Grid, key: str) -> None:
+        self.work, self.flat, self.grid, self.key = Path(work), flat, grid, key
+        self._rows: dict[int, list[np.ndarray]] = {}
+
+    def _row(self, iy: int) -> list[np.ndarray]:
+        if iy not in self._rows:
+            row = []
+            for ix in range(len(self.grid[1])):
+                with np.load(_tile_part_path(self.work, self.flat, (iy, ix))) as z:
+                    row.append(z[self.key])
+            self._rows[iy] = row
+        return self._rows[iy]
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0, y1) x [x0, x1)`` of the plane."""
+        ys, xs = self.grid
+        rows = [iy for iy, (a, b) in enumerate(ys) if a < y1 and b > y0]
+        for iy in [i for i in self._rows if i not in rows]:
+            del self._rows[iy]
+        out = None
+        for iy in rows:
+            a, b = ys[iy]
+            for ix, (c, d) in enumerate(xs):
+                if c >= x1 or d <= x0:
+                    continue
+                part = self._row(iy)[ix]
+                if out is None:
+                    out = np.empty((y1 - y0, x1 - x0), part.dtype)
+                ra, rb, ca, cb = max(a, y0), min(b, y1), max(c, x0), min(d, x1)
+                out[ra - y0:rb - y0, ca - x0:cb - x0] = part[ra - a:rb - a, ca - c:cb - c]
+        return out
+
+
+def _tiff_tile_side(cores: tuple[tuple[int, int], ...], length: int) -> int:
+    """TIFF tile side along one axis: the prediction tile's core when TIFF allows it (a
+    multiple of 16, at most 2048), else 512; never much longer than the axis."""
+    from .tiling import round_up
+
+    core = cores[0][1] - cores[0][0]
+    side = core if core % 16 == 0 and core <= 2048 else 512
+    return min(side, round_up(length, 16))
+
+
+def _write_tiled(final: Path, task: _AssembleTask, shape: tuple[int, ...], dtype: np.dtype,
+                 meta: dict, keys: list[str]) -> Path:
+    """Atomically write the labels (``keys == ["labels"]``, ``shape`` ``(*lead, H, W)``) or
+    probabilities (``proba<k>``, ``(*lead, K, H, W)``) of tiled planes from their tile parts,
+    holding at most a row of tiles: a tiled TIFF, or zarr with one chunk per tile core."""
+    grid, work, h, w = task.grid, task.work, shape[-2], shape[-1]
+    lead = task.layout.out_shape[:-2]
+    pages = [(flat, j, idx + ((j,) if len(keys) > 1 else ()))
+             for flat, idx in enumerate(np.ndindex(*lead)) for j in range(len(keys))]
+    if task.settings.format == "zarr":
+        def write(tmp: Path) -> None:
+            import zarr
+
+            chunks = (1,) * (len(shape) - 2) + _core_shape(grid, (0, 0))
+            arr = zarr.create_array(store=str(tmp), shape=tuple(shape), dtype=dtype,
+                                    chunks=chunks, zarr_format=3, fill_value=0)
+            for flat in range(len(pages) // len(keys)):
+                for tile in _grid_tiles(grid):
+                    (y0, y1), (x0, x1) = grid[0][tile[0]], grid[1][tile[1]]
+                    with np.load(_tile_part_path(work, flat, tile)) as z:
+                        for _, j, index in pages[flat * len(keys):(flat + 1) * len(keys)]:
+                            arr[index + (slice(y0, y1), slice(x0, x1))] = z[keys[j]]
+            arr.attrs[META_KEY] = meta
+        return _atomic_write(final, write)
+    th, tw = _tiff_tile_side(grid[0], h), _tiff_tile_side(grid[1], w)
+
+    def tiles():
+        for flat, j, _ in pages:
+            reader = _TileReader(work, flat, grid, keys[j])
+            for y in range(0, h, th):
+                for x in range(0, w, tw):
+                    yield reader.region(y, min(y + th, h), x, min(x + tw, w))
+    return _atomic_write(final, _tiff_writer(tiles(), shape, dtype, meta, tile=(th, tw)))
 
 
 # ============================================================================ schedulers
@@ -848,6 +1270,10 @@ class _FileJob:
     blank: dict = field(default_factory=dict)
     assembling: bool = False
     done: bool = False
+    grid: _Grid | None = None  # the tile cores of tiled planes (None: planes predicted whole)
+    tiles: dict = field(default_factory=dict)   # tiled plane -> its tiles still to predict
+    left: dict = field(default_factory=dict)    # tiled plane -> its tiles not finished yet
+    ranges: dict = field(default_factory=dict)  # tiled plane -> pixel range of its tiles
 
 
 def _input_signature(path: Path) -> dict:
@@ -925,12 +1351,16 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
         report = BatchReport([*problems, *(j.result for j in jobs)], str(out))
         busy = [j for j in jobs if not j.done]
         total = sum(j.layout.n_planes for j in busy)
-        done_planes = total - sum(len(j.todo) for j in busy)
-        if progress is not None:
-            progress("segment", done_planes, total)
+        planes = _Tally("segment", progress, total - sum(len(j.todo) for j in busy), total)
+        planes.report()
+        total = sum(j.layout.n_planes * len(_grid_tiles(j.grid)) for j in busy if j.grid)
+        tiles = _Tally("tiles", progress, total - sum(len(t) for j in busy
+                                                      for t in j.tiles.values()), total)
+        if total:
+            tiles.report()
         with _local_dask(pool):
-            cancelled = _dispatch(pool, jobs, ref, loaded, settings, report, progress, say,
-                                  cancel, done_planes, total)
+            cancelled = _dispatch(pool, jobs, ref, loaded, settings, report, say, cancel,
+                                  planes, tiles)
     finally:
         pool.close(cancel_pending=cancelled)
         if temporary is not None:  # a model object's transport file, and its cache entry
@@ -1032,7 +1462,8 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
                     say(f"recomputing {path}: {reason}")
                     break
         job.todo = list(range(layout.n_planes))
-        if layout.n_planes > 1:
+        job.grid = _plane_grid(model, layout.plane_shape)
+        if layout.n_planes > 1 or job.grid is not None:
             job.work = out / WORK_DIR / name
             _resume_parts(job, ref, settings, overwrite, model.n_clusters)
     return jobs
@@ -1040,22 +1471,47 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
 
 def _resume_parts(job: _FileJob, ref: _ModelRef, settings: _Settings, overwrite: bool,
                   n_clusters: int) -> None:
-    """Reuse the plane parts a killed job left, when they were made the same way."""
+    """Reuse the plane (and tile) parts a killed job left, when they were made the same
+    way; set ``job.todo`` to the planes with work left (and ``job.tiles`` to their tiles)."""
     stamp = {"model": ref.sha256, "settings": asdict(settings),
-             "input": job.meta["input"], "n_clusters": n_clusters}
+             "input": job.meta["input"], "n_clusters": n_clusters, "grid": job.grid}
     stamp_file = job.work / "job.json"
     old = None
     if not overwrite and stamp_file.is_file():
         with contextlib.suppress(Exception):
             old = json.loads(stamp_file.read_text())
-    if old != json.loads(json.dumps(stamp)):
+    fresh = old != json.loads(json.dumps(stamp))
+    if fresh:
         shutil.rmtree(job.work, ignore_errors=True)
         job.work.mkdir(parents=True, exist_ok=True)
         _atomic_write(stamp_file, lambda tmp: tmp.write_text(json.dumps(stamp)))
-        return
     todo = []
     for flat in job.todo:
+        if job.grid is not None:
+            missing = []
+            for tile in _grid_tiles(job.grid):
+                part = _tile_part_path(job.work, flat, tile)
+                rng = None
+                if not fresh:
+                    _clean_partials(part)
+                    rng = _tile_part_range(part, _core_shape(job.grid, tile),
+                                           n_clusters if settings.probabilities else 0)
+                if rng is None:
+                    missing.append(tile)
+                else:
+                    job.ranges[flat] = _merge_ranges(job.ranges.get(flat), rng)
+            if missing:
+                job.tiles[flat], job.left[flat] = missing, len(missing)
+                todo.append(flat)
+            else:
+                reason = _range_reason(job.ranges.get(flat))
+                if reason:
+                    job.blank[flat] = reason
+            continue
         part = _part_path(job, flat)
+        if fresh:
+            todo.append(flat)
+            continue
         _clean_partials(part)
         if _part_ok(part, job.layout.plane_shape, settings.probabilities):
             with np.load(part) as z:
@@ -1076,17 +1532,82 @@ def _fail(job: _FileJob, message: str, say: Log) -> None:
     say(f"failed: {job.result.line()}")
 
 
+class _Tally:
+    """``done`` / ``total`` of one progress stage, reported on every change."""
+
+    def __init__(self, stage: str, progress: Progress | None, done: int, total: int) -> None:
+        self.stage, self.progress, self.done, self.total = stage, progress, done, total
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.stage, self.done, self.total)
+
+    def add(self, n: int = 1) -> None:
+        self.done += n
+        self.report()
+
+    def drop(self, n: int = 1) -> None:
+        """``n`` units that will not run (their file failed)."""
+        if n:
+            self.total -= n
+            self.report()
+
+
+@dataclass
+class _Item:
+    """One task of the dispatcher: ``kind`` is ``"plane"`` (a plane predicted whole),
+    ``"stats"`` or ``"tile"`` (of a tiled plane), or ``"assemble"`` (a file's output)."""
+
+    kind: str
+    job: _FileJob
+    flat: int = -1
+    tile: tuple[int, int] | None = None
+    stats: tuple | None = None
+
+
 def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings: _Settings,
-              report: BatchReport, progress: Progress | None, say: Log, cancel,
-              done_planes: int, total: int) -> bool:
-    """Run every job's planes (then its assembly) on the pool; returns True if cancelled."""
-    queue: list[tuple[_FileJob, int]] = [(j, f) for j in jobs if not j.done for f in j.todo]
-    queue.reverse()  # pop() from the end = file order
+              report: BatchReport, say: Log, cancel, planes: _Tally, tiles: _Tally) -> bool:
+    """Run every job's planes or tiles (then its assembly) on the pool; True if cancelled.
+
+    A tiled plane runs as a statistics task, then (when it is back) one task per tile; the
+    tiles of a plane are queued next, so a plane's parts are finished before the next
+    plane's start. At most about two tasks per worker thread are in flight.
+    """
+    queue: list[_Item] = []
     for j in jobs:
         if not j.done:
+            queue += [_Item("plane" if j.grid is None else "stats", j, f) for f in j.todo]
             j.pending = len(j.todo)
-    running: dict[cf.Future, tuple[_FileJob, int]] = {}
+    queue.reverse()  # pop() from the end = file order
+    running: dict[cf.Future, _Item] = {}
     workers: set[str] = set()
+    intensity = model.feature_config.intensity
+    crf_intensity = None
+    if settings.crf:
+        from .crf import CRFConfig
+
+        crf_intensity = CRFConfig().intensity
+
+    def submit(item: _Item) -> None:
+        job = item.job
+        if item.kind == "stats":
+            task = _StatsTask(job.result.input, job.layout, item.flat, intensity, crf_intensity)
+            running[pool.submit(_run_stats, task)] = item
+        elif item.kind == "tile":
+            iy, ix = item.tile
+            task = _TileTask(ref, settings, job.result.input, job.layout, item.flat, item.tile,
+                             (job.grid[0][iy], job.grid[1][ix]), item.stats,
+                             str(_tile_part_path(job.work, item.flat, item.tile)))
+            running[pool.submit(_run_tile, task)] = item
+        else:
+            if job.layout.n_planes == 1:  # write the outputs straight away
+                where = dict(labels_out=str(job.labels_out),
+                             meta=dict(job.meta, blank_planes=[]),
+                             proba_out=None if job.proba_out is None else str(job.proba_out))
+            else:
+                where = dict(part=str(_part_path(job, item.flat)))
+            task = _PlaneTask(ref, settings, job.result.input, job.layout, item.flat, **where)
+            running[pool.submit(_run_plane, task)] = item
 
     def submit_assemble(job: _FileJob) -> None:
         if job.result.status == "failed":
@@ -1096,13 +1617,41 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
             _skip(job, next(iter(job.blank.values())), say)
             shutil.rmtree(job.work, ignore_errors=True)
             return
-        task = _AssembleTask(settings, job.layout, model.n_clusters,
-                             tuple(str(_part_path(job, i)) for i in range(job.layout.n_planes)),
+        parts = () if job.grid is not None else tuple(
+            str(_part_path(job, i)) for i in range(job.layout.n_planes))
+        task = _AssembleTask(settings, job.layout, model.n_clusters, parts,
                              str(job.labels_out), None if job.proba_out is None
                              else str(job.proba_out), dict(job.meta,
                                                            blank_planes=sorted(job.blank)),
-                             str(job.work))
-        running[pool.submit(_run_assemble, task)] = (job, -1)
+                             str(job.work), job.grid)
+        running[pool.submit(_run_assemble, task)] = _Item("assemble", job)
+
+    def tile_over(job: _FileJob, flat: int) -> None:
+        """One tile of plane ``flat`` finished or dropped; the plane is done after its last."""
+        job.left[flat] -= 1
+        if job.left[flat] > 0:
+            return
+        if job.done:  # its file failed: the plane will not be written
+            planes.drop()
+            return
+        planes.add()
+        reason = _range_reason(job.ranges.get(flat))
+        if reason:
+            job.blank[flat] = reason
+        job.pending -= 1
+        if job.pending == 0:
+            submit_assemble(job)
+
+    def drop(item: _Item) -> None:
+        """An item of a file that failed already: it will not run."""
+        if item.kind == "plane":
+            planes.drop()
+        elif item.kind == "stats":
+            planes.drop()
+            tiles.drop(len(item.job.tiles[item.flat]))
+        elif item.kind == "tile":
+            tiles.drop()
+            tile_over(item.job, item.flat)
 
     for j in jobs:
         if not j.done and not j.todo:
@@ -1115,24 +1664,17 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
             return True
         limit = 2 * pool.slots + 2
         while queue and len(running) < limit:
-            job, flat = queue.pop()
-            if job.done:  # its file failed already: this plane will not run
-                total -= 1
-                if progress is not None:
-                    progress("segment", done_planes, total)
+            item = queue.pop()
+            if item.job.done:  # its file failed already: this will not run
+                drop(item)
                 continue
-            if job.layout.n_planes == 1:  # write the outputs straight away
-                where = dict(labels_out=str(job.labels_out), meta=dict(job.meta, blank_planes=[]),
-                             proba_out=None if job.proba_out is None else str(job.proba_out))
-            else:
-                where = dict(part=str(_part_path(job, flat)))
-            task = _PlaneTask(ref, settings, job.result.input, job.layout, flat, **where)
-            running[pool.submit(_run_plane, task)] = (job, flat)
+            submit(item)
         if not running:
             continue
         finished, _ = cf.wait(list(running), timeout=0.25, return_when=cf.FIRST_COMPLETED)
         for fut in finished:
-            job, flat = running.pop(fut)
+            item = running.pop(fut)
+            job, flat = item.job, item.flat
             try:
                 res: _PlaneResult = fut.result()
             except cf.CancelledError:
@@ -1142,7 +1684,7 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
             if res.worker:
                 workers.add(res.worker)
             job.result.seconds += res.seconds
-            if flat == -1:  # an assembly
+            if item.kind == "assemble":
                 job.done = True
                 if res.ok:
                     job.result.status = "written"
@@ -1153,9 +1695,26 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
                 else:
                     _fail(job, res.message, say)
                 continue
-            done_planes += 1
-            if progress is not None:
-                progress("segment", done_planes, total)
+            if item.kind == "stats":
+                if not job.done and not res.ok:
+                    _fail(job, res.message, say)
+                if job.done:
+                    drop(item)
+                    continue
+                queue.extend(reversed([_Item("tile", job, flat, t, res.stats)
+                                       for t in job.tiles[flat]]))
+                continue
+            if item.kind == "tile":
+                tiles.add()
+                if not job.done:
+                    if res.ok:
+                        job.result.pixels += res.pixels
+                        job.ranges[flat] = _merge_ranges(job.ranges.get(flat), res.range)
+                    else:
+                        _fail(job, res.message, say)
+                tile_over(job, flat)
+                continue
+            planes.add()
             if job.done:
                 continue
             if not res.ok:
