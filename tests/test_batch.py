@@ -611,6 +611,31 @@ def test_bad_big_planes_fail_or_skip_with_one_line(tiled, tmp_path):
         assert last[1] == last[2], last
 
 
+def test_tile_parts_stitch_into_tiff_tiles_of_another_size(tmp_path, monkeypatch):
+    """Output TIFF tiles need not line up with the prediction tiles (a ViT's 8 px-aligned
+    tiles, or tiles over 2048 px): each TIFF tile is cut from the parts it overlaps."""
+    rng = np.random.default_rng(0)
+    planes = rng.integers(0, 5, (2, 250, 130)).astype(np.uint8)
+    grid = (((0, 100), (100, 200), (200, 250)), ((0, 100), (100, 130)))
+    for flat, plane in enumerate(planes):
+        for iy, (y0, y1) in enumerate(grid[0]):
+            for ix, (x0, x1) in enumerate(grid[1]):
+                core = plane[y0:y1, x0:x1]
+                batch._save_tile_part(batch._tile_part_path(tmp_path, flat, (iy, ix)), core,
+                                      None, batch._pixel_range(core))
+    assert batch._tiff_tile_side(grid[0], 250) == 256  # 100 px is no TIFF tile size
+    assert batch._tiff_tile_side(((0, 1024), (1024, 3000)), 3000) == 1024
+    monkeypatch.setattr(batch, "_tiff_tile_side", lambda cores, length: 48)
+    layout = batch._Layout((2, 250, 130), "QYX", "|u1", (1, 2), None, (0,))
+    task = batch._AssembleTask(batch._Settings(), layout, 5, (), "", None, {}, str(tmp_path),
+                               grid)
+    out = batch._write_tiled(tmp_path / "out.tif", task, (2, 250, 130), np.dtype(np.uint8),
+                             {"complete": True}, ["labels"])
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].tile == (48, 48)
+        np.testing.assert_array_equal(tif.asarray(), planes)
+
+
 def test_taper_blending_keeps_the_whole_plane_path(tiled, tmp_path, monkeypatch):
     """Tapered tiles need the whole plane's feature map: such a model's planes go to one
     worker whole, as before, and still get StegoModel.predict's labels."""

@@ -1159,7 +1159,8 @@ def _write_tiled(final: Path, task: _AssembleTask, shape: tuple[int, ...], dtype
     holding at most a row of tiles: a tiled TIFF, or zarr with one chunk per tile core."""
     grid, work, h, w = task.grid, task.work, shape[-2], shape[-1]
     lead = task.layout.out_shape[:-2]
-    pages = [(flat, j, idx + ((j,) if len(keys) > 1 else ()))
+    per_cluster = keys != ["labels"]  # probabilities: a K axis before Y, X
+    pages = [(flat, j, idx + ((j,) if per_cluster else ()))
              for flat, idx in enumerate(np.ndindex(*lead)) for j in range(len(keys))]
     if task.settings.format == "zarr":
         def write(tmp: Path) -> None:
