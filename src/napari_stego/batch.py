@@ -1312,10 +1312,13 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
         weights: the backbone weights file, on machines where the one recorded in the
             model is not present.
         device: ``"auto"``/``None`` (CUDA > MPS > CPU, per worker) or a device name.
-        progress: ``progress("segment", planes_done, planes_total)``.
+        progress: ``progress("segment", planes_done, planes_total)``; when some planes are
+            bigger than one tile of the model's ``TileConfig`` (they are predicted tile by
+            tile, see the module docstring) also ``progress("tiles", done, total)``.
         log: receives one line per problem or notice (failed / skipped inputs, stale
             outputs recomputed).
-        cancel: anything with ``is_set()``; running planes finish, the rest is dropped.
+        cancel: anything with ``is_set()``; running planes (tiles) finish, the rest is
+            dropped.
 
     Returns:
         A :class:`BatchReport`; ``report.exit_code`` is 0 when every input has its output.
