@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from skimage import data, transform
 
 from napari_stego.backbones import (create_backbone, get_spec, list_backbones,
@@ -106,3 +107,33 @@ def test_missing_hub_weights_say_how_to_get_them(tmp_path):
                          timeout=300)
     assert "napari-stego weights download dino_vits8" in out.stdout, out.stderr
     assert "dino_deitsmall8_pretrain.pth" in out.stdout
+
+
+def test_upsampled_backbone_is_the_backbone_on_a_bigger_image(offline_backbone):
+    from napari_stego.backbones import upsampled
+
+    net = upsampled(offline_backbone, 2)
+    assert (net.stride, net.spec.pad_to, net.upsample) == (4, 16, 2)
+    assert net.fingerprint() == offline_backbone.fingerprint()
+    x = offline_backbone.normalize(torch.rand(1, 3, 64, 96))
+    with torch.no_grad():
+        fine = net(x)
+        big = offline_backbone(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        coarse = offline_backbone(x)
+    assert fine.shape == (1, 472, 16, 24) and coarse.shape == (1, 472, 8, 12)
+    torch.testing.assert_close(fine, big)
+    # odd sizes are padded to the finer multiple and cropped back to ceil(H / 4)
+    with torch.no_grad():
+        assert net(x[..., :37, :90]).shape == (1, 472, 10, 23)
+    assert upsampled(net, 1) is offline_backbone  # no nesting, 1 is the plain backbone
+    assert upsampled(net, 4).stride == 2
+
+
+@pytest.mark.parametrize("name,factor", [("efficientnet_lite0", 3), ("efficientnet_lite0", 0),
+                                         ("dinov2_vits14_reg", 4), ("dino_vits8", 1.5)])
+def test_upsampled_rejects_factors_that_do_not_divide_the_stride(name, factor):
+    from napari_stego.backbones import upsampled
+
+    net = create_backbone(name, pretrained=False)
+    with pytest.raises(StegoError, match="up-sample"):
+        upsampled(net, factor)

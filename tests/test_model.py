@@ -99,3 +99,36 @@ def test_fit_reports_all_stages(offline_backbone, mosaics):
                    train=TrainConfig(steps=2, batch_size=2),
                    progress=lambda stage, i, n: stages.add(stage))
     assert stages == {"features", "train", "cluster"}
+
+
+def test_upsampled_features_fit_predict_and_round_trip(offline_backbone, mosaics, tmp_path):
+    from napari_stego.features import FeatureConfig
+    from napari_stego.tiling import TileConfig
+
+    images, labels = mosaics
+    # no training steps: the fitted part is the PCA-initialised head and the k-means
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0,
+                           train=TrainConfig(steps=0), features=FeatureConfig(upsample=2))
+    assert model.backbone.stride == 4 and model.backbone.upsample == 2
+    image = images[0]  # 160 px, up-sampled to 224 for the backbone, then by 2
+    assert model.codes(image).shape[-2:] == (56, 56)  # 224 / 4 (28 without up-sampling)
+    conf = sum(confusion_matrix(model.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
+    assert hungarian_scores(conf)["miou"] > 75
+    loaded = StegoModel.load(model.save(tmp_path / "m.stego"))
+    assert loaded.feature_config.upsample == 2 and loaded.backbone.stride == 4
+    np.testing.assert_array_equal(loaded.predict(image), model.predict(image))
+    # a big image tiled with up-sampled tiles: same labels as in one piece
+    big = np.concatenate([np.concatenate(images[:2], 1), np.concatenate(images[2:4], 1)], 0)
+    whole = model.predict(big)
+    tiled = StegoModel(model.backbone, model.head, model.centroids,
+                       feature_config=model.feature_config,
+                       tile_config=TileConfig(tile=256, halo=64)).predict(big)
+    assert (tiled != whole).mean() < 0.005
+
+
+def test_upsample_must_be_a_positive_integer():
+    from napari_stego.features import FeatureConfig
+
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(StegoError, match="upsample"):
+            FeatureConfig(upsample=bad)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,6 +108,8 @@ class Backbone(nn.Module):
             ``"package:..."`` or ``"random"``).
     """
 
+    upsample: int = 1  # see :func:`upsampled`
+
     def __init__(self, spec: BackboneSpec, net: nn.Module, weights_source: str) -> None:
         super().__init__()
         self.spec = spec
@@ -154,6 +156,50 @@ class Backbone(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+
+class UpsampledBackbone(Backbone):
+    """A backbone that runs on its input up-sampled by an integer ``factor``.
+
+    Seen from outside it is a backbone with ``factor`` times finer ``stride`` and ``pad_to``
+    (same weights, same fingerprint): tiling, caching and prediction need no other change.
+    """
+
+    def __init__(self, inner: Backbone, factor: int) -> None:
+        spec = replace(inner.spec, stride=inner.spec.stride // factor,
+                       pad_to=inner.spec.pad_to // factor)
+        super().__init__(spec, inner.net, inner.weights_source)
+        self.inner = inner
+        self.upsample = factor
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        return self.inner._features(x)
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+
+def upsampled(backbone: Backbone, factor: int) -> Backbone:
+    """``backbone`` run on images up-sampled ``factor`` times (``factor`` = 1: itself).
+
+    Features then come at ``stride / factor`` image pixels, for structures smaller than the
+    backbone's stride (membranes, small nuclei), at ``factor**2`` times the compute. The
+    factor must divide the backbone's stride and ``pad_to`` (2 for every registered backbone;
+    4 and 8 for the stride-8 ones).
+
+    Raises:
+        StegoError: a factor that is not a positive integer dividing both.
+    """
+    if isinstance(backbone, UpsampledBackbone):
+        backbone = backbone.inner
+    spec = backbone.spec
+    if (not isinstance(factor, int) or factor < 1 or spec.stride % factor
+            or spec.pad_to % factor):
+        raise StegoError(f"cannot up-sample the input of {spec.name} by {factor!r}: the factor "
+                         f"must be a positive integer dividing its stride {spec.stride} and "
+                         f"input multiple {spec.pad_to}")
+    return backbone if factor == 1 else UpsampledBackbone(backbone, factor)
 
 
 class ViTBackbone(Backbone):

@@ -62,14 +62,22 @@ class FeatureConfig:
     ``dtype``: storage type of cached features (float16 halves memory).
     ``autocast``: reduced precision for the backbone on CUDA (``"bfloat16"``, ``"float16"``
     or ``None`` for float32); CPU and MPS always run float32.
+    ``upsample``: run the backbone on images up-sampled by this integer factor, for
+    structures thinner than its stride (membranes, small nuclei): features every
+    ``stride / upsample`` pixels at ``upsample**2`` times the backbone's time and memory (see
+    :func:`~napari_stego.backbones.upsampled`). Applied on top of ``min_side``.
     """
 
     min_side: int = 224
     dtype: str = "float16"
     intensity: IntensityConfig = IntensityConfig()
     autocast: str | None = "bfloat16"
+    upsample: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.upsample, (int, np.integer)) or self.upsample < 1:
+            raise StegoError(f"FeatureConfig.upsample must be a positive integer, "
+                             f"got {self.upsample!r}")
         if self.autocast not in AUTOCAST:
             raise StegoError(f"FeatureConfig.autocast must be one of {AUTOCAST}, "
                              f"got {self.autocast!r}")
@@ -158,15 +166,21 @@ def extract_all(backbone: Backbone, images: Sequence[np.ndarray], config: Featur
 
 
 def default_halo(backbone: Backbone) -> int:
-    """Halo pixels when ``TileConfig.halo`` is ``None``: 8 patches for a ViT, 128 px for a
-    CNN (EfficientNet-Lite0's stride-32 stage changes by ~2 % at 128 px from a tile border,
-    and tiled labels then differ from whole-image labels on ~0.1-0.2 % of pixels)."""
-    return 8 * backbone.stride if backbone.spec.family == "vit" else 128
+    """Halo pixels when ``TileConfig.halo`` is ``None``: 8 patches for a ViT, 128 px of
+    backbone input for a CNN (EfficientNet-Lite0's stride-32 stage changes by ~2 % at 128 px
+    from a tile border, and tiled labels then differ from whole-image labels on ~0.1-0.2 % of
+    pixels); image pixels, so divided by the backbone's ``upsample``."""
+    return 8 * backbone.stride if backbone.spec.family == "vit" else 128 // backbone.upsample
 
 
 def tile_halo(tiles: TileConfig, backbone: Backbone) -> tuple[int, int]:
-    """``(tile, halo)`` pixels for ``backbone``, aligned to its ``pad_to``."""
-    return effective(tiles, backbone.spec.pad_to, default_halo(backbone))
+    """``(tile, halo)`` image pixels for ``backbone``, aligned to its ``pad_to``.
+
+    ``tiles.tile`` is the core size the backbone sees, so an up-sampled backbone
+    (:func:`~napari_stego.backbones.upsampled`) reads ``upsample`` times smaller cores of
+    the image and a tile costs the same memory."""
+    tile = TileConfig(tile=max(tiles.tile // backbone.upsample, 1), halo=tiles.halo)
+    return effective(tile, backbone.spec.pad_to, default_halo(backbone))
 
 
 def batch_size(tiles: TileConfig, device: torch.device) -> int:
@@ -510,7 +524,8 @@ def source_signature(backbone: Backbone, source: ImageSource, stats: IntensitySt
         intensity=stats.to_dict(),
         backbone=backbone.spec.name,
         weights=weights_fingerprint(backbone),
-        features=dict(min_side=config.min_side, autocast=config.autocast),
+        features=dict(min_side=config.min_side, autocast=config.autocast,
+                      upsample=backbone.upsample),
         tiles=dict(tile=tile, halo=halo, blend=tiles.blend),
     )
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig, spherical_kmeans
 from .device import resolve_device
 from .errors import StegoError
@@ -28,6 +28,7 @@ from .features import (
     feature_store,
     is_single_tile,
     training_maps,
+    work_size,
 )
 from .head import SegmentationHead
 from .io import ImageSource, IntensityConfig, fit_intensity, image_list, open_image
@@ -57,6 +58,8 @@ class StegoModel:
                  tile_config: TileConfig = TileConfig(),
                  device: str | torch.device | None = None, info: dict | None = None) -> None:
         self.device = resolve_device(device)
+        if backbone.upsample != feature_config.upsample:
+            backbone = upsampled(backbone, int(feature_config.upsample))
         self.backbone = backbone.to(self.device)
         self.head = head.to(self.device).eval()
         self.centroids = centroids.to(self.device, torch.float32)
@@ -133,7 +136,7 @@ class StegoModel:
         cluster = cluster or ClusterConfig()
         tiles = tiles or TileConfig()
         net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-        net = net.to(dev)
+        net = upsampled(net, int(features.upsample)).to(dev)
 
         if legacy:
             maps = extract_all(net, imgs, features, dev, progress, cancel, tiles=tiles)
@@ -141,7 +144,8 @@ class StegoModel:
         else:
             maps = _stores(net, sources, features, tiles, cache, dev, data_hash, progress, cancel)
             n_images = sum(src.n_planes for src in sources)
-        window = train.window or max(224 // net.stride, 1)
+        # 224 px of backbone input, as the reference's crops
+        window = train.window or max(224 // (net.stride * net.upsample), 1)
         train_maps = training_maps(maps, window, tiles, seed=seed)
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel,
@@ -187,7 +191,7 @@ class StegoModel:
             # happens to exist (a dask worker, a napari console with a cluster)
             return self._lazy_one(image)[1].compute(scheduler="threads")
         code = self.codes(image).to(self.device)[None]
-        work = _work_size(image.shape[:2], self.feature_config.min_side)
+        work = work_size(image.shape[:2], self.feature_config.min_side)
         code = upsample_code(code, self.backbone.stride, work, image.shape[:2])
         probs = cluster_probabilities(code, self.centroids, self.predict_config.alpha)
         return probs[0].cpu().numpy().astype(np.float32)
@@ -360,6 +364,7 @@ class StegoModel:
         if weights is None and recorded.startswith("file:") and Path(recorded[5:]).is_file():
             weights = recorded[5:]
         backbone = create_backbone(meta["backbone"], weights)
+        feature_config = _feature_config(meta["feature_config"])
         if backbone.fingerprint() != meta["weights_fingerprint"]:
             raise StegoError(
                 f"{path} was fitted with {meta['backbone']} weights from {recorded}, but the "
@@ -369,7 +374,7 @@ class StegoModel:
         head = SegmentationHead(meta["in_dim"], meta["code_dim"], meta["train_config"]["dropout"])
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         return cls(backbone, head, tensors["centroids"],
-                   feature_config=_feature_config(meta["feature_config"]),
+                   feature_config=feature_config,
                    train_config=_train_config(meta["train_config"]),
                    cluster_config=ClusterConfig(**meta["cluster_config"]),
                    predict_config=PredictConfig(**meta["predict_config"]),
@@ -388,16 +393,6 @@ def _one_image(image) -> np.ndarray:
     return imgs[0]
 
 
-def _work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
-    """The size an image is resized to before the backbone (see ``backbone_input``)."""
-    h, w = size
-    short = min(h, w)
-    if short >= min_side:
-        return h, w
-    scale = min_side / short
-    return max(round(h * scale), 1), max(round(w * scale), 1)
-
-
 @torch.inference_mode()
 def _codes_of_maps(head: SegmentationHead, maps, device) -> torch.Tensor:
     """Codes of all feature maps as one ``(N, K)`` matrix of vectors (for clustering)."""
@@ -412,7 +407,7 @@ def _feature_config(d: dict) -> FeatureConfig:
     channels = d["intensity"].get("channels")
     intensity = IntensityConfig(percentiles=tuple(d["intensity"]["percentiles"]),
                                 channels=tuple(channels) if isinstance(channels, list) else channels)
-    extra = {k: d[k] for k in ("autocast",) if k in d}
+    extra = {k: d[k] for k in ("autocast", "upsample") if k in d}
     return FeatureConfig(min_side=d["min_side"], dtype=d["dtype"], intensity=intensity, **extra)
 
 

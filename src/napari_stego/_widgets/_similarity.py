@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import _work_size
+from ..features import work_size
 from ..predict import upsample_code
 
 
@@ -21,7 +21,7 @@ def grid_cell(point_yx, size: tuple[int, int], fmap_hw: tuple[int, int], stride:
               min_side: int) -> tuple[int, int]:
     """The feature-grid cell ``(i, j)`` that holds image pixel ``point_yx`` of an image of
     ``size`` pixels."""
-    work = _work_size(size, min_side)
+    work = work_size(size, min_side)
     y = (float(point_yx[0]) + 0.5) * work[0] / size[0]
     x = (float(point_yx[1]) + 0.5) * work[1] / size[1]
     i = int(np.clip(y // stride, 0, fmap_hw[0] - 1))
@@ -41,7 +41,7 @@ def similarity_map(fmap: torch.Tensor, query: torch.Tensor, size: tuple[int, int
     """Cosine similarity ``(H, W)`` float32 of every location of ``fmap`` to ``query``,
     bilinearly up-sampled to the ``size`` of the image ``fmap`` was computed from."""
     sim = torch.einsum("dhw,d->hw", F.normalize(fmap.float(), dim=0), query.float())
-    up = upsample_code(sim[None, None], stride, _work_size(size, min_side), tuple(size))
+    up = upsample_code(sim[None, None], stride, work_size(size, min_side), tuple(size))
     return up[0, 0].clamp(-1, 1).numpy().astype(np.float32)
 
 
