@@ -123,3 +123,18 @@ def test_fit_without_usable_images_is_a_user_error(tmp_path, capsys):
     assert err.startswith("napari-stego: error: no usable images to fit on")
     assert "flat.tif" in err and "constant image" in err and "broken.tif" in err
     assert not (tmp_path / "m.stego").exists()
+
+
+def test_fit_upsample_is_stored_and_bad_factors_are_user_errors(tmp_path, capsys):
+    from napari_stego import StegoModel
+
+    data, _ = _texture_files(tmp_path)
+    model = tmp_path / "up.stego"
+    base = ["fit", str(data / "tex0.tif"), "--out", str(model), "--backbone",
+            "efficientnet_lite0", "--steps", "1", "--n-clusters", "2", "--device", "cpu", "--quiet"]
+    assert main(base + ["--upsample", "2"]) == 0
+    loaded = StegoModel.load(model)
+    assert loaded.feature_config.upsample == 2 and loaded.backbone.stride == 4
+    assert main(base + ["--upsample", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot up-sample" in err and "\n" not in err

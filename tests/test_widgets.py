@@ -108,7 +108,7 @@ def test_fit_in_the_gui_then_segment_evaluate_save_load(viewer, qtbot, tmp_path)
     assert fit.picker.layers.value == [viewer.layers["tex"]]
     fit.backbone.value = "efficientnet_lite0"
     fit.n_clusters.value, fit.steps.value, fit.batch_size.value = 3, 4, 2
-    fit.tile_size.value = 512
+    fit.tile_size.value, fit.upsample.value = 512, 2
     stages, losses = [], []
     job = fit.fit()
     job.progress._changed.connect(lambda s, d, t, loss: (stages.append(s), losses.append(loss)))
@@ -117,6 +117,7 @@ def test_fit_in_the_gui_then_segment_evaluate_save_load(viewer, qtbot, tmp_path)
     assert job.error is None, job.error
     assert fit.model is not None and fit.model.n_clusters == 3
     assert fit.model.tile_config.tile == 512
+    assert fit.model.feature_config.upsample == 2 and fit.model.backbone.stride == 4
     assert {"features", "train", "cluster"} <= set(stages)
     assert any(loss is not None for loss in losses)  # the loss is shown live while training
     assert fit.run_button.enabled and not fit.cancel_button.enabled and fit.save_button.enabled

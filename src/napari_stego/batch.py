@@ -1752,9 +1752,12 @@ def _skip(job: _FileJob, reason: str, say: Log) -> None:
 def fit_files(inputs, out: str | os.PathLike, *, n_clusters: int,
               backbone: str = "dino_vits8", weights: str | os.PathLike | None = None,
               steps: int | None = None, device: str | None = None, seed: int = 0,
-              progress: Progress | None = None, log: Log | None = None,
+              upsample: int = 1, progress: Progress | None = None, log: Log | None = None,
               cancel=None) -> FitReport:
     """Fit a model on every plane of the given TIFF files and save it to ``out``.
+
+    ``upsample`` runs the backbone on images up-sampled by that factor
+    (:attr:`~napari_stego.features.FeatureConfig.upsample`), for thin structures.
 
     Unreadable, unsupported and blank (all-NaN / constant) inputs are left out with a
     one-line message; the fit uses the rest.
@@ -1793,8 +1796,11 @@ def fit_files(inputs, out: str | os.PathLike, *, n_clusters: int,
     out = Path(out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+    from .features import FeatureConfig
+
     model = StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights, steps=steps,
-                           device=device, seed=seed, progress=progress, cancel=cancel)
+                           device=device, seed=seed, features=FeatureConfig(upsample=upsample),
+                           progress=progress, cancel=cancel)
     model.info["fitted_on"] = [r.input for r in results if r.status == "used"]
     path = model.save(out)
     return FitReport(str(path), results, len(images))

@@ -78,7 +78,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     report = fit_files(args.images, args.out, n_clusters=args.n_clusters, backbone=args.backbone,
                        weights=args.weights, steps=args.steps, device=args.device,
-                       seed=args.seed, progress=_progress_printer(args.quiet),
+                       seed=args.seed, upsample=args.upsample,
+                       progress=_progress_printer(args.quiet),
                        log=_logger(args.quiet))
     if not args.quiet:
         print(f"model: {report.model} (fitted on {report.n_images} images)")
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--weights", help="local backbone weights file (offline machines)")
     fit.add_argument("--steps", type=int, default=None,
                      help="training steps (default: the training config's)")
+    fit.add_argument("--upsample", type=int, default=1, metavar="N",
+                     help="run the backbone on images up-sampled N times (2 or 4): features "
+                          "every stride/N pixels for thin structures, N^2 times the compute")
     fit.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bars or notes")

@@ -111,6 +111,12 @@ class FitWidget(Container, JobMixin):
                     "halo, so tiles join seamlessly); smaller images are processed whole. "
                     "Lower it if the GPU / RAM runs out. Stored in the model and used when "
                     "segmenting.")
+        self.upsample = ComboBox(
+            label="up-sample", choices=[1, 2, 4], value=1,
+            tooltip="Run the backbone on images up-sampled this many times: features every "
+                    "stride / N pixels, for structures thinner than the backbone's stride "
+                    "(membranes, small nuclei); N^2 times the backbone's time and memory. "
+                    "Stored in the model and used when segmenting.")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto",
                                tooltip="'auto' picks a CUDA GPU, then Apple MPS, then the CPU.")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1,
@@ -129,7 +135,8 @@ class FitWidget(Container, JobMixin):
                           labels=False)
         form = Container(widgets=[self.backbone, self.weights, self.n_clusters, self.steps])
         self._fold, _ = collapsible("advanced", [self.code_dim, self.batch_size, self.max_slices,
-                                                 self.tile_size, self.device, self.seed])
+                                                 self.tile_size, self.upsample, self.device,
+                                                 self.seed])
         super().__init__(widgets=[self.picker, form, buttons, self.status, self.model_label,
                                   files], labels=False)
         insert_after(self, form, self._fold)
@@ -172,6 +179,9 @@ class FitWidget(Container, JobMixin):
         from ..tiling import TileConfig
 
         tiles = TileConfig(tile=int(self.tile_size.value))
+        from ..features import FeatureConfig
+
+        features = FeatureConfig(upsample=int(self.upsample.value))
         names = ", ".join(src.name for src in sources)
         n_images = sum(len(idx) for _, idx in plan)
 
@@ -188,7 +198,7 @@ class FitWidget(Container, JobMixin):
                     images.append(src.image(idx))
             return StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights,
                                   device=device, seed=seed, train=train, tiles=tiles,
-                                  progress=progress, cancel=cancel,
+                                  features=features, progress=progress, cancel=cancel,
                                   on_loss=lambda step, loss: progress("train", step, train.steps,
                                                                       loss=loss))
 
