@@ -3,9 +3,9 @@
 import subprocess
 import sys
 
-CORE = ["backbones", "batch", "cache", "cli", "cluster", "crf", "device", "errors", "features",
-        "head", "io", "knn", "lazy", "loss", "metrics", "model", "predict", "samples", "shifts",
-        "tiling", "train"]
+CORE = ["backbones", "batch", "cache", "choose_k", "cli", "cluster", "crf", "device", "errors",
+        "features", "head", "io", "knn", "lazy", "loss", "metrics", "model", "predict", "samples",
+        "shifts", "tiling", "train"]
 
 
 def run(code: str) -> str:
