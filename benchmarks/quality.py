@@ -32,7 +32,7 @@ from scipy.cluster.vq import kmeans2
 from skimage.io import imread
 
 from napari_stego import StegoModel
-from napari_stego.backbones import create_backbone
+from napari_stego.backbones import create_backbone, upsampled
 from napari_stego.cluster import spherical_kmeans
 from napari_stego.crf import default_backend, dense_crf
 from napari_stego.features import FeatureConfig, extract_features, work_size
@@ -111,7 +111,8 @@ def run_dataset(root: Path, args, backbone) -> dict:
     out = dict(n_images=len(images), of=int(meta.get("num_images", len(images))),
                n_clusters=n_classes, per_image=per_image, runs={m: [] for m in METHODS},
                seconds={m: 0.0 for m in METHODS})
-    config = FeatureConfig()
+    config = FeatureConfig(upsample=args.upsample)
+    backbone = upsampled(backbone, args.upsample)
     t0 = time.perf_counter()
     maps = [extract_features(backbone, im, config).float() for im in images]
     features_s = time.perf_counter() - t0
@@ -132,7 +133,7 @@ def run_dataset(root: Path, args, backbone) -> dict:
             # the images go in as arrays with a feature cache: the backbone runs for the
             # first seed only, as when a user refits the same data
             t0 = time.perf_counter()
-            model = StegoModel.fit(images, n_classes, backbone=backbone,
+            model = StegoModel.fit(images, n_classes, backbone=backbone, features=config,
                                    train=TrainConfig(steps=args.steps), seed=seed, cache=cache)
             probs = [model.predict_proba(im) for im in images]
             fit_s = time.perf_counter() - t0
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200,
                         help="training steps (the package default, 2000, is for a GPU)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--upsample", type=int, default=1,
+                        help="FeatureConfig.upsample for every method that uses features")
     parser.add_argument("--max-images", type=int, default=None,
                         help="random subset of this many images per dataset (default: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_IMAGES.items())
@@ -193,7 +196,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     backbone = create_backbone(args.backbone)
-    result = dict(backbone=args.backbone, steps=args.steps, seeds=args.seeds,
+    result = dict(backbone=args.backbone, upsample=args.upsample, steps=args.steps,
+                  seeds=args.seeds,
                   crf_backend=default_backend(), torch_threads=torch.get_num_threads(),
                   datasets={})
     t0 = time.perf_counter()
