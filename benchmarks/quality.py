@@ -33,6 +33,7 @@ from skimage.io import imread
 
 from napari_stego import StegoModel
 from napari_stego.backbones import create_backbone, upsampled
+from napari_stego.choose_k import suggest_for_model
 from napari_stego.cluster import spherical_kmeans
 from napari_stego.crf import default_backend, dense_crf
 from napari_stego.features import FeatureConfig, extract_features, work_size
@@ -141,6 +142,12 @@ def run_dataset(root: Path, args, backbone) -> dict:
             t0 = time.perf_counter()
             refined = [dense_crf(im, p).argmax(0) for im, p in zip(images, probs)]
             record("stego_crf", refined, fit_s + time.perf_counter() - t0)
+            if seed == args.seeds[0] and args.suggest_k:
+                t0 = time.perf_counter()
+                ks = suggest_for_model(model, images, range(2, 13), seed=seed)
+                out["suggest_k"] = dict(best=ks.best, true_k=n_classes,
+                                        seconds=round(time.perf_counter() - t0, 1),
+                                        table=ks.to_dict())
             loss = model.train_config.loss
             out.setdefault("shifts", []).append([loss.self_shift, loss.knn_shift, loss.rand_shift])
             print(f"{root.name} seed {seed}: " + ", ".join(
@@ -161,7 +168,7 @@ def markdown(result: dict) -> str:
     """The summary table: mIoU mean ± std over seeds (accuracy in brackets) per method."""
     head = "| dataset | images | K | " + " | ".join(TITLES[m] for m in METHODS) + \
         " | STEGO + CRF minus the better baseline |"
-    rows = [head, "|" + "---|" * (len(METHODS) + 4)]
+    rows, notes = [head, "|" + "---|" * (len(METHODS) + 4)], []
     for name, d in result["datasets"].items():
         cells = [f"{d['mean'][m]['miou']:.1f} ± {d['std'][m]['miou']:.1f} "
                  f"({d['mean'][m]['accuracy']:.1f})" for m in METHODS]
@@ -169,8 +176,11 @@ def markdown(result: dict) -> str:
         name = name + (" (per-image matching)" if d["per_image"] else "")
         rows.append(f"| {name} | {n} | {d['n_clusters']} | " + " | ".join(cells) +
                     f" | {d['margin']:+.1f} |")
+        if "suggest_k" in d:
+            notes.append(f"{name}: suggest_n_clusters picks K = {d['suggest_k']['best']} "
+                         f"(true {d['n_clusters']})")
     rows.append(f"| **mean margin** | | | | | | | **{result['mean_margin']:+.1f}** |")
-    return "\n".join(rows)
+    return "\n".join(rows + [""] + notes)
 
 
 def main() -> None:
@@ -189,6 +199,8 @@ def main() -> None:
                              + ", all of the others)")
     parser.add_argument("--per-image", nargs="*", default=["outex_texture_mosaics"],
                         help="datasets scored with per-image matching")
+    parser.add_argument("--no-suggest-k", dest="suggest_k", action="store_false",
+                        help="skip scoring K = 2..12 on the first seed's model (suggest_for_model)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", type=Path, help="also write the summary table here")
     args = parser.parse_args()
