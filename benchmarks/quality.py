@@ -79,13 +79,22 @@ def score(preds, labels, n_clusters: int, n_classes: int, per_image: bool) -> di
     return dict(miou=float(s["miou"]), accuracy=float(s["accuracy"]))
 
 
-def colour_kmeans(images, n_clusters: int, seed: int, max_points: int = 200_000) -> list:
-    """Euclidean k-means (k-means++) on the 0-255 RGB values of all pixels."""
+def colour_kmeans(images, n_clusters: int, seed: int, max_points: int = 200_000,
+                  n_init: int = 10) -> list:
+    """Euclidean k-means on the 0-255 RGB values of all pixels: ``n_init`` k-means++ runs on
+    a sample, the one with the lowest inertia kept (a single run lands in other local optima
+    from seed to seed: on the blood cells 39 or 77 mIoU, the 39 one with the lower inertia)."""
     pixels = [to_uint8_rgb(im).reshape(-1, 3).astype(np.float32) for im in images]
     every = np.concatenate(pixels)
     rng = np.random.default_rng(seed)
     sample = every[rng.choice(len(every), min(len(every), max_points), replace=False)]
-    centres, _ = kmeans2(sample, n_clusters, minit="++", seed=seed)
+    best = None
+    for run in range(n_init):
+        centres, assigned = kmeans2(sample, n_clusters, minit="++", seed=seed * n_init + run)
+        inertia = float(((sample - centres[assigned]) ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, centres)
+    centres = best[1]
     return [((p[:, None] - centres[None]) ** 2).sum(-1).argmin(1).reshape(im.shape[:2])
             for im, p in zip(images, pixels)]
 

@@ -18,13 +18,15 @@ class ClusterConfig:
 
     ``batch_size`` points per mini-batch update (all points when there are fewer);
     ``n_iter`` mini-batch steps (full Lloyd passes when the data fit one batch);
-    ``n_init`` restarts, the one with the highest mean cosine is kept;
+    ``n_init`` restarts, the one with the highest mean cosine is kept (10, as scikit-learn's
+    k-means: with 3, codes of EM images landed in a worse optimum for 2 of 5 seeds, 40 mIoU
+    instead of 51; with 10 all 5 seeds found the best one);
     ``tol``: stop a restart once no centroid moves more than this in one update.
     """
 
     n_iter: int = 200
     batch_size: int = 16384
-    n_init: int = 3
+    n_init: int = 10
     max_points: int = 500_000
     tol: float = 1e-5
 
