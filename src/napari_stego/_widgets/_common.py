@@ -332,6 +332,26 @@ class JobMixin:
             self.status.value = "cancelling…"
 
 
+class SharedModelMixin(JobMixin):
+    """A widget that uses the viewer's shared model: ``store``, a ``model_label`` showing it
+    and a *Load model…* button (:func:`load_model_job`)."""
+
+    store: ModelStore
+    model_label: Label
+
+    @property
+    def model(self):
+        """The viewer's current model (``None`` until one is fitted or loaded)."""
+        return self.store.model
+
+    def _model_changed(self, _model=None) -> None:
+        self.model_label.value = f"<b>Model:</b> {self.store.describe()}"
+
+    def load_model(self, path=None):
+        """Load a ``.stego`` file in the background (a file dialog when ``path`` is None)."""
+        return load_model_job(self, path)
+
+
 # ------------------------------------------------------------------- layer sources
 @dataclass
 class Source:

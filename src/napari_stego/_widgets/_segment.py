@@ -9,13 +9,12 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushBu
 from ..errors import Cancelled, StegoError
 from ._common import (
     LABEL_OFFSET,
-    JobMixin,
     LayerPicker,
+    SharedModelMixin,
     collapsible,
     finish_layout,
     insert_after,
     labels_dtype,
-    load_model_job,
     model_store,
     model_summary,
     notify_error,
@@ -43,7 +42,7 @@ def crf_module():
     return crf
 
 
-class SegmentWidget(Container, JobMixin):
+class SegmentWidget(Container, SharedModelMixin):
     """Segment Image layers with the viewer's STEGO model.
 
     Adds (or, on re-runs, updates) a Labels layer ``"<image> clusters"`` and, with the CRF
@@ -107,16 +106,6 @@ class SegmentWidget(Container, JobMixin):
         self.load_button.changed.connect(lambda: self.load_model())
         self.store.changed.connect(self._model_changed)
         self.picker.select_active()
-
-    def _model_changed(self, _model=None) -> None:
-        self.model_label.value = f"<b>Model:</b> {self.store.describe()}"
-
-    @property
-    def model(self):
-        return self.store.model
-
-    def load_model(self, path=None):
-        return load_model_job(self, path)
 
     def crf_settings(self) -> dict:
         return dict(iterations=int(self.crf_iterations.value), pos_w=float(self.crf_pos_w.value),

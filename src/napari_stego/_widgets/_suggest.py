@@ -14,11 +14,10 @@ from magicgui.widgets import ComboBox, Container, PushButton, SpinBox
 
 from ..errors import StegoError
 from ._common import (
-    JobMixin,
     LayerPicker,
+    SharedModelMixin,
     finish_layout,
     insert_after,
-    load_model_job,
     model_store,
     notify_error,
     run_buttons,
@@ -52,7 +51,7 @@ class _Images:
                 yield src.image(idx)
 
 
-class SuggestKWidget(Container, JobMixin):
+class SuggestKWidget(Container, SharedModelMixin):
     """Score numbers of clusters K = smallest..largest on the viewer's model, without labels.
 
     For each K, k-means runs ``runs per K`` times on a sample of the model's code vectors of
@@ -115,16 +114,6 @@ class SuggestKWidget(Container, JobMixin):
         self.load_button.changed.connect(lambda: self.load_model())
         self.store.changed.connect(self._model_changed)
         self.picker.select_active()
-
-    def _model_changed(self, _model=None) -> None:
-        self.model_label.value = f"<b>Model:</b> {self.store.describe()}"
-
-    @property
-    def model(self):
-        return self.store.model
-
-    def load_model(self, path=None):
-        return load_model_job(self, path)
 
     # ----------------------------------------------------------------------- suggest
     def suggest(self):
