@@ -364,7 +364,6 @@ class StegoModel:
         if weights is None and recorded.startswith("file:") and Path(recorded[5:]).is_file():
             weights = recorded[5:]
         backbone = create_backbone(meta["backbone"], weights)
-        feature_config = _feature_config(meta["feature_config"])
         if backbone.fingerprint() != meta["weights_fingerprint"]:
             raise StegoError(
                 f"{path} was fitted with {meta['backbone']} weights from {recorded}, but the "
@@ -374,7 +373,7 @@ class StegoModel:
         head = SegmentationHead(meta["in_dim"], meta["code_dim"], meta["train_config"]["dropout"])
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         return cls(backbone, head, tensors["centroids"],
-                   feature_config=feature_config,
+                   feature_config=_feature_config(meta["feature_config"]),
                    train_config=_train_config(meta["train_config"]),
                    cluster_config=ClusterConfig(**meta["cluster_config"]),
                    predict_config=PredictConfig(**meta["predict_config"]),
