@@ -742,12 +742,17 @@ def _pin_worker_dask() -> None:
         dask.config.set({"scheduler": "sync"})
 
 
-def _run_plane(task: _PlaneTask) -> _PlaneResult:
-    """Worker side: read one plane, predict it, write it. Never raises for bad data."""
+def _start_task(flat: int) -> tuple[_PlaneResult, float]:
+    """Worker side, first thing in a plane or tile task: dask set up for the worker, an
+    empty result naming the worker, and the start time."""
     if _on_dask_worker():
         _pin_worker_dask()
-    t0 = time.perf_counter()
-    result = _PlaneResult(task.flat, worker=_worker_name())
+    return _PlaneResult(flat, worker=_worker_name()), time.perf_counter()
+
+
+def _run_plane(task: _PlaneTask) -> _PlaneResult:
+    """Worker side: read one plane, predict it, write it. Never raises for bad data."""
+    result, t0 = _start_task(task.flat)
     stage = "reading"
     try:
         plane = _read_plane(task.input, task.layout, task.flat)
@@ -1070,10 +1075,7 @@ def _run_tile(task: _TileTask) -> _PlaneResult:
     """Worker side: read one tile core plus its halo, predict it, write its part."""
     from .lazy import TilePredictor
 
-    if _on_dask_worker():
-        _pin_worker_dask()
-    t0 = time.perf_counter()
-    result = _PlaneResult(task.flat, worker=_worker_name())
+    result, t0 = _start_task(task.flat)
     stage = "reading"
     try:
         with _PlaneArray(task.input, task.layout, task.flat) as arr:
