@@ -137,3 +137,15 @@ def test_upsampled_rejects_factors_that_do_not_divide_the_stride(name, factor):
     net = create_backbone(name, pretrained=False)
     with pytest.raises(StegoError, match="up-sample"):
         upsampled(net, factor)
+
+
+def test_upsampled_backbone_tiles_keep_their_backbone_side_size(offline_backbone):
+    from napari_stego.backbones import upsampled
+    from napari_stego.features import tile_halo
+    from napari_stego.tiling import TileConfig
+
+    assert tile_halo(TileConfig(tile=1024), offline_backbone) == (1024, 128)
+    # the backbone sees 1024 px cores and 128 px halos of the up-sampled image
+    assert tile_halo(TileConfig(tile=1024), upsampled(offline_backbone, 2)) == (512, 64)
+    # an explicit halo is in image pixels, rounded up to the finer pad_to (32 / 4 = 8)
+    assert tile_halo(TileConfig(tile=1024, halo=37), upsampled(offline_backbone, 4)) == (256, 40)
