@@ -10,6 +10,7 @@ correlation tensors ``(B, H, W, I, J)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,11 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ``(B, H, W, I, J)``: ``sum_c a'[n,c,h,w] * b'[n,c,i,j]`` with ``a'``, ``b'`` L2-normalised
         over ``C`` (eps 1e-10).
     """
-    a = F.normalize(a, dim=1, eps=_EPS)
-    b = F.normalize(b, dim=1, eps=_EPS)
+    return _dot(F.normalize(a, dim=1, eps=_EPS), F.normalize(b, dim=1, eps=_EPS))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`correlation` of inputs that are already normalised."""
     return torch.einsum("nchw,ncij->nhwij", a, b)
 
 
@@ -84,6 +88,7 @@ def pair_loss(
     pointwise: bool = True,
     zero_clamp: bool = True,
     stabilize: bool = False,
+    normalized: bool = False,
 ) -> torch.Tensor:
     """Element-wise correlation loss ``-clamp(S) * (F_sc - shift)`` for one image pair (Eqs. 2-4).
 
@@ -95,15 +100,16 @@ def pair_loss(
             ``F - mean_ij(F) + mean_all(F)``.
         zero_clamp: clamp the code correlation below at 0.
         stabilize: also clamp it above at 0.8.
+        normalized: the inputs are already L2-normalised over channels (skips that step).
 
     Returns:
         ``(B, H, W, I, J)`` loss; callers reduce it with a mean.
     """
     with torch.no_grad():
-        fd = correlation(f1, f2)
+        fd = _dot(f1, f2) if normalized else correlation(f1, f2)
         if pointwise:
             fd = centre_correlation(fd)
-    cd = correlation(c1, c2)
+    cd = _dot(c1, c2) if normalized else correlation(c1, c2)
     low = 0.0 if zero_clamp else -9999.0
     cd = cd.clamp(low, 0.8) if stabilize else cd.clamp(low)
     return -cd * (fd - shift)
@@ -187,21 +193,42 @@ def stego_loss(
         )
     neg_perms = torch.as_tensor(neg_perms, dtype=torch.long).to(device)
 
-    flags = dict(pointwise=config.pointwise, zero_clamp=config.zero_clamp,
-                 stabilize=config.stabilize)
     f1 = sample_points(feats, coords1)
     c1 = sample_points(code, coords1)
     f2 = sample_points(feats_pos, coords2)
     c2 = sample_points(code_pos, coords2)
+    negatives = [(sample_points(feats[perm], coords2), sample_points(code[perm], coords2))
+                 for perm in neg_perms]
+    return points_loss(f1, c1, f2, c2, negatives, config)
 
+
+def points_loss(f1: torch.Tensor, c1: torch.Tensor, f2: torch.Tensor, c2: torch.Tensor,
+                negatives: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                config: LossConfig = LossConfig(), *, normalized: bool = False) -> StegoLoss:
+    """The STEGO loss (Eq. 5) from features and codes already sampled at the loss's points.
+
+    Args:
+        f1, c1: features ``(B, D, S, S)`` and codes ``(B, K, S, S)`` of the batch.
+        f2, c2: the same for the KNN partners.
+        negatives: one ``(features, codes)`` pair of ``(B, ., S, S)`` tensors per negative
+            sample: each batch item's random partner.
+        normalized: every tensor is already L2-normalised over channels (callers that
+            normalise once and index the negatives out of the same tensors).
+
+    Returns:
+        :class:`StegoLoss` with ``total = w_self*self + w_knn*knn + w_rand*rand`` (means).
+    """
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return t if normalized else F.normalize(t, dim=1, eps=_EPS)
+
+    # each tensor is normalised once, not once per term it appears in
+    f1, c1, f2, c2 = unit(f1), unit(c1), unit(f2), unit(c2)
+    flags = dict(pointwise=config.pointwise, zero_clamp=config.zero_clamp,
+                 stabilize=config.stabilize, normalized=True)
     self_loss = pair_loss(f1, f1, c1, c1, config.self_shift, **flags)
     knn_loss = pair_loss(f1, f2, c1, c2, config.knn_shift, **flags)
-    rand_terms = [
-        pair_loss(f1, sample_points(feats[perm], coords2), c1, sample_points(code[perm], coords2),
-                  config.rand_shift, **flags)
-        for perm in neg_perms
-    ]
-    rand_loss = torch.cat(rand_terms, dim=0)
+    rand_loss = torch.cat([pair_loss(f1, unit(fn), c1, unit(cn), config.rand_shift, **flags)
+                           for fn, cn in negatives], dim=0)
 
     self_mean, knn_mean, rand_mean = self_loss.mean(), knn_loss.mean(), rand_loss.mean()
     # summed in the reference trainer's order (knn, self, rand)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .errors import Cancelled
 from .head import SegmentationHead, init_from_features
 from .knn import draw_pairs, knn_table, make_units, sample_vectors, unit_descriptors
-from .loss import LossConfig, stego_loss
+from .loss import LossConfig, negative_permutation, points_loss, sample_points
 from .shifts import AutoShiftConfig, auto_shifts
 
 Progress = Callable[[str, int, int], None]
@@ -59,6 +59,47 @@ class TrainResult:
     losses: list[float]
     loss: LossConfig
     shift_report: dict = field(default_factory=dict)
+
+@dataclass
+class _StepPoints:
+    """The loss's sample points of one step, taken from the windows before the head runs.
+
+    ``anchor (B, D, S, 2S)``: each window at its own points (left half) and at the partners'
+    points (right half, where it serves as a negative); ``partner (B, D, S, S)``: the KNN
+    partners' windows. The head and the channel dropout then see each image once, as when the
+    whole window goes through them, but on ``3 S^2`` instead of ``2 window^2`` cells.
+    """
+
+    anchor: torch.Tensor
+    partner: torch.Tensor
+    neg_perms: torch.Tensor  # (neg_samples, B)
+    coords: tuple[torch.Tensor, torch.Tensor]  # (B, S, S, 2) each: batch points, partner points
+
+    def loss(self, feats_a: torch.Tensor, feats_pos: torch.Tensor, code_a: torch.Tensor,
+             code_pos: torch.Tensor, config: LossConfig):
+        s = feats_pos.shape[-1]
+        # normalised once: the negatives are rows of the same tensors
+        feats_a, code_a, feats_pos, code_pos = (F.normalize(t, dim=1, eps=1e-10) for t in
+                                                (feats_a, code_a, feats_pos, code_pos))
+        f1, g2 = feats_a[..., :s], feats_a[..., s:]
+        c1, h2 = code_a[..., :s], code_a[..., s:]
+        negatives = [(g2[perm], h2[perm]) for perm in self.neg_perms.to(feats_a.device)]
+        return points_loss(f1, c1, feats_pos, code_pos, negatives, config, normalized=True)
+
+
+def _sample_step(feats: torch.Tensor, feats_pos: torch.Tensor, config: LossConfig,
+                 gen: torch.Generator) -> _StepPoints:
+    """Draw the step's points (as :func:`~napari_stego.loss.stego_loss` draws them) and sample
+    the windows ``(B, D, w, w)`` there. The head is 1x1 convolutions, so running it on the
+    sampled features instead of sampling its codes only changes where the bilinear
+    interpolation sits."""
+    batch, s = feats.shape[0], config.feature_samples
+    coords1 = torch.rand(batch, s, s, 2, generator=gen) * 2 - 1
+    coords2 = torch.rand(batch, s, s, 2, generator=gen) * 2 - 1
+    perms = torch.stack([negative_permutation(batch, gen) for _ in range(config.neg_samples)])
+    anchor = torch.cat([sample_points(feats, coords1), sample_points(feats, coords2)], dim=-1)
+    return _StepPoints(anchor, sample_points(feats_pos, coords2), perms, (coords1, coords2))
+
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
@@ -115,15 +156,15 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"training cancelled at step {step}")
             feats, feats_pos = draw_pairs(maps, units, table, config.batch_size, window, gen)
-            feats, feats_pos = feats.to(device), feats_pos.to(device)
+            points = _sample_step(feats, feats_pos, loss_config, gen)
+            f_a, f_pos = points.anchor.to(device), points.partner.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                code = head(feats)
-                code_pos = head(feats_pos)
+                code_a = head(f_a)
+                code_pos = head(f_pos)
             # the reference also drops feature channels of the target signal
-            teacher = F.dropout2d(feats, config.dropout, training=True)
-            teacher_pos = F.dropout2d(feats_pos, config.dropout, training=True)
-            loss = stego_loss(teacher, teacher_pos, code.float(), code_pos.float(), loss_config,
-                              generator=gen)
+            teacher_a = F.dropout2d(f_a, config.dropout, training=True)
+            teacher_pos = F.dropout2d(f_pos, config.dropout, training=True)
+            loss = points.loss(teacher_a, teacher_pos, code_a.float(), code_pos.float(), loss_config)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             opt.step()
