@@ -190,9 +190,17 @@ class StegoModel:
             # in-process threads: never ship the model to a dask.distributed Client that
             # happens to exist (a dask worker, a napari console with a cluster)
             return self._lazy_one(image)[1].compute(scheduler="threads")
-        code = self.codes(image).to(self.device)[None]
-        work = work_size(image.shape[:2], self.feature_config.min_side)
-        code = upsample_code(code, self.backbone.stride, work, image.shape[:2])
+        return self.proba_from_features(self.features(image), image.shape[:2])
+
+    @torch.inference_mode()
+    def proba_from_features(self, feats: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """Cluster probabilities ``(K, H, W)`` float32 of an image of ``size`` ``(H, W)`` from
+        its backbone features ``(D, h, w)`` (from :meth:`features` or a feature cache), so
+        refitting on the same images need not run the backbone again."""
+        feats = feats.to(self.device, torch.float32)
+        code = self.head(feats[None])
+        work = work_size(tuple(size), self.feature_config.min_side)
+        code = upsample_code(code, self.backbone.stride, work, tuple(size))
         probs = cluster_probabilities(code, self.centroids, self.predict_config.alpha)
         return probs[0].cpu().numpy().astype(np.float32)
 
