@@ -39,7 +39,7 @@ from napari_stego.crf import default_backend, dense_crf
 from napari_stego.features import FeatureConfig, extract_features, work_size
 from napari_stego.io import to_uint8_rgb
 from napari_stego.metrics import confusion_matrix, hungarian_scores
-from napari_stego.predict import cluster_probabilities, upsample_code
+from napari_stego.predict import upsample_code
 from napari_stego.train import TrainConfig
 
 METHODS = ("colour_kmeans", "features_kmeans", "stego", "stego_crf")
@@ -102,12 +102,18 @@ def colour_kmeans(images, n_clusters: int, seed: int, max_points: int = 200_000,
 @torch.inference_mode()
 def features_kmeans(maps, images, n_clusters: int, seed: int, stride: int,
                     config: FeatureConfig) -> list:
-    """Spherical k-means on the backbone features, up-sampled to the image like codes."""
+    """Spherical k-means on the backbone features, up-sampled to the image like codes.
+
+    The label is the nearest centroid of the bilinearly up-sampled feature. Up-sampling is
+    linear and the feature's norm is the same for every centroid, so that is the argmax of
+    the up-sampled dot products ``(K, h, w)``: no ``(D, H, W)`` map is built.
+    """
     centroids = spherical_kmeans(torch.cat([m.flatten(1).T for m in maps]), n_clusters, seed=seed)
     preds = []
     for im, m in zip(images, maps):
-        up = upsample_code(m[None], stride, work_size(im.shape[:2], config.min_side), im.shape[:2])
-        preds.append(cluster_probabilities(up, centroids).argmax(1)[0].numpy())
+        dots = torch.einsum("dhw,kd->khw", m, centroids)[None]
+        up = upsample_code(dots, stride, work_size(im.shape[:2], config.min_side), im.shape[:2])
+        preds.append(up.argmax(1)[0].numpy())
     return preds
 
 

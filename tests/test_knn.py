@@ -57,3 +57,30 @@ def test_sample_vectors_draws_from_every_map_without_exceeding_n():
     assert out.shape == (40, 3) and out.dtype == torch.float32
     assert sorted(set(out[:, 0].tolist())) == [0.0, 1.0, 2.0, 3.0]
     assert sample_vectors(maps, 10_000, torch.Generator()).shape == (400, 3)
+
+
+def test_pair_points_read_the_windows_of_draw_pairs():
+    """``draw_pair_points`` samples the maps where ``draw_pairs``' windows would be sampled;
+    on a linear ramp (which bilinear resizing keeps, away from the clamped border) resized
+    small units agree too."""
+    from napari_stego.knn import draw_pair_points, draw_pairs
+    from napari_stego.loss import sample_points
+
+    def ramp(h, w):
+        yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+        return torch.stack([yy + 2 * xx, 3 * yy - xx, yy * 0 + 1])
+
+    big = [ramp(12, 12 + 2 * i) for i in range(3)]
+    for fmaps, window in ((big, 4), (big + [ramp(5, 6)], 4), (big, 9)):  # 9 > every crop: resized
+        units = make_units([tuple(m.shape[-2:]) for m in fmaps])
+        table = knn_table(unit_descriptors(fmaps, units), 2)
+        feats, pos = draw_pairs(fmaps, units, table, 6, window, torch.Generator().manual_seed(2))
+        pts = draw_pair_points(fmaps, units, table, 6, window, 5, torch.Generator().manual_seed(2))
+        assert pts.anchor1.shape == pts.anchor2.shape == pts.partner.shape == (6, 3, 5, 5)
+        for want, got in ((sample_points(feats, pts.coords1), pts.anchor1),
+                          (sample_points(feats, pts.coords2), pts.anchor2),
+                          (sample_points(pos, pts.coords2), pts.partner)):
+            err = (want - got).abs()
+            assert float(err.mean()) < 0.05
+            if fmaps is big and window == 4:  # nothing resized: the same numbers
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

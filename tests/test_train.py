@@ -91,28 +91,33 @@ def test_loss_is_reported_live():
 
 
 def test_step_points_give_the_loss_of_sampled_codes_for_a_linear_head():
-    """Training runs the head on the sampled points: for a linear head (the PCA start) that is
-    the loss of codes computed on the whole windows and sampled afterwards."""
+    """Training reads the loss's points straight from the maps and runs the head on them only:
+    for a linear head (the PCA start) that is the loss of codes computed on whole windows
+    (``draw_pairs``, same draws) and sampled afterwards."""
     from napari_stego.head import SegmentationHead, init_from_features
+    from napari_stego.knn import draw_pairs, knn_table, make_units, unit_descriptors
     from napari_stego.loss import points_loss, sample_points
     from napari_stego.train import _sample_step
 
     g = torch.Generator().manual_seed(1)
-    feats, feats_pos = torch.randn(4, 16, 7, 7, generator=g), torch.randn(4, 16, 7, 7, generator=g)
+    fmaps = [torch.randn(16, 8, 8 + 2 * i, generator=g).half() for i in range(4)]
+    units = make_units([tuple(m.shape[-2:]) for m in fmaps])  # windows of 4: never resized
+    table = knn_table(unit_descriptors(fmaps, units), 3)
     head = init_from_features(SegmentationHead(16, 6, dropout=0.0),
-                              feats.permute(0, 2, 3, 1).reshape(-1, 16)).eval()
+                              torch.cat([m.flatten(1).T.float() for m in fmaps])).eval()
     cfg = LossConfig(feature_samples=5, neg_samples=3)
-    points = _sample_step(feats, feats_pos, cfg, g)
-    coords1, coords2 = points.coords
+    points = _sample_step(fmaps, units, table, 4, 4, cfg, torch.Generator().manual_seed(7))
     assert points.anchor.shape == (4, 16, 5, 10) and points.partner.shape == (4, 16, 5, 5)
     assert points.neg_perms.shape == (3, 4)
     got = points.loss(points.anchor, points.partner, head(points.anchor), head(points.partner), cfg)
 
+    feats, feats_pos = draw_pairs(fmaps, units, table, 4, 4, torch.Generator().manual_seed(7))
+    coords1, coords2 = points.coords
     code, code_pos = head(feats), head(feats_pos)
-    f1, c1 = sample_points(feats, coords1), sample_points(code, coords1)
     g2, h2 = sample_points(feats, coords2), sample_points(code, coords2)
     negatives = [(g2[perm], h2[perm]) for perm in points.neg_perms]
-    want = points_loss(f1, c1, sample_points(feats_pos, coords2), sample_points(code_pos, coords2),
+    want = points_loss(sample_points(feats, coords1), sample_points(code, coords1),
+                       sample_points(feats_pos, coords2), sample_points(code_pos, coords2),
                        negatives, cfg)
     for term in ("total", "self", "knn", "rand"):
         torch.testing.assert_close(getattr(got, term), getattr(want, term), rtol=1e-4, atol=1e-5)

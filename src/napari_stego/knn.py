@@ -61,6 +61,14 @@ def knn_table(descriptors: torch.Tensor, k: int = 7) -> torch.Tensor:
     return sims.topk(min(k, n - 1), dim=1).indices
 
 
+def _crop_box(unit: Unit, window: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """A random ``(y, x, h, w)`` box of at most ``window x window`` cells inside ``unit``."""
+    ch, cw = min(window, unit.h), min(window, unit.w)
+    y = unit.y + int(torch.randint(unit.h - ch + 1, (1,), generator=gen))
+    x = unit.x + int(torch.randint(unit.w - cw + 1, (1,), generator=gen))
+    return y, x, ch, cw
+
+
 def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generator) -> torch.Tensor:
     """A random ``window x window`` crop of ``fmap (D, h, w)`` inside ``unit``.
 
@@ -69,9 +77,7 @@ def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generato
     Returns:
         ``(D, window, window)``.
     """
-    ch, cw = min(window, unit.h), min(window, unit.w)
-    y = unit.y + int(torch.randint(unit.h - ch + 1, (1,), generator=gen))
-    x = unit.x + int(torch.randint(unit.w - cw + 1, (1,), generator=gen))
+    y, x, ch, cw = _crop_box(unit, window, gen)
     crop = fmap[:, y:y + ch, x:x + cw]
     if ch != window or cw != window:
         crop = F.interpolate(crop[None].float(), size=(window, window), mode="bilinear",
@@ -83,7 +89,8 @@ def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch
                batch_size: int, window: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch: random windows of random units, and a window of a KNN partner of each.
 
-    Units are drawn without replacement when there are enough of them.
+    Units are drawn without replacement when there are enough of them. Training reads only
+    the loss's points of these windows, with :func:`draw_pair_points` (same draws).
 
     Returns:
         ``feats, feats_pos``: two ``(B, D, window, window)`` float32 tensors (CPU).
@@ -100,6 +107,67 @@ def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch
                             for i in ids.tolist()]).float()
 
     return windows(picks), windows(partners)
+
+
+@dataclass
+class PairPoints:
+    """Features of a training batch at the loss's sample points.
+
+    ``anchor1`` / ``anchor2``: ``(B, D, S, S)``, each batch window at ``coords1`` / at
+    ``coords2`` (the partners' points, where the window serves as someone's negative);
+    ``partner``: ``(B, D, S, S)``, each KNN partner window at ``coords2``. ``coords1``,
+    ``coords2``: ``(B, S, S, 2)`` in [-1, 1] window coordinates (x, y), read as
+    :func:`~napari_stego.loss.sample_points` reads them.
+    """
+
+    anchor1: torch.Tensor
+    anchor2: torch.Tensor
+    partner: torch.Tensor
+    coords1: torch.Tensor
+    coords2: torch.Tensor
+
+
+def _to_crop(coords: torch.Tensor, size: tuple[int, int], window: int) -> torch.Tensor:
+    """Window coordinates ``(..., 2)`` (x, y) -> coordinates in a ``size = (h, w)`` crop that
+    :func:`crop_window` would resize to ``window`` (bilinear, ``align_corners=False``)."""
+    out = coords.clone()
+    for axis, length in ((0, size[1]), (1, size[0])):
+        if length == window:
+            continue
+        u = (coords[..., axis] + 1) / 2 * (window - 1)  # window pixel
+        v = ((u + 0.5) * length / window - 0.5).clamp(0, length - 1)  # crop pixel
+        out[..., axis] = 2 * v / (length - 1) - 1 if length > 1 else 0.0
+    return out
+
+
+def draw_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
+                     batch_size: int, window: int, samples: int, gen: torch.Generator) -> PairPoints:
+    """A training batch sampled straight from the maps: the windows and partners of
+    :func:`draw_pairs` (same draws), read at ``samples x samples`` random points each without
+    building the windows (float32 copies of only the cropped cells).
+    """
+    n = len(units)
+    if n >= batch_size:
+        picks = torch.randperm(n, generator=gen)[:batch_size]
+    else:
+        picks = torch.randint(n, (batch_size,), generator=gen)
+    partners = table[picks, torch.randint(table.shape[1], (batch_size,), generator=gen)]
+    boxes = [(units[i].image, _crop_box(units[i], window, gen)) for i in picks.tolist()]
+    pboxes = [(units[i].image, _crop_box(units[i], window, gen)) for i in partners.tolist()]
+    coords1 = torch.rand(batch_size, samples, samples, 2, generator=gen) * 2 - 1
+    coords2 = torch.rand(batch_size, samples, samples, 2, generator=gen) * 2 - 1
+
+    def read(image: int, box, coords: torch.Tensor) -> torch.Tensor:  # -> (1, D, S, k*S)
+        y, x, h, w = box
+        crop = maps[image][:, y:y + h, x:x + w].float()[None]
+        grid = _to_crop(coords, (h, w), window)  # (k, S, S, 2): k point sets, one image
+        grid = torch.cat(list(grid.permute(0, 2, 1, 3)), dim=1)[None]  # (1, S, k*S, 2)
+        return F.grid_sample(crop, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    both = torch.cat([read(im, box, torch.stack([coords1[b], coords2[b]]))
+                      for b, (im, box) in enumerate(boxes)])
+    partner = torch.cat([read(im, box, coords2[b][None]) for b, (im, box) in enumerate(pboxes)])
+    return PairPoints(both[..., :samples], both[..., samples:], partner, coords1, coords2)
 
 
 def sample_vectors(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:

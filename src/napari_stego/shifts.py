@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .cluster import ClusterConfig, spherical_kmeans
-from .knn import Unit, draw_pairs, sample_vectors
-from .loss import centre_correlation, correlation, negative_permutation, sample_points
+from .knn import Unit, draw_pair_points, sample_vectors
+from .loss import centre_correlation, correlation, negative_permutation
 
 TERMS = ("self", "knn", "rand")
 
@@ -70,13 +70,10 @@ def sample_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], tabl
                        gen: torch.Generator) -> list[PairSamples]:
     """Point features of the self, KNN and random pairs, drawn as training draws them."""
     out = []
-    s = feature_samples
     for _ in range(n_batches):
-        feats, pos = draw_pairs(maps, units, table, batch_size, window, gen)
-        c1 = torch.rand(batch_size, s, s, 2, generator=gen) * 2 - 1
-        c2 = torch.rand(batch_size, s, s, 2, generator=gen) * 2 - 1
-        neg = feats[negative_permutation(batch_size, gen)]
-        out.append(PairSamples(sample_points(feats, c1), sample_points(pos, c2), sample_points(neg, c2)))
+        pts = draw_pair_points(maps, units, table, batch_size, window, feature_samples, gen)
+        neg = pts.anchor2[negative_permutation(batch_size, gen)]  # another window at these points
+        out.append(PairSamples(pts.anchor1, pts.partner, neg))
     return out
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .errors import Cancelled
 from .head import SegmentationHead, init_from_features
-from .knn import draw_pairs, knn_table, make_units, sample_vectors, unit_descriptors
-from .loss import LossConfig, negative_permutation, points_loss, sample_points
+from .knn import Unit, draw_pair_points, knn_table, make_units, sample_vectors, unit_descriptors
+from .loss import LossConfig, negative_permutation, points_loss
 from .shifts import AutoShiftConfig, auto_shifts
 
 Progress = Callable[[str, int, int], None]
@@ -60,14 +60,17 @@ class TrainResult:
     loss: LossConfig
     shift_report: dict = field(default_factory=dict)
 
+
 @dataclass
 class _StepPoints:
-    """The loss's sample points of one step, taken from the windows before the head runs.
+    """The loss's sample points of one step, read from the cached maps before the head runs.
 
     ``anchor (B, D, S, 2S)``: each window at its own points (left half) and at the partners'
     points (right half, where it serves as a negative); ``partner (B, D, S, S)``: the KNN
     partners' windows. The head and the channel dropout then see each image once, as when the
-    whole window goes through them, but on ``3 S^2`` instead of ``2 window^2`` cells.
+    whole window goes through them, but on ``3 S^2`` instead of ``2 window^2`` cells. The head
+    is 1x1 convolutions, so running it on sampled features instead of sampling its codes only
+    changes where the bilinear interpolation sits.
     """
 
     anchor: torch.Tensor
@@ -87,19 +90,13 @@ class _StepPoints:
         return points_loss(f1, c1, feats_pos, code_pos, negatives, config, normalized=True)
 
 
-def _sample_step(feats: torch.Tensor, feats_pos: torch.Tensor, config: LossConfig,
-                 gen: torch.Generator) -> _StepPoints:
-    """Draw the step's points (as :func:`~napari_stego.loss.stego_loss` draws them) and sample
-    the windows ``(B, D, w, w)`` there. The head is 1x1 convolutions, so running it on the
-    sampled features instead of sampling its codes only changes where the bilinear
-    interpolation sits."""
-    batch, s = feats.shape[0], config.feature_samples
-    coords1 = torch.rand(batch, s, s, 2, generator=gen) * 2 - 1
-    coords2 = torch.rand(batch, s, s, 2, generator=gen) * 2 - 1
-    perms = torch.stack([negative_permutation(batch, gen) for _ in range(config.neg_samples)])
-    anchor = torch.cat([sample_points(feats, coords1), sample_points(feats, coords2)], dim=-1)
-    return _StepPoints(anchor, sample_points(feats_pos, coords2), perms, (coords1, coords2))
-
+def _sample_step(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
+                 batch_size: int, window: int, config: LossConfig, gen: torch.Generator) -> _StepPoints:
+    """Draw one step's windows, partners, points and negatives (see :func:`draw_pair_points`)."""
+    pts = draw_pair_points(maps, units, table, batch_size, window, config.feature_samples, gen)
+    perms = torch.stack([negative_permutation(batch_size, gen) for _ in range(config.neg_samples)])
+    return _StepPoints(torch.cat([pts.anchor1, pts.anchor2], dim=-1), pts.partner, perms,
+                       (pts.coords1, pts.coords2))
 
 
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
@@ -155,8 +152,7 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         for step in range(config.steps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"training cancelled at step {step}")
-            feats, feats_pos = draw_pairs(maps, units, table, config.batch_size, window, gen)
-            points = _sample_step(feats, feats_pos, loss_config, gen)
+            points = _sample_step(maps, units, table, config.batch_size, window, loss_config, gen)
             f_a, f_pos = points.anchor.to(device), points.partner.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 code_a = head(f_a)

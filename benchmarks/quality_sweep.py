@@ -1,0 +1,90 @@
+"""Diagnostics for one labelled dataset: how STEGO (+ CRF) responds to training settings, the
+softmax temperature and CRF parameters, with the backbone run once.
+
+Usage:
+    python benchmarks/quality_sweep.py --data ../shared/data/wbc_jiangxi_tecom --steps 500
+    python benchmarks/quality_sweep.py --data ../shared/data/outex_texture_mosaics \\
+        --alphas 2 1 4 --crf '{}' '{"pos_xy_std": 3}' --baselines
+
+Same subsets, scoring and baselines as ``benchmarks/quality.py``; prints one JSON line per
+seed (mIoU %). For exploring settings; the numbers that count come from ``quality.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from quality import DEFAULT_MAX_IMAGES, colour_kmeans, features_kmeans, load_dataset, score
+
+from napari_stego import StegoModel
+from napari_stego.backbones import create_backbone
+from napari_stego.cluster import ClusterConfig
+from napari_stego.crf import dense_crf
+from napari_stego.features import FeatureConfig, extract_features
+from napari_stego.predict import PredictConfig
+from napari_stego.shifts import AutoShiftConfig
+from napari_stego.train import TrainConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, type=Path, help="one dataset folder")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--attract", type=float, nargs=3, default=None, metavar=("SELF", "KNN", "RAND"),
+                   help="AutoShiftConfig attracted fractions (default: the package's)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[PredictConfig.alpha],
+                   help="softmax temperatures for the CRF input (the first one also for STEGO)")
+    p.add_argument("--crf", nargs="*", default=["{}"], help="JSON dicts of dense_crf parameters")
+    p.add_argument("--baselines", action="store_true", help="also colour and raw-feature k-means")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--per-image", action="store_true", help="per-image matching (Outex)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    meta = json.loads((args.data / "meta.json").read_text())
+    k = int(meta["num_classes"])
+    per_image = args.per_image or args.data.name == "outex_texture_mosaics"
+    images, labels = load_dataset(args.data, args.max_images or DEFAULT_MAX_IMAGES.get(args.data.name))
+    backbone, config = create_backbone(args.backbone), FeatureConfig()
+    maps = [extract_features(backbone, im, config).float() for im in images]
+    crfs = [json.loads(c) for c in args.crf]
+    shifts = AutoShiftConfig(*args.attract) if args.attract else AutoShiftConfig()
+
+    def miou(preds) -> float:
+        return round(score(preds, labels, k, k, per_image)["miou"], 1)
+
+    with tempfile.TemporaryDirectory() as cache:
+        for seed in args.seeds:
+            out: dict = dict(dataset=args.data.name, seed=seed, steps=args.steps, lr=args.lr)
+            if args.baselines:
+                out["colour_kmeans"] = miou(colour_kmeans(images, k, seed))
+                out["features_kmeans"] = miou(features_kmeans(maps, images, k, seed, backbone.stride, config))
+            t0 = time.perf_counter()
+            train = TrainConfig(steps=args.steps, lr=args.lr, auto_shifts=shifts)
+            model = StegoModel.fit(images, k, backbone=backbone, features=config, train=train,
+                                   seed=seed, cluster=ClusterConfig(), cache=cache)
+            out["fit_s"] = round(time.perf_counter() - t0, 1)
+            for alpha in args.alphas:
+                model.predict_config = PredictConfig(alpha=alpha)
+                probs = [model.proba_from_features(m, im.shape[:2]) for m, im in zip(maps, images)]
+                if alpha == args.alphas[0]:
+                    out["stego"] = miou([q.argmax(0) for q in probs])
+                for c in crfs:
+                    out[f"stego_crf alpha={alpha} {json.dumps(c)}"] = miou(
+                        [dense_crf(im, q, **c).argmax(0) for im, q in zip(images, probs)])
+            out["shift_report"] = model.info["shifts"]
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
