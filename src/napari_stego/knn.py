@@ -85,6 +85,17 @@ def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generato
     return crop
 
 
+def _pick_units(n: int, table: torch.Tensor, batch_size: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` of ``n`` units (without replacement when there are enough) and one
+    random KNN partner of each: two ``(B,)`` index tensors."""
+    if n >= batch_size:
+        picks = torch.randperm(n, generator=gen)[:batch_size]
+    else:
+        picks = torch.randint(n, (batch_size,), generator=gen)
+    return picks, table[picks, torch.randint(table.shape[1], (batch_size,), generator=gen)]
+
+
 def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
                batch_size: int, window: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch: random windows of random units, and a window of a KNN partner of each.
@@ -95,12 +106,7 @@ def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch
     Returns:
         ``feats, feats_pos``: two ``(B, D, window, window)`` float32 tensors (CPU).
     """
-    n = len(units)
-    if n >= batch_size:
-        picks = torch.randperm(n, generator=gen)[:batch_size]
-    else:
-        picks = torch.randint(n, (batch_size,), generator=gen)
-    partners = table[picks, torch.randint(table.shape[1], (batch_size,), generator=gen)]
+    picks, partners = _pick_units(len(units), table, batch_size, gen)
 
     def windows(ids: torch.Tensor) -> torch.Tensor:
         return torch.stack([crop_window(maps[units[i].image], units[i], window, gen)
@@ -146,12 +152,7 @@ def draw_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], table:
     :func:`draw_pairs` (same draws), read at ``samples x samples`` random points each without
     building the windows (float32 copies of only the cropped cells).
     """
-    n = len(units)
-    if n >= batch_size:
-        picks = torch.randperm(n, generator=gen)[:batch_size]
-    else:
-        picks = torch.randint(n, (batch_size,), generator=gen)
-    partners = table[picks, torch.randint(table.shape[1], (batch_size,), generator=gen)]
+    picks, partners = _pick_units(len(units), table, batch_size, gen)
     boxes = [(units[i].image, _crop_box(units[i], window, gen)) for i in picks.tolist()]
     pboxes = [(units[i].image, _crop_box(units[i], window, gen)) for i in partners.tolist()]
     coords1 = torch.rand(batch_size, samples, samples, 2, generator=gen) * 2 - 1
