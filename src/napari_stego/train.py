@@ -1,8 +1,9 @@
 """Fitting the STEGO head on cached feature maps.
 
-The backbone never runs here: each step crops random windows (224 px equivalent) from the
-cached maps, picks a KNN partner window for each, and minimises the correlation loss of the
-head's codes (:mod:`napari_stego.loss`) with Adam.
+The backbone never runs here: each step draws random windows (224 px equivalent) of the
+cached maps and a KNN partner window for each, reads the features at the loss's random points
+of those windows, runs the head on just those points and minimises the correlation loss of the
+codes (:mod:`napari_stego.loss`) with Adam.
 """
 
 from __future__ import annotations
