@@ -60,7 +60,12 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ``(B, H, W, I, J)``: ``sum_c a'[n,c,h,w] * b'[n,c,i,j]`` with ``a'``, ``b'`` L2-normalised
         over ``C`` (eps 1e-10).
     """
-    return _dot(F.normalize(a, dim=1, eps=_EPS), F.normalize(b, dim=1, eps=_EPS))
+    return _dot(unit_norm(a), unit_norm(b))
+
+
+def unit_norm(t: torch.Tensor) -> torch.Tensor:
+    """``t (B, C, ...)`` L2-normalised over ``C`` with the loss's eps (1e-10)."""
+    return F.normalize(t, dim=1, eps=_EPS)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -219,7 +224,7 @@ def points_loss(f1: torch.Tensor, c1: torch.Tensor, f2: torch.Tensor, c2: torch.
         :class:`StegoLoss` with ``total = w_self*self + w_knn*knn + w_rand*rand`` (means).
     """
     def unit(t: torch.Tensor) -> torch.Tensor:
-        return t if normalized else F.normalize(t, dim=1, eps=_EPS)
+        return t if normalized else unit_norm(t)
 
     # each tensor is normalised once, not once per term it appears in
     f1, c1, f2, c2 = unit(f1), unit(c1), unit(f2), unit(c2)

@@ -176,8 +176,11 @@ class StegoModel:
     @torch.inference_mode()
     def codes(self, image: np.ndarray) -> torch.Tensor:
         """Head codes ``(K_code, h, w)`` of one image on the backbone grid (float32, CPU)."""
-        feats = self.features(image).to(self.device, torch.float32)
-        return self.head(feats[None])[0].cpu()
+        return self._head_code(self.features(image))[0].cpu()
+
+    def _head_code(self, feats: torch.Tensor) -> torch.Tensor:
+        """Features ``(D, h, w)`` -> codes ``(1, K_code, h, w)`` float32 on the model's device."""
+        return self.head(feats.to(self.device, torch.float32)[None])
 
     @torch.inference_mode()
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
@@ -197,8 +200,7 @@ class StegoModel:
         """Cluster probabilities ``(K, H, W)`` float32 of an image of ``size`` ``(H, W)`` from
         its backbone features ``(D, h, w)`` (from :meth:`features` or a feature cache), so
         refitting on the same images need not run the backbone again."""
-        feats = feats.to(self.device, torch.float32)
-        code = self.head(feats[None])
+        code = self._head_code(feats)
         work = work_size(tuple(size), self.feature_config.min_side)
         code = upsample_code(code, self.backbone.stride, work, tuple(size))
         probs = cluster_probabilities(code, self.centroids, self.predict_config.alpha)

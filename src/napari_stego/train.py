@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .errors import Cancelled
 from .head import SegmentationHead, init_from_features
 from .knn import Unit, draw_pair_points, knn_table, make_units, sample_vectors, unit_descriptors
-from .loss import LossConfig, negative_permutation, points_loss
+from .loss import LossConfig, negative_permutation, points_loss, unit_norm
 from .shifts import AutoShiftConfig, auto_shifts
 
 Progress = Callable[[str, int, int], None]
@@ -83,8 +83,7 @@ class _StepPoints:
              code_pos: torch.Tensor, config: LossConfig):
         s = feats_pos.shape[-1]
         # normalised once: the negatives are rows of the same tensors
-        feats_a, code_a, feats_pos, code_pos = (F.normalize(t, dim=1, eps=1e-10) for t in
-                                                (feats_a, code_a, feats_pos, code_pos))
+        feats_a, code_a, feats_pos, code_pos = map(unit_norm, (feats_a, code_a, feats_pos, code_pos))
         f1, g2 = feats_a[..., :s], feats_a[..., s:]
         c1, h2 = code_a[..., :s], code_a[..., s:]
         negatives = [(g2[perm], h2[perm]) for perm in self.neg_perms.to(feats_a.device)]
