@@ -42,6 +42,20 @@ def test_predict_shapes_and_types(fitted):
         np.testing.assert_array_equal(proba.argmax(0), labels)
 
 
+def test_proba_from_features_of_a_feature_cache(fitted, mosaics, tmp_path):
+    """Probabilities from features read back from a feature cache (float16, another process's
+    work) are the image's own, also for an image up-sampled for the backbone: the same as the
+    lazy tile path (its own up-sampling code) computes."""
+    small = np.random.default_rng(1).integers(0, 255, (50, 70), dtype=np.uint8)
+    for image in (mosaics[0][0], small):
+        store = fitted.extract(image, cache=tmp_path / "cache")
+        feats = torch.from_numpy(np.asarray(store.read(0)))
+        proba = fitted.proba_from_features(feats, image.shape[:2])
+        assert proba.shape == (3, *image.shape[:2]) and proba.dtype == np.float32
+        _, lazy = fitted.predict_lazy(image, proba=True)
+        np.testing.assert_allclose(proba, lazy.compute(scheduler="threads"), atol=1e-3)
+
+
 def test_save_load_round_trip(fitted, mosaics, tmp_path):
     path = fitted.save(tmp_path / "m.stego")
     assert path.exists() and not list(tmp_path.glob("*.partial"))
