@@ -92,7 +92,7 @@ class FitWidget(Container, JobMixin):
                                   tooltip="How many classes to find.")
         self.steps = SpinBox(
             label="training steps", value=DEFAULT_STEPS, min=1, max=100_000,
-            tooltip="Head training steps. About 0.3 s each on a CPU (batch 16), far less on a "
+            tooltip="Head training steps. About 0.13 s each on a 2-core CPU (batch 16), far less on a "
                     "GPU; the paper uses 2000, a few hundred already give a good first look.")
         self.code_dim = SpinBox(label="code dim", value=TrainConfig().code_dim, min=2, max=512,
                                 tooltip="Dimension of the STEGO codes (70 in the paper).")
