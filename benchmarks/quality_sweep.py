@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from quality import DEFAULT_MAX_IMAGES, colour_kmeans, features_kmeans, load_dataset, score
 
@@ -25,10 +26,21 @@ from napari_stego import StegoModel
 from napari_stego.backbones import create_backbone
 from napari_stego.cluster import ClusterConfig
 from napari_stego.crf import dense_crf
-from napari_stego.features import FeatureConfig, extract_features
-from napari_stego.predict import PredictConfig
+from napari_stego.features import FeatureConfig, extract_features, work_size
+from napari_stego.predict import PredictConfig, cluster_probabilities, upsample_code
 from napari_stego.shifts import AutoShiftConfig
 from napari_stego.train import TrainConfig
+
+
+@torch.inference_mode()
+def flip_proba(model: StegoModel, feats: torch.Tensor, mirrored: torch.Tensor, size) -> np.ndarray:
+    """Probabilities ``(K, H, W)`` from the mean of the image's code and its mirror image's
+    code flipped back (both up-sampled to the image first, so padding cannot shift them)."""
+    work = work_size(tuple(size), model.feature_config.min_side)
+    up = [upsample_code(model._head_code(f), model.backbone.stride, work, tuple(size)) for f in (feats, mirrored)]
+    code = (up[0] + up[1].flip(-1)) / 2
+    probs = cluster_probabilities(code, model.centroids, model.predict_config.alpha)
+    return probs[0].cpu().numpy().astype(np.float32)
 
 
 def main() -> None:
@@ -46,6 +58,8 @@ def main() -> None:
     p.add_argument("--baselines", action="store_true", help="also colour and raw-feature k-means")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--per-image", action="store_true", help="per-image matching (Outex)")
+    p.add_argument("--flip", action="store_true",
+                   help="also score codes averaged with the mirror image's (the reference's evaluation)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -57,6 +71,8 @@ def main() -> None:
     images, labels = load_dataset(args.data, args.max_images or DEFAULT_MAX_IMAGES.get(args.data.name))
     backbone, config = create_backbone(args.backbone), FeatureConfig()
     maps = [extract_features(backbone, im, config).float() for im in images]
+    mirrored = [extract_features(backbone, im[:, ::-1].copy(), config).float() for im in images] \
+        if args.flip else None
     crfs = [json.loads(c) for c in args.crf]
     shifts = AutoShiftConfig(*args.attract) if args.attract else AutoShiftConfig()
 
@@ -82,6 +98,12 @@ def main() -> None:
                 for c in crfs:
                     out[f"stego_crf alpha={alpha} {json.dumps(c)}"] = miou(
                         [dense_crf(im, q, **c).argmax(0) for im, q in zip(images, probs)])
+            if mirrored is not None:
+                model.predict_config = PredictConfig(alpha=args.alphas[0])
+                probs = [flip_proba(model, m, mm, im.shape[:2])
+                         for m, mm, im in zip(maps, mirrored, images)]
+                out["stego flip"] = miou([q.argmax(0) for q in probs])
+                out["stego_crf flip"] = miou([dense_crf(im, q).argmax(0) for im, q in zip(images, probs)])
             out["shift_report"] = model.info["shifts"]
             print(json.dumps(out), flush=True)
 
