@@ -132,6 +132,22 @@ def test_rerun_skips_finished_outputs_and_overwrite_recomputes(fitted, tmp_path,
     assert forced.written == 5 and counter.calls == 1 + 7
 
 
+def test_output_cut_short_is_recomputed(fitted, tmp_path):
+    """An existing output whose last plane is cut off (a copy that stopped, a full disk) is
+    recomputed; its header and metadata alone would still read."""
+    _, model_path, data = fitted
+    out = tmp_path / "out"
+    segment_files(model_path, data, out)
+    whole = tifffile.imread(out / "stack.tif")
+    raw = (out / "stack.tif").read_bytes()
+    (out / "stack.tif").write_bytes(raw[:-16])
+    notes = []
+    report = segment_files(model_path, data, out, log=notes.append)
+    assert report.written == 1 and report.existing == 4
+    assert any("recomputing" in n and "stack.tif" in n for n in notes)
+    np.testing.assert_array_equal(tifffile.imread(out / "stack.tif"), whole)
+
+
 def test_resume_after_sigkill_mid_write(fitted, tmp_path):
     """A real kill -9 while the third file is being written: the file is absent (its
     half-written temporary is hidden), the re-run cleans up and keeps the first two."""

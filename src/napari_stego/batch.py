@@ -571,7 +571,12 @@ def _read_meta_tiff(path: Path) -> tuple[dict | None, tuple, np.dtype]:
         if shaped and isinstance(shaped[0], dict) and META_KEY in shaped[0]:
             raw = shaped[0][META_KEY]
             meta = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        tif.pages[len(tif.pages) - 1].asarray()  # the last plane decodes: not truncated
+        last = tif.pages[len(tif.pages) - 1]
+        ends = [o + n for o, n in zip(last.dataoffsets, last.databytecounts)]
+        # the last plane's bytes are all in the file: not truncated (checked without decoding
+        # it, which for a whole-slide label plane would cost gigabytes)
+        if not ends or max(ends) > os.path.getsize(path):
+            raise ValueError("the file ends inside its last plane")
     return meta, shape, dtype
 
 
