@@ -280,6 +280,19 @@ def test_tiles_with_a_halo_covering_the_image_are_exact(backend):
     assert calls[-1] == ("crf", 4, 4)
 
 
+def test_a_window_refined_with_its_origin_matches_that_tile_of_the_tiled_crf():
+    """``dense_crf(origin=...)`` on one window of a plane gives exactly what
+    ``dense_crf_tiled`` gives for the tile it reads there; batch refines windows that way."""
+    image = _mosaic(128)
+    probs = colour_probs(image, k=3)
+    tiled = dense_crf_tiled(image, probs, tile=64, halo=24, backend="torch")
+    window = np.s_[40:128, 40:128]  # what the bottom-right tile reads: its core plus the halo
+    q = dense_crf(image[window], probs[(slice(None), *window)], backend="torch", origin=(40, 40))
+    np.testing.assert_array_equal(q[:, 24:, 24:], tiled[:, 64:, 64:])
+    shifted = dense_crf(image[window], probs[(slice(None), *window)], backend="torch")
+    assert not np.array_equal(shifted[:, 24:, 24:], tiled[:, 64:, 64:])  # the lattice moved
+
+
 def test_crf_labels_is_lazy_and_slice_by_slice():
     import dask.array as da
 

@@ -1017,13 +1017,10 @@ def _refine_window(image: np.ndarray, probs: np.ndarray, intensity,
 
     ``image``: raw ``(h, w, C)`` pixels; ``probs``: ``(K, h, w)``. Returns ``(K, h, w)``.
     """
-    from .crf import CRFConfig, _backend, _run, _torch_device, crf_image
+    from .crf import dense_crf
 
-    backend = _backend(None, None)
-    device = _torch_device(None) if backend == "torch" else None
-    rgb = crf_image(image[..., 0] if image.shape[-1] == 1 else image, intensity)
-    return _run(backend, np.ascontiguousarray(rgb), np.ascontiguousarray(probs, np.float32),
-                CRFConfig(), device, origin)
+    return dense_crf(image[..., 0] if image.shape[-1] == 1 else image, probs,
+                     intensity=intensity, origin=origin)
 
 
 def _predict_tile(pred, tile: tuple[int, int], window, crf_intensity, settings: _Settings

@@ -373,7 +373,8 @@ def _run(backend, rgb, probs, cfg, device, origin=(0, 0)):
 def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | None = None,
               device=None, intensity=None, iterations: int | None = None, pos_w: float | None = None,
               pos_xy_std: float | None = None, bi_w: float | None = None,
-              bi_xy_std: float | None = None, bi_rgb_std: float | None = None) -> np.ndarray:
+              bi_xy_std: float | None = None, bi_rgb_std: float | None = None,
+              origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Refine class probabilities with a fully connected CRF.
 
     Parameters
@@ -397,6 +398,11 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
         :func:`crf_image`), e.g. the stack-wide one the features were computed with.
     iterations, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std
         Override the matching :class:`CRFConfig` field (defaults 10, 3, 1, 4, 67, 3).
+    origin : (int, int)
+        Where ``image``'s top-left pixel lies in a bigger plane, when ``image`` is one window
+        of it: the torch backend then lays its bilateral lattice out in the plane's
+        coordinates, so that overlapping windows refined one by one agree (as the tiles of
+        :func:`dense_crf_tiled` do). pydensecrf ignores it.
 
     Returns
     -------
@@ -420,7 +426,7 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
     p = _check_probs(probs, arr.shape[:2])
     rgb = crf_image(arr, cfg.intensity if intensity is None else intensity)
     dev = _torch_device(device) if backend == "torch" else None
-    return _run(backend, rgb, p, cfg, dev)
+    return _run(backend, rgb, p, cfg, dev, tuple(origin))
 
 
 def default_halo(config: CRFConfig | None = None) -> int:
