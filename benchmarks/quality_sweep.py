@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--code-dim", type=int, default=TrainConfig.code_dim)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--attract", type=float, nargs=3, default=None, metavar=("SELF", "KNN", "RAND"),
                    help="AutoShiftConfig attracted fractions (default: the package's)")
     p.add_argument("--alphas", type=float, nargs="+", default=[PredictConfig.alpha],
@@ -81,12 +83,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         for seed in args.seeds:
-            out: dict = dict(dataset=args.data.name, seed=seed, steps=args.steps, lr=args.lr)
+            out: dict = dict(dataset=args.data.name, seed=seed, steps=args.steps, lr=args.lr,
+                             code_dim=args.code_dim, batch_size=args.batch_size)
             if args.baselines:
                 out["colour_kmeans"] = miou(colour_kmeans(images, k, seed))
                 out["features_kmeans"] = miou(features_kmeans(maps, images, k, seed, backbone.stride, config))
             t0 = time.perf_counter()
-            train = TrainConfig(steps=args.steps, lr=args.lr, auto_shifts=shifts)
+            train = TrainConfig(steps=args.steps, lr=args.lr, auto_shifts=shifts,
+                                code_dim=args.code_dim, batch_size=args.batch_size)
             model = StegoModel.fit(images, k, backbone=backbone, features=config, train=train,
                                    seed=seed, cluster=ClusterConfig(), cache=cache)
             out["fit_s"] = round(time.perf_counter() - t0, 1)
