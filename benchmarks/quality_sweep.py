@@ -37,7 +37,8 @@ def flip_proba(model: StegoModel, feats: torch.Tensor, mirrored: torch.Tensor, s
     """Probabilities ``(K, H, W)`` from the mean of the image's code and its mirror image's
     code flipped back (both up-sampled to the image first, so padding cannot shift them)."""
     work = work_size(tuple(size), model.feature_config.min_side)
-    up = [upsample_code(model._head_code(f), model.backbone.stride, work, tuple(size)) for f in (feats, mirrored)]
+    up = [upsample_code(model._head_code(f), model.backbone.stride, work, tuple(size))
+          for f in (feats, mirrored)]
     code = (up[0] + up[1].flip(-1)) / 2
     probs = cluster_probabilities(code, model.centroids, model.predict_config.alpha)
     return probs[0].cpu().numpy().astype(np.float32)
