@@ -26,8 +26,8 @@ from napari_stego import StegoModel
 from napari_stego.backbones import create_backbone
 from napari_stego.cluster import ClusterConfig
 from napari_stego.crf import dense_crf
-from napari_stego.features import FeatureConfig, extract_features, work_size
-from napari_stego.predict import PredictConfig, cluster_probabilities, upsample_code
+from napari_stego.features import FeatureConfig, extract_features
+from napari_stego.predict import PredictConfig, cluster_probabilities
 from napari_stego.shifts import AutoShiftConfig
 from napari_stego.train import TrainConfig
 
@@ -36,10 +36,7 @@ from napari_stego.train import TrainConfig
 def flip_proba(model: StegoModel, feats: torch.Tensor, mirrored: torch.Tensor, size) -> np.ndarray:
     """Probabilities ``(K, H, W)`` from the mean of the image's code and its mirror image's
     code flipped back (both up-sampled to the image first, so padding cannot shift them)."""
-    work = work_size(tuple(size), model.feature_config.min_side)
-    up = [upsample_code(model._head_code(f), model.backbone.stride, work, tuple(size))
-          for f in (feats, mirrored)]
-    code = (up[0] + up[1].flip(-1)) / 2
+    code = (model.upsampled_code(feats, size) + model.upsampled_code(mirrored, size).flip(-1)) / 2
     probs = cluster_probabilities(code, model.centroids, model.predict_config.alpha)
     return probs[0].cpu().numpy().astype(np.float32)
 

@@ -52,6 +52,8 @@ def test_proba_from_features_of_a_feature_cache(fitted, mosaics, tmp_path):
         feats = torch.from_numpy(np.asarray(store.read(0)))
         proba = fitted.proba_from_features(feats, image.shape[:2])
         assert proba.shape == (3, *image.shape[:2]) and proba.dtype == np.float32
+        code = fitted.upsampled_code(feats, image.shape[:2])
+        assert code.shape == (1, fitted.head.code_dim, *image.shape[:2])
         _, lazy = fitted.predict_lazy(image, proba=True)
         np.testing.assert_allclose(proba, lazy.compute(scheduler="threads"), atol=1e-3)
 

@@ -200,11 +200,17 @@ class StegoModel:
         """Cluster probabilities ``(K, H, W)`` float32 of an image of ``size`` ``(H, W)`` from
         its backbone features ``(D, h, w)`` (from :meth:`features` or a feature cache), so
         refitting on the same images need not run the backbone again."""
-        code = self._head_code(feats)
-        work = work_size(tuple(size), self.feature_config.min_side)
-        code = upsample_code(code, self.backbone.stride, work, tuple(size))
-        probs = cluster_probabilities(code, self.centroids, self.predict_config.alpha)
+        probs = cluster_probabilities(self.upsampled_code(feats, size), self.centroids,
+                                      self.predict_config.alpha)
         return probs[0].cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def upsampled_code(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Codes ``(1, K_code, H, W)`` at the pixels of an image of ``size`` ``(H, W)`` from its
+        backbone features ``(D, h, w)`` (bilinear, the padding and any up-sampling for the
+        backbone undone), float32 on the model's device."""
+        work = work_size(tuple(size), self.feature_config.min_side)
+        return upsample_code(self._head_code(feats), self.backbone.stride, work, tuple(size))
 
     def predict(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
         """Cluster labels ``(H, W)`` (uint8, or uint16 for more than 255 clusters).
