@@ -8,6 +8,12 @@ Usage:
 
 Same subsets, scoring and baselines as ``benchmarks/quality.py``; prints one JSON line per
 seed (mIoU %). For exploring settings; the numbers that count come from ``quality.py``.
+
+``--grid`` runs several training settings on the same features, e.g.
+``--grid '{"attract": [0.15, 0.3, 0.45]}' '{"attract": [0.3, 0.3, 0.3], "steps": 800}'``
+(keys: ``attract``, ``steps``, ``lr``, ``code_dim``, ``batch_size``; unset ones come from the
+flags). ``--device cuda`` runs the backbone, training and the CRF's torch backend on a GPU
+(bf16 features, so the numbers differ a little from the CPU's).
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ def main() -> None:
     p.add_argument("--per-image", action="store_true", help="per-image matching (Outex)")
     p.add_argument("--flip", action="store_true",
                    help="also score codes averaged with the mirror image's (the reference's evaluation)")
+    p.add_argument("--grid", nargs="+", default=None,
+                   help="JSON dicts of training settings to run in turn (see above)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--crf-backend", default=None, help="dense_crf backend (default: the device's)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -69,28 +79,33 @@ def main() -> None:
     k = int(meta["num_classes"])
     per_image = args.per_image or args.data.name == "outex_texture_mosaics"
     images, labels = load_dataset(args.data, args.max_images or DEFAULT_MAX_IMAGES.get(args.data.name))
-    backbone, config = create_backbone(args.backbone), FeatureConfig()
-    maps = [extract_features(backbone, im, config).float() for im in images]
-    mirrored = [extract_features(backbone, im[:, ::-1].copy(), config).float() for im in images] \
-        if args.flip else None
+    device = torch.device(args.device)
+    backbone, config = create_backbone(args.backbone).to(device), FeatureConfig()
+    maps = [extract_features(backbone, im, config, device).float() for im in images]
+    mirrored = [extract_features(backbone, im[:, ::-1].copy(), config, device).float()
+                for im in images] if args.flip else None
     crfs = [json.loads(c) for c in args.crf]
-    shifts = AutoShiftConfig(*args.attract) if args.attract else AutoShiftConfig()
+    crf_on = dict(backend=args.crf_backend, device=device)
+    plain = dict(attract=args.attract, steps=args.steps, lr=args.lr, code_dim=args.code_dim,
+                 batch_size=args.batch_size)
+    settings = [dict(plain, **json.loads(g)) for g in args.grid] if args.grid else [plain]
 
     def miou(preds) -> float:
         return round(score(preds, labels, k, k, per_image)["miou"], 1)
 
     with tempfile.TemporaryDirectory() as cache:
-        for seed in args.seeds:
-            out: dict = dict(dataset=args.data.name, seed=seed, steps=args.steps, lr=args.lr,
-                             code_dim=args.code_dim, batch_size=args.batch_size)
+        for setting, seed in ((s, seed) for s in settings for seed in args.seeds):
+            out: dict = dict(dataset=args.data.name, seed=seed, **setting)
             if args.baselines:
                 out["colour_kmeans"] = miou(colour_kmeans(images, k, seed))
                 out["features_kmeans"] = miou(features_kmeans(maps, images, k, seed, backbone.stride, config))
             t0 = time.perf_counter()
-            train = TrainConfig(steps=args.steps, lr=args.lr, auto_shifts=shifts,
-                                code_dim=args.code_dim, batch_size=args.batch_size)
+            attract = setting["attract"]
+            train = TrainConfig(steps=setting["steps"], lr=setting["lr"],
+                                auto_shifts=AutoShiftConfig(*attract) if attract else AutoShiftConfig(),
+                                code_dim=setting["code_dim"], batch_size=setting["batch_size"])
             model = StegoModel.fit(images, k, backbone=backbone, features=config, train=train,
-                                   seed=seed, cluster=ClusterConfig(), cache=cache)
+                                   seed=seed, cluster=ClusterConfig(), cache=cache, device=device)
             out["fit_s"] = round(time.perf_counter() - t0, 1)
             for alpha in args.alphas:
                 model.predict_config = PredictConfig(alpha=alpha)
@@ -99,13 +114,14 @@ def main() -> None:
                     out["stego"] = miou([q.argmax(0) for q in probs])
                 for c in crfs:
                     out[f"stego_crf alpha={alpha} {json.dumps(c)}"] = miou(
-                        [dense_crf(im, q, **c).argmax(0) for im, q in zip(images, probs)])
+                        [dense_crf(im, q, **c, **crf_on).argmax(0) for im, q in zip(images, probs)])
             if mirrored is not None:
                 model.predict_config = PredictConfig(alpha=args.alphas[0])
                 probs = [flip_proba(model, m, mm, im.shape[:2])
                          for m, mm, im in zip(maps, mirrored, images)]
                 out["stego flip"] = miou([q.argmax(0) for q in probs])
-                out["stego_crf flip"] = miou([dense_crf(im, q).argmax(0) for im, q in zip(images, probs)])
+                out["stego_crf flip"] = miou([dense_crf(im, q, **crf_on).argmax(0)
+                                              for im, q in zip(images, probs)])
             out["shift_report"] = model.info["shifts"]
             print(json.dumps(out), flush=True)
 
