@@ -21,9 +21,10 @@ from napari_stego.features import (
     extract_features,
     extract_source,
     feature_grid,
+    _Runner,
     training_maps,
 )
-from napari_stego.io import IntensityConfig, open_image
+from napari_stego.io import ImageSource, IntensityConfig, open_image
 from napari_stego.knn import Unit, crop_window
 from napari_stego.tiling import TileConfig
 
@@ -220,6 +221,34 @@ def test_out_of_memory_halves_the_batch(offline_backbone, monkeypatch):
     monkeypatch.setattr(offline_backbone, "forward", no_gpu)
     with pytest.raises(StegoError, match="ran out of memory on a single tile"):
         extract_features(offline_backbone, image, CFG, tiles=tiles1)
+
+
+def test_reader_threads_do_not_change_the_features(offline_backbone):
+    """Tiles read by one thread or by several, in batches, land in the same cells."""
+    image = data.camera()[:200, :260]
+    source = ImageSource(image, "YX")
+    h, w = feature_grid(source.shape2d, offline_backbone, CFG)
+    tiles = TileConfig(tile=64, halo=32, batch_size=3)
+    out = []
+    for readers in (1, None):
+        sink = TensorSink(1, offline_backbone.dim, h, w)
+        extract_source(offline_backbone, source, sink, CFG, tiles, readers=readers)
+        out.append(sink.tensors[0])
+    torch.testing.assert_close(out[0], out[1])
+    assert out[0].float().abs().sum(0).min() > 0  # every cell written
+
+
+def test_tiles_travel_in_16_bits_only_under_cuda_autocast(offline_backbone):
+    """The host -> device copy halves under bf16/fp16 autocast, where the backbone rounds
+    its input to 16 bits anyway; float32 everywhere else."""
+    def dtype(device, autocast):
+        return _Runner(offline_backbone, torch.device(device),
+                       FeatureConfig(autocast=autocast), 8).host_dtype
+
+    assert dtype("cuda", "bfloat16") == torch.float16
+    assert dtype("cuda", "float16") == torch.float16
+    assert dtype("cuda", None) == torch.float32
+    assert dtype("cpu", "bfloat16") == torch.float32
 
 
 def test_training_crops_of_big_maps(tmp_path):

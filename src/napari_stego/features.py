@@ -10,7 +10,8 @@ than one tile are cut into tiles with a halo (:mod:`napari_stego.tiling`).
 :class:`~napari_stego.io.ImageSource` (a big 2D mosaic, a z-stack, a time-lapse), with one
 intensity mapping for the whole stack: a reader thread pool reads and normalises tiles ahead,
 tiles of equal shape go to the device in batches (bf16 autocast on CUDA; the batch is halved
-when the GPU runs out of memory), and a writer thread stores the features in a
+when the GPU runs out of memory; features come back through pinned memory while the next batch
+runs), and a writer thread stores the features in a
 :class:`~napari_stego.cache.FeatureStore` (zarr, float16) plane by plane, so an interrupted
 run resumes where it stopped. :func:`feature_store` opens (or finds) that store by a hash of
 everything that determines the features.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import warnings
@@ -325,6 +327,20 @@ def _free_device_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+class _Pending:
+    """Features on their way from the device to the host: ``result()`` waits for the copy
+    (a CUDA event), so the caller can queue the next batch while this one is copied."""
+
+    def __init__(self, host: torch.Tensor, event=None) -> None:
+        self.host, self.event = host, event
+
+    def result(self) -> np.ndarray:
+        """``(B, D, h, w)`` float16."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
 class _Runner:
     """Runs batches through the backbone, halving the batch on out-of-memory errors."""
 
@@ -334,14 +350,27 @@ class _Runner:
         self.batch_size = batch_size
         self.calls = 0
 
+    @property
+    def host_dtype(self) -> torch.dtype:
+        """Dtype of the tiles sent to the device: float16 under CUDA autocast (the backbone
+        rounds its input to 16 bits anyway), halving host copies and transfers."""
+        cuda16 = self.device.type == "cuda" and self.config.autocast is not None
+        return torch.float16 if cuda16 else torch.float32
+
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] (CPU) -> ``(B, D, h, w)`` float16 on the CPU."""
-        outs, i = [], 0
+    def submit(self, x: torch.Tensor) -> _Pending:
+        """Start ``(B, 3, H, W)`` tiles in [0, 1] (CPU, pinned for CUDA) through the backbone;
+        the features come back into one pinned host buffer without blocking this thread."""
+        host, i = None, 0
+        cuda = self.device.type == "cuda"
         while i < x.shape[0]:
             n = min(self.batch_size, x.shape[0] - i)
             try:
-                outs.append(self._forward(x[i:i + n]))
+                out = self._forward(x[i:i + n])
+                if host is None:
+                    host = torch.empty((x.shape[0], *out.shape[1:]), dtype=torch.float16,
+                                       pin_memory=cuda)
+                host[i:i + n].copy_(out, non_blocking=cuda)
                 i += n
             except Exception as exc:  # OOM of any backend
                 if not _is_oom(exc):
@@ -356,14 +385,19 @@ class _Runner:
                 self.batch_size = max(1, n // 2)
                 warnings.warn(f"{self.device.type} out of memory with {n} tiles per batch: "
                               f"continuing with {self.batch_size}", RuntimeWarning, stacklevel=2)
-        return torch.cat(outs)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _Pending(host, event)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` host tiles -> ``(n, D, h, w)`` float16 on the device."""
         self.calls += 1
-        dev = x.to(self.device, non_blocking=True)
+        dev = x.to(self.device, non_blocking=True).float()
         with _autocast(self.device, self.config):
             feats = self.backbone(self.backbone.normalize(dev))
-        return feats.to("cpu", torch.float16)
+        return feats.to(torch.float16)
 
 
 def _load_job(source: ImageSource, stats: IntensityStats, job: _Job, min_side: int) -> np.ndarray:
@@ -379,7 +413,8 @@ def _load_job(source: ImageSource, stats: IntensityStats, job: _Job, min_side: i
 def extract_source(backbone: Backbone, source: ImageSource, sink, config: FeatureConfig,
                    tiles: TileConfig, device: torch.device | str = "cpu", *,
                    stats: IntensityStats | None = None, planes: Sequence[int] | None = None,
-                   progress: Progress | None = None, cancel=None, readers: int = 2) -> int:
+                   progress: Progress | None = None, cancel=None,
+                   readers: int | None = None) -> int:
     """Compute the features of the planes of ``source`` into ``sink``, tile by tile.
 
     Args:
@@ -393,7 +428,8 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
         progress: ``progress("features", tiles_done, tiles_total)``.
         cancel: anything with ``is_set()``; checked between batches. Completed planes stay in
             the sink.
-        readers: threads reading and normalising tiles ahead of the device.
+        readers: threads reading and normalising tiles ahead of the device (default: half
+            the CPU cores, 2 to 4).
 
     Returns:
         the number of backbone calls made.
@@ -454,19 +490,28 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
             if errors:
                 continue
             try:
-                for job, feats in item:
-                    store(job, feats)
+                batch, pending = item
+                feats = pending.result()
+                for k, job in enumerate(batch):
+                    store(job, feats[k])
             except BaseException as exc:
                 errors.append(exc)
 
     wthread = threading.Thread(target=writer, name="napari-stego-writer", daemon=True)
     wthread.start()
+    if readers is None:
+        readers = min(4, max(2, (os.cpu_count() or 2) // 2))
     pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="napari-stego-reader")
 
     def load(batch: list[_Job]) -> torch.Tensor:
-        arrs = [_load_job(source, stats, j, config.min_side) for j in batch]
-        x = torch.from_numpy(np.stack(arrs))
-        return x.pin_memory() if device.type == "cuda" else x
+        x = None
+        for k, job in enumerate(batch):  # straight into one (pinned) buffer, no stacking
+            arr = torch.from_numpy(_load_job(source, stats, job, config.min_side))
+            if x is None:
+                x = torch.empty((len(batch), *arr.shape), dtype=runner.host_dtype,
+                                pin_memory=device.type == "cuda")
+            x[k].copy_(arr)
+        return x
 
     pending: collections.deque = collections.deque()
     ahead = max(2, readers + 1)
@@ -486,9 +531,7 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(load, nxt)))
-            x = fut.result()
-            feats = runner(x).numpy()
-            write_q.put([(j, feats[k]) for k, j in enumerate(batch)])
+            write_q.put((batch, runner.submit(fut.result())))
             finished += len(batch)
             if progress is not None:
                 progress("features", finished, total)
