@@ -7,10 +7,11 @@ Usage:
 Fits the offline backbone's STEGO head on the texture mosaics (``samples.texture_mosaics``,
 brick / grass / gravel with their class maps) once per device with the same seed, and reports
 for each device: fit seconds, predict seconds (with and without the CRF; the CRF's default
-backend on that device), and Hungarian-matched mIoU. Then it saves the model fitted on the last
-device, loads it on the CPU and reports the share of pixels whose label equals the saving
-device's prediction (a model fitted on a workstation GPU must give the same labels on a laptop:
-only floating-point rounding and bf16 features may differ). Prints one JSON object.
+backend on that device), and Hungarian-matched mIoU. Then it saves the model fitted on the
+first GPU in ``--devices`` (else the first device), loads it on the CPU and reports the share
+of pixels whose label equals the saving device's prediction (a model fitted on a workstation
+GPU must give the same labels on a laptop: only floating-point rounding and bf16 features may
+differ). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv=None) -> dict:
                                           gpu=torch.cuda.get_device_name(0)
                                           if torch.cuda.is_available() else None),
         images=[args.images, args.size, args.size], steps=args.steps, runs=[])
-    model = preds = None
+    keep = None  # (model, labels) to reload on the CPU: the first GPU's, else the first
     for device in args.devices:
         if device.startswith("cuda") and not torch.cuda.is_available():
             result["runs"].append(dict(device=device, measured=False, reason="no CUDA GPU"))
@@ -75,7 +76,10 @@ def main(argv=None) -> dict:
                                    predict_crf_s=crf_s, stego_miou=miou(preds, labels, k),
                                    stego_crf_miou=miou(refined, labels, k),
                                    final_loss=round(model.info["final_loss"], 4)))
-    if model is not None:
+        if keep is None or (keep[0].device.type == "cpu" and model.device.type != "cpu"):
+            keep = (model, preds)
+    if keep is not None:
+        model, preds = keep
         with tempfile.TemporaryDirectory() as tmp:
             path = model.save(Path(tmp) / "model.stego")
             on_cpu = StegoModel.load(path, device="cpu")
