@@ -14,8 +14,8 @@ same; a seed changes k-means, the training windows and the head's dropout); the 
 standard deviation over seeds are reported. Prints one JSON object, and with ``--markdown``
 writes the summary table too.
 
-Every method uses the same settings on every dataset (the package defaults, apart from the
-number of training steps, which the CPU forces down: ``--steps``).
+Every method uses the same settings on every dataset: the package defaults (``--steps``
+defaults to the package's 500).
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="a dataset folder or a folder of dataset folders")
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--steps", type=int, default=500,
-                        help="training steps (the package default, 2000, is for a GPU)")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps,
+                        help="training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--upsample", type=int, default=1,
                         help="FeatureConfig.upsample for every method that uses features")

@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--data", required=True, type=Path, help="one dataset folder")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--code-dim", type=int, default=TrainConfig.code_dim)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
