@@ -25,9 +25,12 @@ import torch
 
 
 def _csr(crow, col, values, shape):
-    """A CSR matrix without the 'beta' warning and without invariant checks (built here)."""
+    """A CSR matrix without invariant checks (built here, valid by construction) and without
+    the warnings some torch versions give for that: 'in beta' and, on torch 2.11 (seen on a
+    GPU machine), 'invariant checks are implicitly disabled ... SEGFAULT'."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
