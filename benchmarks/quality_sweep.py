@@ -68,6 +68,8 @@ def main() -> None:
                    help="also score codes averaged with the mirror image's (the reference's evaluation)")
     p.add_argument("--grid", nargs="+", default=None,
                    help="JSON dicts of training settings to run in turn (see above)")
+    p.add_argument("--min-side", type=int, default=FeatureConfig.min_side,
+                   help="FeatureConfig.min_side: smaller images are up-sampled to it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--crf-backend", default=None, help="dense_crf backend (default: the device's)")
     p.add_argument("--threads", type=int, default=None)
@@ -80,7 +82,8 @@ def main() -> None:
     per_image = args.per_image or args.data.name == "outex_texture_mosaics"
     images, labels = load_dataset(args.data, args.max_images or DEFAULT_MAX_IMAGES.get(args.data.name))
     device = torch.device(args.device)
-    backbone, config = create_backbone(args.backbone).to(device), FeatureConfig()
+    backbone = create_backbone(args.backbone).to(device)
+    config = FeatureConfig(min_side=args.min_side)
     maps = [extract_features(backbone, im, config, device).float() for im in images]
     mirrored = [extract_features(backbone, im[:, ::-1].copy(), config, device).float()
                 for im in images] if args.flip else None

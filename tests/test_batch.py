@@ -403,7 +403,7 @@ def tiled(tmp_path_factory, offline_backbone):
     features on their 16 main principal components, centred; centroids are k-means of its
     codes), saved; the same model with tiles big enough to predict every image here whole;
     and inputs bigger than one tile: a 512 px grey image, a 512 px RGB photo, a 2-plane
-    uint16 stack of 416 x 400 px."""
+    uint16 stack of 464 x 448 px (all at least ``min_side``, so none is up-sampled)."""
     import torch
     from skimage import data
 
@@ -435,7 +435,7 @@ def tiled(tmp_path_factory, offline_backbone):
     big.mkdir()
     tifffile.imwrite(big / "camera.tif", camera)
     tifffile.imwrite(big / "astronaut.tif", data.astronaut(), photometric="rgb")
-    stack = np.stack([camera[:416, :400], camera[96:, 112:]]).astype(np.uint16) * 200
+    stack = np.stack([camera[:464, :448], camera[48:, 64:]]).astype(np.uint16) * 200
     tifffile.imwrite(big / "stack.tif", stack, photometric="minisblack")
     return model, whole, path, big
 
@@ -533,13 +533,13 @@ def test_tiled_stack_to_zarr_with_probabilities(tiled, tmp_path):
     stack = tifffile.imread(big / "stack.tif")
     labels = zarr.open_array(str(tmp_path / "stack.zarr"), mode="r")
     proba = zarr.open_array(str(tmp_path / "stack_proba.zarr"), mode="r")
-    assert labels.shape == (2, 416, 400) and labels.chunks == (1, 128, 128)
-    assert proba.shape == (2, 3, 416, 400) and proba.dtype == np.float32
+    assert labels.shape == (2, 464, 448) and labels.chunks == (1, 128, 128)
+    assert proba.shape == (2, 3, 464, 448) and proba.dtype == np.float32
     for i in range(2):
         np.testing.assert_array_equal(labels[i], model.predict(stack[i]))
         np.testing.assert_allclose(proba[i], model.predict_proba(stack[i]), atol=1e-6)
     np.testing.assert_array_equal(labels[...], proba[...].argmax(1))
-    assert labels.attrs["napari_stego"]["shape"] == [2, 416, 400]
+    assert labels.attrs["napari_stego"]["shape"] == [2, 464, 448]
     again = segment_files(path, [big / "stack.tif"], tmp_path, format="zarr",
                           probabilities=True)
     assert again.existing == 1 and not (tmp_path / batch.WORK_DIR).exists()

@@ -64,19 +64,35 @@ def test_single_tile_is_the_whole_image_computation(offline_backbone):
     with torch.inference_mode():
         ref = offline_backbone(offline_backbone.normalize(backbone_input(image, cfg)))[0].half()
     out = extract_features(offline_backbone, image, cfg)
-    assert out.shape == ref.shape == (472, 28, 38)  # up-sampled to 224 px, stride 8
+    assert out.shape == ref.shape == (472, 56, 75)  # up-sampled to 448 px, stride 8
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+def test_small_images_give_units_that_hold_a_training_window(offline_backbone):
+    """The default min_side (448 px) is the 224-px training window over the crop ratio (0.5):
+    every crop that KNN mining compares holds a whole window, so none has to be stretched."""
+    from napari_stego.knn import make_units
+    from napari_stego.train import TrainConfig
+
+    window = 224 // offline_backbone.stride
+    for shape in [(120, 120), (150, 200), (60, 500)]:
+        grid = feature_grid(shape, offline_backbone, FeatureConfig())
+        units = make_units([grid], TrainConfig().crop_ratio)
+        assert min(min(u.h, u.w) for u in units) >= window, (shape, grid)
+    grid = feature_grid((120, 120), offline_backbone, FeatureConfig(min_side=224))
+    assert min(min(u.h, u.w) for u in make_units([grid])) < window  # 224 px stretched them
+
+
 def test_tiled_features_match_whole_image(offline_backbone, camera):
-    whole = extract_features(offline_backbone, camera, tiles=TileConfig(tile=4096)).float()
-    tiled = extract_features(offline_backbone, camera, tiles=TileConfig(tile=128, halo=64)).float()
+    whole = extract_features(offline_backbone, camera, CFG, tiles=TileConfig(tile=4096)).float()
+    tiled = extract_features(offline_backbone, camera, CFG,
+                             tiles=TileConfig(tile=128, halo=64)).float()
     assert tiled.shape == whole.shape == (472, 40, 48)
     # the stride-8 stage sees less than the halo: identical up to float rounding
     torch.testing.assert_close(tiled[:40], whole[:40], rtol=1e-2, atol=2e-2)
     cos = torch.nn.functional.cosine_similarity(tiled, whole, dim=0)
     assert cos.mean() > 0.97 and cos.min() > 0.7, (cos.mean(), cos.min())
-    taper = extract_features(offline_backbone, camera,
+    taper = extract_features(offline_backbone, camera, CFG,
                              tiles=TileConfig(tile=128, halo=64, blend="taper")).float()
     assert torch.isfinite(taper).all() and (taper.abs().sum(0) > 0).all()
     assert torch.nn.functional.cosine_similarity(taper, whole, dim=0).mean() > 0.97

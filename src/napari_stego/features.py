@@ -2,8 +2,9 @@
 prediction.
 
 ``extract_features`` runs one image through a :class:`~napari_stego.backbones.Backbone`; small
-images are first up-sampled so their shorter side reaches ``min_side`` pixels (the reference
-trains at 224 px), so a 120 px blood-cell crop still gives a usable feature grid. Images larger
+images are first up-sampled so their shorter side reaches ``min_side`` pixels (448: twice the
+reference's 224-px training crops, see :class:`FeatureConfig`), so a 120 px blood-cell crop
+still gives a usable feature grid. Images larger
 than one tile are cut into tiles with a halo (:mod:`napari_stego.tiling`).
 
 ``extract_source`` does the same for every plane of a lazily read
@@ -60,7 +61,11 @@ MEMORY_CACHE_BYTES = 512 * 2**20  # cache=None keeps at most this much in memory
 class FeatureConfig:
     """How images become feature maps.
 
-    ``min_side``: images whose shorter side is smaller are up-sampled (bilinear) to it.
+    ``min_side``: images whose shorter side is smaller are up-sampled (bilinear) to it. 448 px
+    is the 224-px training window over ``TrainConfig.crop_ratio`` (0.5): the five crops that
+    KNN mining makes of each image then hold a whole window, where a 224-px image gives crops
+    half a window wide that training can only stretch (on the blood cells, 120 px, this took
+    STEGO + CRF from 44.9 to 55.5 mIoU; 320 px gave nothing; docs/benchmarks.md).
     ``dtype``: storage type of cached features (float16 halves memory).
     ``autocast``: reduced precision for the backbone on CUDA (``"bfloat16"``, ``"float16"``
     or ``None`` for float32); CPU and MPS always run float32.
@@ -70,7 +75,7 @@ class FeatureConfig:
     :func:`~napari_stego.backbones.upsampled`). Applied on top of ``min_side``.
     """
 
-    min_side: int = 224
+    min_side: int = 448
     dtype: str = "float16"
     intensity: IntensityConfig = IntensityConfig()
     autocast: str | None = "bfloat16"
