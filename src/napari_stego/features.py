@@ -4,8 +4,8 @@ prediction.
 ``extract_features`` runs one image through a :class:`~napari_stego.backbones.Backbone`; small
 images are first up-sampled so their shorter side reaches ``min_side`` pixels (448: twice the
 reference's 224-px training crops, see :class:`FeatureConfig`), so a 120 px blood-cell crop
-still gives a usable feature grid. Images larger
-than one tile are cut into tiles with a halo (:mod:`napari_stego.tiling`).
+still gives a usable feature grid. Images larger than one tile are cut into tiles with a halo
+(:mod:`napari_stego.tiling`).
 
 ``extract_source`` does the same for every plane of a lazily read
 :class:`~napari_stego.io.ImageSource` (a big 2D mosaic, a z-stack, a time-lapse), with one

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import napari
 
 
-
 def _backbone_choices():
     from ..backbones import list_backbones
 
