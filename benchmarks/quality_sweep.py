@@ -96,12 +96,17 @@ def main() -> None:
     def miou(preds) -> float:
         return round(score(preds, labels, k, k, per_image)["miou"], 1)
 
+    baselines: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as cache:
         for setting, seed in ((s, seed) for s in settings for seed in args.seeds):
             out: dict = dict(dataset=args.data.name, seed=seed, **setting)
-            if args.baselines:
-                out["colour_kmeans"] = miou(colour_kmeans(images, k, seed))
-                out["features_kmeans"] = miou(features_kmeans(maps, images, k, seed, backbone.stride, config))
+            if args.baselines:  # they depend on the seed only: once per seed, not per setting
+                if seed not in baselines:
+                    baselines[seed] = dict(
+                        colour_kmeans=miou(colour_kmeans(images, k, seed)),
+                        features_kmeans=miou(features_kmeans(maps, images, k, seed,
+                                                             backbone.stride, config)))
+                out.update(baselines[seed])
             t0 = time.perf_counter()
             attract = setting["attract"]
             train = TrainConfig(steps=setting["steps"], lr=setting["lr"],
