@@ -338,3 +338,27 @@ def test_permutohedral_filter_is_a_local_blur_with_its_transpose():
     before, after = torch.rand(300), torch.rand(300)
     torch.testing.assert_close(lattice.scaled(before, after).filter(torch.eye(300)),
                                after[:, None] * k * before[None, :], atol=1e-6, rtol=1e-4)
+
+
+def test_sparse_matrices_are_built_without_torch_warnings(monkeypatch):
+    """torch 2.11 warns 'Sparse invariant checks are implicitly disabled ... SEGFAULT' once per
+    process (seen on a GPU machine); the CRF's own matrices are valid by construction, so
+    neither that nor the 'beta' warning reaches the user."""
+    import warnings
+
+    from napari_stego import _permutohedral
+
+    build = torch.sparse_csr_tensor
+
+    def noisy(*args, **kwargs):
+        warnings.warn("Sparse invariant checks are implicitly disabled. Memory errors (e.g. "
+                      "SEGFAULT) will occur ...", UserWarning, stacklevel=2)
+        warnings.warn("Sparse CSR tensor support is in beta state", UserWarning, stacklevel=2)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "sparse_csr_tensor", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = _permutohedral._csr(torch.tensor([0, 1, 2]), torch.tensor([0, 1]),
+                                torch.tensor([2.0, 3.0]), (2, 2))
+    assert torch.equal(m.to_dense(), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
