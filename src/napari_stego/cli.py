@@ -363,9 +363,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import Cancelled, StegoError
-
     from ._workers import silenced_while
+    from .errors import Cancelled, StegoError
 
     # --quiet: problems only, no library warnings or log lines
     quiet = silenced_while() if getattr(args, "quiet", False) else contextlib.nullcontext()
