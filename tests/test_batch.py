@@ -121,15 +121,22 @@ def test_rerun_skips_finished_outputs_and_overwrite_recomputes(fitted, tmp_path,
     again = segment_files(model_path, data, out)
     assert again.existing == 5 and again.exit_code == 0 and counter.calls == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
-    # validated, not just present: a damaged output is recomputed
-    (out / "img1.tif").write_bytes(b"II*\0 garbage")
+    # validated, not just present: a damaged output of ours is recomputed ...
+    raw = (out / "img1.tif").read_bytes()
+    (out / "img1.tif").write_bytes(raw[:-16])
     notes = []
     fixed = segment_files(model_path, data, out, log=notes.append)
     assert fixed.written == 1 and fixed.existing == 4 and counter.calls == 1
     assert any("recomputing" in n and "img1.tif" in n for n in notes)
     assert tifffile.imread(out / "img1.tif").shape == (64, 64)
+    # ... but a file without napari-stego's metadata is not ours to replace
+    (out / "img1.tif").write_bytes(b"II*\0 garbage")
+    refused = segment_files(model_path, data, out)
+    assert refused.failed == 1 and "not written by napari-stego" in refused.problems[0].message
+    assert (out / "img1.tif").read_bytes() == b"II*\0 garbage" and counter.calls == 1
     forced = segment_files(model_path, data, out, overwrite=True)
     assert forced.written == 5 and counter.calls == 1 + 7
+    assert tifffile.imread(out / "img1.tif").shape == (64, 64)
 
 
 def test_output_cut_short_is_recomputed(fitted, tmp_path):
@@ -606,7 +613,9 @@ def test_bad_big_planes_fail_or_skip_with_one_line(tiled, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     tifffile.imwrite(bad / "flat.tif", np.full((400, 416), 7, np.uint16))
-    tifffile.imwrite(bad / "cut.tif", tifffile.imread(big / "stack.tif"))
+    # compressed: its header cannot tell that the file is short, so the first plane runs
+    # (an uncompressed one is refused before planning, see test_batch_safety.py)
+    tifffile.imwrite(bad / "cut.tif", tifffile.imread(big / "stack.tif"), compression="zlib")
     raw = (bad / "cut.tif").read_bytes()
     (bad / "cut.tif").write_bytes(raw[: int(len(raw) * 0.7)])  # the second plane cut off
     seen: list[tuple] = []

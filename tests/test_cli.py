@@ -138,3 +138,130 @@ def test_fit_upsample_is_stored_and_bad_factors_are_user_errors(tmp_path, capsys
     assert main(base + ["--upsample", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot up-sample" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ user mistakes, early
+def _one_line_error(capsys, *words) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-stego: error:") and "\n" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_fit_checks_where_it_saves_before_fitting(tmp_path, capsys, monkeypatch):
+    from napari_stego import StegoModel
+
+    data, _ = _texture_files(tmp_path)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the output was checked")
+
+    monkeypatch.setattr(StegoModel, "fit", no_fit)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    for out, words in ((folder, "is a folder"), (tmp_path / "notes.txt" / "m.stego", "cannot write")):
+        assert main(["fit", str(data), "--out", str(out), "--quiet"]) == 2
+        _one_line_error(capsys, str(out), words)
+    assert sorted(p.name for p in tmp_path.rglob("*partial*")) == []
+
+
+def test_a_failed_model_save_is_one_line_and_leaves_no_partial(tmp_path, capsys, monkeypatch):
+    from napari_stego import StegoModel
+
+    data, _ = _texture_files(tmp_path)
+    out = tmp_path / "m.stego"
+
+    def save(self, path):  # as a read-only folder or a full disk does, half-way
+        Path(str(path) + ".partial").write_bytes(b"half a model")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 30, kind: "
+                           "ReadOnlyFilesystem, message: \"Read-only file system\" })")
+
+    monkeypatch.setattr(StegoModel, "save", save)
+    assert main(["fit", str(data / "tex0.tif"), "--out", str(out), "--backbone",
+                 "efficientnet_lite0", "--steps", "1", "--n-clusters", "2", "--device", "cpu",
+                 "--quiet"]) == 2
+    _one_line_error(capsys, "cannot write the model", "Read-only file system")
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize("args", [["fit", "x.tif", "--out", "m.stego", "--steps", "-4"],
+                                  ["fit", "x.tif", "--out", "m.stego", "--n-clusters", "0"],
+                                  ["segment", "m.stego", "x.tif", "--out", "o", "--workers", "0"],
+                                  ["evaluate", "p", "g", "--n-classes", "0"],
+                                  ["demo", "--steps", "-1"]])
+def test_nonsensical_numbers_are_user_errors(capsys, args):
+    assert main(args) == 2
+    _one_line_error(capsys, "must be a positive number")
+
+
+def _eval_dirs(root: Path, gt: np.ndarray) -> tuple[Path, Path]:
+    pred_dir, gt_dir = root / "p", root / "g"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    tifffile.imwrite(pred_dir / "a.tif", (np.arange(64).reshape(8, 8) % 3).astype(np.uint8))
+    tifffile.imwrite(gt_dir / "a.tif", gt)
+    return pred_dir, gt_dir
+
+
+def test_evaluate_refuses_a_file_as_out_folder(tmp_path, capsys):
+    p, g = _eval_dirs(tmp_path, (np.arange(64).reshape(8, 8) % 3).astype(np.uint8))
+    (tmp_path / "afile.txt").write_text("keep me")
+    assert main(["evaluate", str(p), str(g), "--out", str(tmp_path / "afile.txt")]) == 2
+    _one_line_error(capsys, "afile.txt", "is a file")
+    assert (tmp_path / "afile.txt").read_text() == "keep me"
+
+
+def test_evaluate_never_drops_ground_truth_classes_silently(tmp_path, capsys):
+    p, g = _eval_dirs(tmp_path, (np.arange(64).reshape(8, 8) % 3).astype(np.uint8))
+    assert main(["evaluate", str(p), str(g), "--n-classes", "1", "--quiet"]) == 2
+    _one_line_error(capsys, "class ids up to 2", "--n-classes")
+    assert main(["evaluate", str(p), str(g), "--n-classes", "5", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("gt, words", [
+    ((np.arange(64).reshape(8, 8) % 3) + 0.5, "non-integer values"),
+    ((np.arange(64).reshape(8, 8) % 3).astype(np.int16) - 1, "negative class ids"),
+])
+def test_evaluate_names_ground_truth_that_is_not_class_ids(tmp_path, capsys, gt, words):
+    p, g = _eval_dirs(tmp_path, gt)
+    assert main(["evaluate", str(p), str(g), "--quiet"]) == 2
+    _one_line_error(capsys, "a.tif", words)
+    # whole-numbered floats are class ids
+    tifffile.imwrite(g / "a.tif", (np.arange(64).reshape(8, 8) % 3).astype(np.float32))
+    assert main(["evaluate", str(p), str(g), "--quiet"]) == 0
+
+
+def test_quiet_keeps_library_warnings_off_stderr(tmp_path):
+    """tifffile's log lines and NumPy's RuntimeWarnings on odd inputs are not shown with
+    --quiet; the problem lines are (a subprocess: pytest would catch the warnings)."""
+    import subprocess
+    import sys
+
+    from napari_stego import StegoModel
+
+    data, _ = _texture_files(tmp_path)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    huge = rng.random((64, 64)) * 1e300
+    huge[0, 0] = -1e308
+    tifffile.imwrite(odd / "huge_values.tif", huge)
+    tifffile.imwrite(odd / "ij.tif", rng.integers(0, 255, (2, 64, 64), np.uint8), imagej=True,
+                     metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(odd / "ij.tif", mode="r+b") as tif:  # a lying ImageJ header
+        tif.pages[0].tags["ImageDescription"].overwrite("ImageJ=1.11a\nimages=7\nslices=7\n")
+    (odd / "broken.tif").write_bytes(b"not a tiff")
+    model = StegoModel.fit([tifffile.imread(data / "tex0.tif")], 2, backbone="efficientnet_lite0",
+                           steps=1, device="cpu")
+    path = model.save(tmp_path / "m.stego")
+    for scheduler in ("threads", "processes"):
+        proc = subprocess.run([sys.executable, "-m", "napari_stego.cli", "segment", str(path),
+                               str(odd), "--out", str(tmp_path / scheduler), "--quiet",
+                               "--scheduler", scheduler], capture_output=True, text=True,
+                              timeout=300, check=False)
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == 1 and any("broken.tif" in line for line in lines), lines
+        assert all(line.startswith(("napari-stego:", "  failed:", "  skipped:"))
+                   for line in lines), lines

@@ -116,3 +116,16 @@ def test_round_trip_through_napari(make_napari_viewer, tmp_path):
     layers = viewer.open(ome, plugin="napari-stego")
     assert [lyr.name for lyr in layers] == ["two ch0", "two ch1"]
     assert layers[1].data.shape == (4, 32, 32)
+
+
+@pytest.mark.parametrize("meta", [[1, 2], "3", {"layer_name": ["x"], "scale": "big"}])
+def test_reader_survives_metadata_of_the_wrong_type(tmp_path, meta):
+    """A TIFF whose ``napari_stego`` block is a JSON list, a number, or a dict with odd
+    values opens (as an image, or as labels without the odd values), never raises."""
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, np.arange(64, dtype=np.uint8).reshape(8, 8),
+                     metadata={"napari_stego": json.dumps(meta)})
+    [(data, kwargs, kind)] = napari_get_reader(str(path))(str(path))
+    assert data.shape == (8, 8) and kwargs["name"] == "odd"
+    assert kind == ("labels" if isinstance(meta, dict) else "image")
+    assert "scale" not in kwargs

@@ -32,10 +32,12 @@ def napari_get_reader(path):
     try:
         import tifffile
 
+        from .tiffcheck import claimed_size_problem
+
         for p in paths:
             with tifffile.TiffFile(p) as tif:
-                if not tif.series:
-                    return None
+                if not tif.series or claimed_size_problem(tif.series[0], p):
+                    return None  # no image, or a header claiming more than the file holds
     except Exception:
         return None
     return read_tiff
@@ -81,9 +83,13 @@ def _read_one(path: Path) -> list[tuple]:
             name = name[: -len(suffix)]
             break
     if ours is not None:  # labels written by napari-stego: back as a Labels layer
-        kwargs = dict(name=ours.get("layer_name", name), metadata={META_KEY: ours})
-        if ours.get("scale") and len(ours["scale"]) == len(shape):
-            kwargs["scale"] = tuple(ours["scale"])
+        layer_name = ours.get("layer_name")
+        kwargs = dict(name=layer_name if isinstance(layer_name, str) else name,
+                      metadata={META_KEY: ours})
+        scale = ours.get("scale")
+        if (isinstance(scale, list) and len(scale) == len(shape)
+                and all(isinstance(v, (int, float)) and v > 0 for v in scale)):
+            kwargs["scale"] = tuple(scale)
         data = levels[0] if len(levels) == 1 else levels
         return [(data, kwargs, "labels")]
 
@@ -124,9 +130,10 @@ def _our_metadata(tif) -> dict | None:
     if raw is None:
         return None
     try:
-        return json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (TypeError, ValueError):
+        ours = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
         return None
+    return ours if isinstance(ours, dict) else None  # a list, a number: not ours
 
 
 def _ome_channel_names(tif) -> list[str]:

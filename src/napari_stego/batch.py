@@ -60,6 +60,9 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, StegoError
+from .outputs import (BLOCKED, REDO, VALID, check_model_out, check_output,
+                      remove_model_partials)
+from .tiffcheck import claimed_size_problem, plane_size_problem
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -284,6 +287,9 @@ def _inspect(path: Path) -> _Layout:
             axes = series.axes.upper()
             dtype = np.dtype(series.dtype)
             photometric = int(series.keyframe.photometric)
+            problem = claimed_size_problem(series, path)
+            if problem:
+                raise StegoError(problem)
     except StegoError:
         raise
     except Exception as exc:
@@ -309,6 +315,9 @@ def _inspect(path: Path) -> _Layout:
     spatial = (rest[-2], rest[-1])
     if min(shape[spatial[0]], shape[spatial[1]]) < 1:
         raise StegoError(f"empty image of shape {shape}")
+    problem = plane_size_problem((shape[spatial[0]], shape[spatial[1]]), shape)
+    if problem:
+        raise StegoError(problem)
     return _Layout(shape, axes, dtype.str, spatial, rgb_axis, tuple(rest[:-2]))
 
 
@@ -560,61 +569,6 @@ def _save_part(path: Path, labels: np.ndarray, proba: np.ndarray | None, blank: 
 
 
 # ============================================================================ validation
-def _read_meta_tiff(path: Path) -> tuple[dict | None, tuple, np.dtype]:
-    import tifffile
-
-    with tifffile.TiffFile(str(path)) as tif:
-        series = tif.series[0]
-        shape, dtype = tuple(series.shape), np.dtype(series.dtype)
-        meta = None
-        shaped = tif.shaped_metadata
-        if shaped and isinstance(shaped[0], dict) and META_KEY in shaped[0]:
-            raw = shaped[0][META_KEY]
-            meta = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        last = tif.pages[len(tif.pages) - 1]
-        ends = [o + n for o, n in zip(last.dataoffsets, last.databytecounts)]
-        # the last plane's bytes are all in the file: not truncated (checked without decoding
-        # it, which for a whole-slide label plane would cost gigabytes)
-        if not ends or max(ends) > os.path.getsize(path):
-            raise ValueError("the file ends inside its last plane")
-    return meta, shape, dtype
-
-
-def _read_meta_zarr(path: Path) -> tuple[dict | None, tuple, np.dtype]:
-    import zarr
-
-    arr = zarr.open_array(str(path), mode="r")
-    meta = arr.attrs.get(META_KEY)
-    if arr.ndim:
-        np.asarray(arr[tuple(s - 1 for s in arr.shape)])  # the last chunk reads
-    return (dict(meta) if meta is not None else None), tuple(arr.shape), np.dtype(arr.dtype)
-
-
-def _check_output(path: Path, expected: dict, fmt: str) -> tuple[str, str]:
-    """``(state, reason)``: ``"missing"``, ``"valid"``, ``"redo"`` (stale or damaged: recompute)
-    or ``"keep"`` (someone else's file, or another model's: only ``overwrite`` replaces it)."""
-    if not path.exists():
-        return "missing", ""
-    try:
-        meta, shape, dtype = (_read_meta_zarr if fmt == "zarr" else _read_meta_tiff)(path)
-    except Exception as exc:
-        return "redo", f"existing output is unreadable ({_short(exc, 80)})"
-    if meta is None or meta.get("written_by") != "napari-stego segment":
-        return "keep", f"{path} exists and was not written by napari-stego segment"
-    theirs = meta.get("model", {}).get("sha256"), meta.get("settings")
-    ours = expected["model"]["sha256"], expected["settings"]
-    if theirs != ours:
-        return "keep", f"{path} exists, made with another model or settings"
-    if meta.get("input", {}).get("signature") != expected["input"]["signature"]:
-        return "redo", "input changed since its output was written"
-    if tuple(shape) != tuple(expected["shape"]) or dtype != np.dtype(expected["dtype"]):
-        return "redo", (f"existing output has shape {tuple(shape)} {dtype}, expected "
-                        f"{tuple(expected['shape'])} {np.dtype(expected['dtype'])}")
-    if not meta.get("complete"):
-        return "redo", "existing output is incomplete"
-    return "valid", ""
-
-
 def _part_ok(path: Path, shape: tuple[int, int], proba: bool) -> bool:
     try:
         with np.load(path) as z:
@@ -1193,12 +1147,6 @@ def _write_tiled(final: Path, task: _AssembleTask, shape: tuple[int, ...], dtype
 
 
 # ============================================================================ schedulers
-def _set_torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, n))
-
-
 class _Pool:
     """A ``concurrent.futures`` executor over threads, processes or a dask.distributed
     cluster, and how many tasks it can run at once."""
@@ -1215,10 +1163,12 @@ class _Pool:
         elif scheduler == "processes":
             import multiprocessing as mp
 
+            from ._workers import init_worker, silenced
+
             threads = max(1, (os.cpu_count() or 1) // workers)
             self.executor = cf.ProcessPoolExecutor(
                 max_workers=workers, mp_context=mp.get_context("spawn"),
-                initializer=_set_torch_threads, initargs=(threads,))
+                initializer=init_worker, initargs=(threads, os.getpid(), silenced()))
             self._slots = workers
         else:
             try:
@@ -1443,32 +1393,30 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
         for final in (labels_out, proba_out):
             if final is not None:
                 _clean_partials(final)
-        if not overwrite:
-            states = []
-            for final, kind in ((labels_out, "labels"), (proba_out, "probabilities")):
-                if final is None:
-                    continue
-                expected = dict(job.meta, kind=kind)
-                if kind == "labels":
-                    expected.update(shape=list(layout.out_shape),
-                                    dtype=_label_dtype(model.n_clusters).str)
-                else:
-                    s = layout.out_shape
-                    expected.update(shape=[*s[:-2], model.n_clusters, *s[-2:]], dtype="<f4")
-                states.append(_check_output(final, expected, settings.format))
-            if all(s == "valid" for s, _ in states):
-                job.result.status = "existing"
-                job.done = True
+        states = []
+        for final, kind in ((labels_out, "labels"), (proba_out, "probabilities")):
+            if final is None:
                 continue
-            keep = [reason for s, reason in states if s == "keep"]
-            if keep:
-                _fail(job, f"{keep[0]}: pass overwrite (--overwrite) to replace it, or "
-                           "choose another output folder", say)
-                continue
-            for s, reason in states:
-                if s == "redo":
-                    say(f"recomputing {path}: {reason}")
-                    break
+            expected = dict(job.meta, kind=kind)
+            if kind == "labels":
+                expected.update(shape=list(layout.out_shape),
+                                dtype=_label_dtype(model.n_clusters).str)
+            else:
+                s = layout.out_shape
+                expected.update(shape=[*s[:-2], model.n_clusters, *s[-2:]], dtype="<f4")
+            states.append(check_output(final, expected, settings.format, overwrite))
+        if all(s == VALID for s, _ in states):
+            job.result.status = "existing"
+            job.done = True
+            continue
+        blocked = [reason for s, reason in states if s == BLOCKED]
+        if blocked:
+            _fail(job, blocked[0], say)
+            continue
+        for s, reason in states:
+            if s == REDO and reason:
+                say(f"recomputing {path}: {reason}")
+                break
         job.todo = list(range(layout.n_planes))
         job.grid = _plane_grid(model, layout.plane_shape)
         if layout.n_planes > 1 or job.grid is not None:
@@ -1773,6 +1721,7 @@ def fit_files(inputs, out: str | os.PathLike, *, n_clusters: int,
     from .model import StegoModel
 
     say = log or (lambda msg: None)
+    check_model_out(Path(out))  # before the work, not after it
     files, problems = expand_inputs(inputs)
     for p in problems:
         say(f"failed: {p.line()}")
@@ -1798,15 +1747,18 @@ def fit_files(inputs, out: str | os.PathLike, *, n_clusters: int,
         raise StegoError("no usable images to fit on: " + (
             "; ".join(r.line() for r in results) or "no inputs given"))
     out = Path(out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
     from .features import FeatureConfig
 
     model = StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights, steps=steps,
                            device=device, seed=seed, features=FeatureConfig(upsample=upsample),
                            progress=progress, cancel=cancel)
     model.info["fitted_on"] = [r.input for r in results if r.status == "used"]
-    path = model.save(out)
+    try:
+        path = model.save(out)
+    except Exception as exc:  # OSError, or safetensors' own error for the same causes
+        remove_model_partials(out)
+        raise StegoError(f"cannot write the model to {out}: "
+                         f"{_short(getattr(exc, 'strerror', None) or exc)}") from None
     return FitReport(str(path), results, len(images))
 
 
@@ -1860,6 +1812,9 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
     for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
         if not d.is_dir():
             raise StegoError(f"{what} folder {d} does not exist")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise StegoError(f"--out {out} is a file: evaluate writes evaluation.json and "
+                         "confusion.png into a folder")
     preds = _label_files(pred_dir, (*TIFF_SUFFIXES, ".zarr"))
     gts = _label_files(gt_dir, (*TIFF_SUFFIXES, ".png"))
     pairs = [(k, preds[k], gts[k]) for k in preds if k in gts]
@@ -1883,6 +1838,10 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
         if pred.shape != gt.shape:
             problems.append(f"{p}: shape {pred.shape} differs from its ground truth {gt.shape}")
             continue
+        bad = _class_map_problem(gt, ignore_index)
+        if bad:
+            problems.append(f"{g}: {bad}")
+            continue
         loaded.append((key, p, g, pred, gt.astype(np.int64)))
     for msg in problems:
         say(f"warning: {msg}")
@@ -1895,6 +1854,11 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
         n_classes = max(tops) + 1
     if n_classes < 1:
         raise StegoError("the ground truth holds no class ids (only ignore_index)")
+    top = max(int(gt[gt != ignore_index].max(initial=-1)) for *_, gt in loaded)
+    if top >= n_classes:
+        raise StegoError(f"the ground truth holds class ids up to {top}, but n_classes "
+                         f"(--n-classes) is {n_classes}: pass at least {top + 1}, or leave it "
+                         "out to count the classes")
     conf = np.zeros((n_clusters, n_classes), np.int64)
     per_file = []
     for key, p, g, pred, gt in loaded:
@@ -1906,7 +1870,10 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
                          "accuracy": _num(s["accuracy"])})
     scores = hungarian_scores(conf)
     out = Path(out) if out is not None else pred_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StegoError(f"cannot create the folder {out}: {exc.strerror or exc}") from None
     result = {
         "miou": _num(scores["miou"]), "accuracy": _num(scores["accuracy"]),
         "iou_per_class": [_num(v) for v in scores["iou_per_class"]],
@@ -1919,6 +1886,20 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
     _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     _atomic_write(png_path, lambda tmp: _confusion_png(conf, scores["assignment"], tmp))
     return dict(result, json=str(json_path), png=str(png_path))
+
+
+def _class_map_problem(gt: np.ndarray, ignore_index: int) -> str | None:
+    """Why ``gt`` is not a map of class ids (non-integer or negative values), or ``None``."""
+    if gt.dtype.kind not in "biuf":
+        return f"ground truth of dtype {gt.dtype}: class maps must be integer images"
+    if gt.dtype.kind == "f" and not (np.isfinite(gt).all() and (gt == np.round(gt)).all()):
+        return (f"ground truth holds non-integer values ({gt.dtype}): class maps must hold "
+                "integer class ids")
+    low = gt[gt != ignore_index].min(initial=0)
+    if low < 0:
+        return (f"ground truth holds negative class ids (down to {low:g}): class ids start "
+                "at 0; mark pixels to leave out with the ignore index (--ignore-index)")
+    return None
 
 
 def _num(v) -> float | None:

@@ -17,6 +17,7 @@ Exit codes scripts can rely on:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -345,12 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# counts that must be positive integers where a sub-command takes them
+_POSITIVE = {"steps": "--steps", "n_clusters": "--n-clusters", "workers": "--workers",
+             "seeds": "--seeds", "max_points": "--max-points", "n_classes": "--n-classes",
+             "upsample": "--upsample"}
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    from .errors import StegoError
+
+    for attr, flag in _POSITIVE.items():
+        value = getattr(args, attr, None)
+        if value is not None and value < 1:
+            raise StegoError(f"{flag} must be a positive number, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ._workers import silenced_while
     from .errors import Cancelled, StegoError
 
+    # --quiet: problems only, no library warnings or log lines
+    quiet = silenced_while() if getattr(args, "quiet", False) else contextlib.nullcontext()
     try:
-        return args.func(args)
+        _check_counts(args)
+        with quiet:
+            return args.func(args)
     except StegoError as exc:
         print(f"napari-stego: error: {exc}", file=sys.stderr)
         return 2
