@@ -84,25 +84,27 @@ def image_list(images) -> list[np.ndarray]:
         out = []
         for i, im in enumerate(images):
             arr = np.asarray(im)
-            if not (arr.ndim == 2 or (arr.ndim == 3 and is_channel_axis(arr.shape))):
+            if not (arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[-1] == 1
+                                                          or is_channel_axis(arr.shape)))):
                 raise StegoError(
                     f"image {i} has shape {arr.shape}: each image in a list must be "
-                    "(H, W) grey or (H, W, C) with a few channels (C <= 8)"
+                    "(H, W) grey or (H, W, C) with a few channels"
                 )
             out.append(_check_size(arr, i))
         return out
     raise StegoError("no images given: pass an array or a non-empty list of arrays")
 
 
-MAX_CHANNELS = 8  # a last axis at most this long (and shorter than the first) is channels
+MAX_CHANNELS = 8  # a last axis this short, and much shorter than the others, is channels
 
 
 def is_channel_axis(shape: tuple[int, ...]) -> bool:
     """Whether the last axis of a 3D array is channels (``(H, W, C)``) rather than the
-    image axis of an ``(N, H, W)`` stack: 3 or 4, or at most :data:`MAX_CHANNELS` and
-    shorter than the first axis (a ``(64, 64, 2)`` array is one two-channel image)."""
+    image axis of an ``(N, H, W)`` stack: 3 or 4, or at most :data:`MAX_CHANNELS` and at
+    most a quarter of both other axes (a ``(64, 64, 2)`` array is one two-channel image, a
+    ``(7, 5, 6)`` one a stack of seven)."""
     c = shape[-1]
-    return c in (3, 4) or (c <= MAX_CHANNELS and c < shape[0])
+    return c in (3, 4) or (c <= MAX_CHANNELS and 4 * c <= min(shape[0], shape[1]))
 
 
 def _check_size(arr: np.ndarray, index: int | None = None) -> np.ndarray:
@@ -186,7 +188,7 @@ def guess_axes(shape: tuple[int, ...], rgb: bool | None = None) -> str:
     """The axes of an array whose axes were not named.
 
     ``(Y, X)``; ``(Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``), or at most
-    8 and shorter than the first (:func:`is_channel_axis`), else ``(Z, Y, X)``; ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
+    8 and much shorter than the others (:func:`is_channel_axis`), else ``(Z, Y, X)``; ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
     ``(C, Y, X)`` image, a 4D array without a colour axis last, or anything with more axes
     needs ``axes=`` (napari layers know whether they are RGB: pass ``rgb=layer.rgb``).
 
@@ -310,8 +312,9 @@ def _open_tiff(path: Path):
         if not tif.series:
             raise StegoError(f"{path} holds no image series")
         series = tif.series[0]
-        axes, shape, dtype, offset = series.axes.upper(), tuple(series.shape), series.dtype, \
-            series.dataoffset
+        axes, shape, offset = series.axes.upper(), tuple(series.shape), series.dataoffset
+        # the bytes on disk are in the file's byte order (tifffile's dtype is native)
+        dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     if offset is not None:
         arr = RawTiffArray(path, shape, dtype, offset)
     else:  # compressed or tiled: tifffile's zarr view reads chunk by chunk
