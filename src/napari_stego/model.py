@@ -220,7 +220,17 @@ class StegoModel:
         """Cluster labels ``(H, W)`` (uint8, or uint16 for more than 255 clusters).
 
         ``crf=True`` refines the probabilities with the dense CRF
-        (:func:`napari_stego.crf.dense_crf`) before the argmax.
+        (:func:`napari_stego.crf.dense_crf`) before the argmax; images bigger than one tile
+        are refined tile by tile in this process (no worker processes).
+
+        Any real dtype and memory layout is accepted (read-only, strided, big-endian,
+        memory-mapped). A constant or all-NaN image is not refused: it maps to flat grey and
+        gets the labels the model gives a featureless image (the batch command skips such an
+        image instead).
+
+        Raises:
+            StegoError: an empty image, a stack (predict each slice), channels that
+                ``IntensityConfig.channels`` does not map to RGB, an unsupported dtype.
         """
         image = _one_image(image)
         if not crf and not self._single_tile(image):
