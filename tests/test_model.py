@@ -294,3 +294,13 @@ def test_thin_images_are_not_blown_up(fitted):
     for shape in ((1, 300), (2, 2000), (300, 1)):
         image = rng.integers(0, 255, shape, dtype=np.uint8)
         assert fitted.predict(image).shape == shape
+
+
+def test_read_only_rgb_images_predict_with_the_crf(fitted, mosaics):
+    """``np.asarray(PIL.Image.open(...))``, tifffile memory maps and napari layer data are
+    read-only; pydensecrf used to fail on them ('buffer source array is read-only')."""
+    grey = mosaics[0][0]
+    rgb = np.repeat(grey[..., None], 3, -1)
+    expected = fitted.predict(rgb, crf=True)
+    rgb.flags.writeable = False
+    np.testing.assert_array_equal(fitted.predict(rgb, crf=True), expected)
