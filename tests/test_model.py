@@ -304,3 +304,11 @@ def test_read_only_rgb_images_predict_with_the_crf(fitted, mosaics):
     expected = fitted.predict(rgb, crf=True)
     rgb.flags.writeable = False
     np.testing.assert_array_equal(fitted.predict(rgb, crf=True), expected)
+
+
+def test_constant_and_all_nan_images_get_labels_as_documented(fitted):
+    """The API segments blank images (docs/usage.md); the batch command skips a lone one."""
+    for blank in (np.full((40, 50), 7, np.uint16), np.full((40, 50), np.nan)):
+        labels = fitted.predict(blank)
+        assert labels.shape == (40, 50) and labels.max() < fitted.n_clusters
+        np.testing.assert_allclose(fitted.predict_proba(blank).sum(0), 1.0, atol=1e-5)
