@@ -362,3 +362,89 @@ def test_sparse_matrices_are_built_without_torch_warnings(monkeypatch):
         m = _permutohedral._csr(torch.tensor([0, 1, 2]), torch.tensor([0, 1]),
                                 torch.tensor([2.0, 3.0]), (2, 2))
     assert torch.equal(m.to_dense(), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+
+
+# ------------------------------------------------------------------ issue 15: inputs, processes
+def _flagged(arr, flag):
+    """``arr`` as a read-only, non-contiguous, big-endian or memory-mapped array."""
+    if flag == "read-only":
+        out = arr.copy()
+        out.flags.writeable = False
+        return out
+    if flag == "non-contiguous":
+        big = np.zeros((arr.shape[0] * 2,) + arr.shape[1:], arr.dtype)
+        big[::2] = arr
+        return big[::2]
+    if flag == "big-endian":
+        return arr.astype(arr.dtype.newbyteorder(">"))
+    if flag == "memmap":
+        import tempfile
+
+        f = tempfile.NamedTemporaryFile(suffix=".npy", delete=False)
+        f.close()
+        np.save(f.name, arr)
+        return np.load(f.name, mmap_mode="r")
+    raise ValueError(flag)
+
+
+FLAGS = ["read-only", "non-contiguous", "big-endian", "memmap"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
+@pytest.mark.parametrize("flag", FLAGS)
+def test_crf_takes_read_only_strided_big_endian_and_mapped_inputs(backend, flag):
+    if backend == "pydensecrf":
+        pytest.importorskip("pydensecrf.densecrf")
+    image = _mosaic(64)  # uint8 RGB: handed to the backend as it is
+    probs = colour_probs(image, k=3)
+    expected = dense_crf(image, probs, backend=backend)
+    for img, p in ((_flagged(image, flag), probs), (image, _flagged(probs, flag)),
+                   (_flagged(image, flag), _flagged(probs, flag))):
+        np.testing.assert_allclose(dense_crf(img, p, backend=backend), expected, atol=1e-6)
+        np.testing.assert_allclose(dense_crf_tiled(img, p, tile=40, halo=8, backend=backend),
+                                   dense_crf_tiled(image, probs, tile=40, halo=8, backend=backend),
+                                   atol=1e-6)
+
+
+UNGUARDED = """
+import sys
+import numpy as np
+from napari_stego import StegoModel
+print("start", flush=True)
+model = StegoModel.load(sys.argv[1])
+image = np.random.default_rng(0).integers(0, 255, (1100, 48), dtype=np.uint8)
+labels = model.predict(image, crf=True)
+print("labels", labels.shape, flush=True)
+"""
+
+
+def test_an_unguarded_script_can_predict_with_the_crf_on_a_big_image(tmp_path):
+    """No ``if __name__ == "__main__":`` guard, an image of several CRF tiles: the library
+    must not start processes that re-import the script (it used to re-run three times and
+    die in the workers' bootstrapping)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from napari_stego import StegoModel
+    from napari_stego.backbones import create_backbone
+    from napari_stego.features import FeatureConfig
+    from napari_stego.head import SegmentationHead
+    from napari_stego.tiling import TileConfig
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite0")
+    model = StegoModel(backbone, SegmentationHead(backbone.dim, 8), torch.randn(3, 8),
+                       feature_config=FeatureConfig(min_side=32), tile_config=TileConfig(tile=64))
+    assert not model._single_tile(np.zeros((1100, 48)))  # several feature and CRF tiles
+    path = model.save(tmp_path / "m.stego")
+    script = tmp_path / "user_script.py"
+    script.write_text(UNGUARDED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("start") == 1, run.stdout  # the script ran once
+    assert "labels (1100, 48)" in run.stdout

@@ -6,7 +6,8 @@ import pytest
 import tifffile
 
 from napari_stego.errors import StegoError
-from napari_stego.io import (IntensityConfig, RawTiffArray, data_fingerprint, fit_intensity,
+from napari_stego.io import (ImageSource, IntensityConfig, RawTiffArray, data_fingerprint,
+                             fit_intensity, to_unit_range,
                              guess_axes, image_list, open_image, to_rgb, to_uint8_rgb)
 
 
@@ -237,3 +238,35 @@ def test_data_fingerprint_follows_the_pixels(tmp_path):
     tifffile.imwrite(tmp_path / "s.tif", changed, photometric="minisblack",  # new mtime
                      metadata={"axes": "ZYX"})
     assert data_fingerprint(open_image(tmp_path / "s.tif"), "sample") != sampled
+
+
+def test_big_endian_tiffs_read_their_values(tmp_path):
+    """Contiguous TIFFs are read by position: the bytes are in the file's byte order."""
+    import tifffile
+
+    image = np.arange(600, dtype=np.uint16).reshape(20, 30) * 37
+    for order in "<>":
+        tifffile.imwrite(tmp_path / f"{order == '>'}.tif", image, byteorder=order)
+        source = open_image(tmp_path / f"{order == '>'}.tif")
+        np.testing.assert_array_equal(source.block(0)[..., 0], image)
+
+
+def test_large_offsets_keep_their_contrast():
+    """float32 cannot tell 1e9 from 1e9 + 4: normalisation works in float64."""
+    image = np.random.default_rng(0).integers(0, 255, (40, 50))
+    expected = to_unit_range(image.astype(np.float64))
+    for big in (1e10 + image * 1e-3, 10**12 + image.astype(np.int64) * 100,
+                (10**9 + image * 4).astype(np.uint32)):
+        np.testing.assert_allclose(to_unit_range(big), expected, atol=2e-3)
+        stats = fit_intensity(ImageSource(big, "YX"))
+        np.testing.assert_allclose(stats.apply(big)[..., 0], expected, atol=2e-3)
+
+
+def test_image_list_refuses_empty_images_and_reads_few_channels_as_channels():
+    with pytest.raises(StegoError, match="empty"):
+        image_list(np.empty((0, 64, 64)))
+    with pytest.raises(StegoError, match="empty"):
+        image_list(np.zeros((0, 0)))
+    assert [im.shape for im in image_list(np.zeros((64, 64, 2)))] == [(64, 64, 2)]
+    assert [im.shape for im in image_list(np.zeros((2, 64, 64)))] == [(64, 64)] * 2
+    assert guess_axes((64, 64, 2)) == "YXC" and guess_axes((2, 64, 64)) == "ZYX"

@@ -151,3 +151,164 @@ def test_upsample_must_be_a_positive_integer():
     for bad in (0, 1.5, "2"):
         with pytest.raises(StegoError, match="upsample"):
             FeatureConfig(upsample=bad)
+
+
+# ------------------------------------------------------------- damaged model files (issue 15)
+def _rewrite(src, dst, meta=None, tensors=None):
+    """Copy a model file with its settings / tensors changed by the given functions."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        raw = json.loads(f.metadata()["napari_stego"])
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    raw = meta(raw) if meta else raw
+    ts = tensors(ts) if tensors else ts
+    save_file(ts, str(dst), metadata={"napari_stego": raw if isinstance(raw, str) else json.dumps(raw)})
+    return dst
+
+
+def _drop(d, key):
+    d = dict(d)
+    del d[key]
+    return d
+
+
+def _set(d, key, value):
+    return dict(d, **{key: value})
+
+
+def _nested(d, key, sub, value):
+    return dict(d, **{key: dict(d[key], **{sub: value})})
+
+
+DAMAGE = {
+    "no centroids": dict(tensors=lambda t: _drop(t, "centroids")),
+    "no weights_source": dict(meta=lambda m: _drop(m, "weights_source")),
+    "centroids of the wrong width": dict(tensors=lambda t: _set(t, "centroids", t["centroids"][:, :5].contiguous())),
+    "empty centroids": dict(tensors=lambda t: _set(t, "centroids", t["centroids"][:0].contiguous())),
+    "more centroids than n_clusters": dict(tensors=lambda t: _set(
+        t, "centroids", torch.cat([t["centroids"], t["centroids"]]))),
+    "NaN centroids": dict(tensors=lambda t: _set(t, "centroids", torch.full_like(t["centroids"], float("nan")))),
+    "a head weight of the wrong shape": dict(tensors=lambda t: _set(
+        t, "head.linear.bias", t["head.linear.bias"][:3].contiguous())),
+    "an extra config key": dict(meta=lambda m: _nested(m, "train_config", "surprise", 1)),
+    "an extra top-level key": dict(meta=lambda m: _set(m, "surprise", 1)),
+    "a string format_version": dict(meta=lambda m: _set(m, "format_version", "1")),
+    "metadata that is a JSON list": dict(meta=lambda m: [m]),
+    "NaN alpha": dict(meta=lambda m: _nested(m, "predict_config", "alpha", float("nan"))),
+    "negative n_clusters": dict(meta=lambda m: _set(m, "n_clusters", -3)),
+    "settings that are not JSON": dict(meta=lambda m: "{not json"),
+    "a cluster config that is a list": dict(meta=lambda m: _set(m, "cluster_config", [1, 2])),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_model_files_fail_at_load_with_one_clear_error(fitted, tmp_path, damage):
+    good = fitted.save(tmp_path / "good.stego")
+    bad = _rewrite(good, tmp_path / "bad.stego", **DAMAGE[damage])
+    with pytest.raises(StegoError) as err:
+        StegoModel.load(bad)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+def test_cli_exits_2_with_one_line_on_a_damaged_model(fitted, tmp_path, capsys):
+    import tifffile
+
+    from napari_stego.cli import main
+
+    bad = _rewrite(fitted.save(tmp_path / "good.stego"), tmp_path / "bad.stego",
+                   tensors=lambda t: _set(t, "centroids", torch.full_like(t["centroids"], float("nan"))))
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32), np.uint16))
+    capsys.readouterr()
+    assert main(["segment", str(bad), str(tmp_path / "img.tif"), "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "damaged model file" in err, err
+
+
+def test_model_files_are_written_with_the_umask(fitted, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = fitted.save(tmp_path / "shared.stego")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob("*.partial"))
+
+
+# ------------------------------------------------------------------- bad inputs (issue 15)
+def test_bad_sizes_and_settings_are_stego_errors(fitted, offline_backbone):
+    tiny = TrainConfig(steps=1, batch_size=2)
+    with pytest.raises(StegoError, match="code_dim"):
+        StegoModel.fit(np.zeros((32, 32)), 2, backbone=offline_backbone, train=tiny, code_dim=0)
+    with pytest.raises(StegoError, match="code_dim"):
+        StegoModel.fit(np.zeros((32, 32)), 2, backbone=offline_backbone, train=tiny, code_dim=-4)
+    with pytest.raises(StegoError, match="empty"):
+        StegoModel.fit(np.empty((0, 64, 64)), 2, backbone=offline_backbone, train=tiny)
+    for empty in (np.zeros((0, 0)), np.zeros((0, 5)), np.zeros((5, 0, 3))):
+        with pytest.raises(StegoError, match="empty"):
+            fitted.predict(empty)
+
+
+def test_a_two_channel_image_is_one_image_not_a_stack(fitted):
+    with pytest.raises(StegoError) as err:
+        fitted.predict(np.zeros((64, 64, 2)))
+    assert "2 channels" in str(err.value) and "stack" not in str(err.value)
+
+
+def test_two_channels_work_with_picked_channels(offline_backbone, mosaics):
+    from napari_stego.io import IntensityConfig
+
+    image = mosaics[0][0].astype(np.float32)
+    two = np.stack([image, image[::-1]], -1)
+    cfg = FeatureConfig(min_side=224, intensity=IntensityConfig(channels=(0, 1, 1)))
+    model = StegoModel.fit([two], 2, backbone=offline_backbone, features=cfg,
+                           train=TrainConfig(steps=2, batch_size=2), seed=0)
+    assert model.predict(two).shape == image.shape
+
+
+@pytest.mark.parametrize("make", [
+    lambda im: 1e10 + im.astype(np.float64) * 1e-3,
+    lambda im: (10**12 + im.astype(np.int64) * 100),
+    lambda im: (10**9 + im.astype(np.uint32) * 4).astype(np.uint32),
+], ids=["float64 1e10", "int64 1e12", "uint32 1e9"])
+def test_large_valued_images_give_the_labels_of_the_image(fitted, mosaics, make):
+    image = mosaics[0][0]
+    normal = fitted.predict(image.astype(np.float64))  # stretched by percentiles too
+    big = fitted.predict(make(image))
+    assert (big == normal).mean() > 0.999
+
+
+def test_thin_images_are_not_blown_up(fitted):
+    from napari_stego.features import MAX_UPSAMPLED_SIDE, work_size
+
+    assert max(work_size((2, 2000), 448)) <= MAX_UPSAMPLED_SIDE
+    assert max(work_size((1, 300), 448)) <= MAX_UPSAMPLED_SIDE
+    assert work_size((100, 120), 448) == (448, 538)  # ordinary small images: as before
+    rng = np.random.default_rng(0)
+    for shape in ((1, 300), (2, 2000), (300, 1)):
+        image = rng.integers(0, 255, shape, dtype=np.uint8)
+        assert fitted.predict(image).shape == shape
+
+
+def test_read_only_rgb_images_predict_with_the_crf(fitted, mosaics):
+    """``np.asarray(PIL.Image.open(...))``, tifffile memory maps and napari layer data are
+    read-only; pydensecrf used to fail on them ('buffer source array is read-only')."""
+    grey = mosaics[0][0]
+    rgb = np.repeat(grey[..., None], 3, -1)
+    expected = fitted.predict(rgb, crf=True)
+    rgb.flags.writeable = False
+    np.testing.assert_array_equal(fitted.predict(rgb, crf=True), expected)
+
+
+def test_constant_and_all_nan_images_get_labels_as_documented(fitted):
+    """The API segments blank images (docs/usage.md); the batch command skips a lone one."""
+    for blank in (np.full((40, 50), 7, np.uint16), np.full((40, 50), np.nan)):
+        labels = fitted.predict(blank)
+        assert labels.shape == (40, 50) and labels.max() < fitted.n_clusters
+        np.testing.assert_allclose(fitted.predict_proba(blank).sum(0), 1.0, atol=1e-5)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from ._crf_torch import _POS_CACHE, _run_torch  # noqa: F401  (_POS_CACHE: benchmarks/crf.py)
 from .errors import Cancelled, StegoError
 from .io import IntensityConfig, to_uint8_rgb
 
@@ -160,10 +161,21 @@ def crf_image(image, intensity=None) -> np.ndarray:
     arr = np.asarray(image)
     plain = intensity is None or getattr(intensity, "channels", None) is None
     if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8 and plain:
-        return np.ascontiguousarray(arr)
-    if hasattr(intensity, "apply"):
-        return np.round(np.asarray(intensity.apply(arr), np.float32) * 255.0).astype(np.uint8)
-    return to_uint8_rgb(arr, IntensityConfig() if intensity is None else intensity)
+        rgb = arr
+    elif hasattr(intensity, "apply"):
+        rgb = np.round(np.asarray(intensity.apply(arr), np.float32) * 255.0).astype(np.uint8)
+    else:
+        rgb = to_uint8_rgb(arr, IntensityConfig() if intensity is None else intensity)
+    return _owned(rgb, np.uint8)
+
+
+def _owned(arr: np.ndarray, dtype) -> np.ndarray:
+    """``arr`` as a C-contiguous, aligned, writeable array of ``dtype`` in native byte order,
+    copied only when it is not one already: the one gate for arrays handed to pydensecrf
+    (whose buffers must be writeable) and ``torch.from_numpy`` (which wants writeable,
+    native-order memory). Read-only inputs (PIL images, memory maps, napari layers),
+    views and big-endian arrays all pass."""
+    return np.require(arr, np.dtype(dtype).newbyteorder("="), ["C", "A", "W"])
 
 
 def _check_probs(probs, shape=None) -> np.ndarray:
@@ -172,7 +184,7 @@ def _check_probs(probs, shape=None) -> np.ndarray:
         raise StegoError(f"probs must be (C, H, W) class probabilities, got shape {p.shape}")
     if not np.issubdtype(p.dtype, np.floating):
         raise StegoError(f"probs must be float probabilities, got dtype {p.dtype}")
-    p = np.ascontiguousarray(p, dtype=np.float32)
+    p = _owned(p, np.float32)
     if not np.isfinite(p).all():
         raise StegoError("probs contain NaN or inf: pass finite probabilities in [0, 1]")
     if shape is not None and p.shape[1:] != tuple(shape):
@@ -204,163 +216,6 @@ def _run_pydensecrf(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> np.nd
                              rgbim=np.ascontiguousarray(rgb), compat=cfg.bi_w)
     q = crf.inference(cfg.iterations)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
-
-
-_POS_CACHE: dict = {}
-_POS_LOCK = threading.Lock()
-_MAX_SEPARABLE_RADIUS = 6  # wider smoothness kernels go through the lattice
-
-
-def _csr(crow, col, values, shape):
-    from ._permutohedral import _csr as csr
-
-    return csr(crow, col, values, shape)
-
-
-def _band(n: int, taps: list[float], device):
-    """The (n x n) banded Gaussian ``B[i, i + k] = taps[k + r]`` symmetrically normalised,
-    ``b_i B_ij b_j`` with ``b = 1 / sqrt(B 1)``: ``(crow, col, values)`` in int64 / float32."""
-    import torch
-
-    r = len(taps) // 2
-    i = torch.arange(n, device=device)
-    cols = i[:, None] + torch.arange(-r, r + 1, device=device)
-    vals = torch.tensor(taps, dtype=torch.float64, device=device).expand(n, -1)
-    inside = (cols >= 0) & (cols < n)
-    vals = torch.where(inside, vals, 0.0)
-    b = torch.rsqrt(vals.sum(1))
-    vals = b[:, None] * vals * b[cols.clamp(0, n - 1)]
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=device)
-    torch.cumsum(inside.sum(1), 0, out=crow[1:])
-    return crow, cols[inside], vals[inside].float()
-
-
-class _GridGaussian:
-    """The smoothness message ``w n * G(n * Q)`` with the exact Gaussian on the pixel grid.
-
-    ``G = Gy (x) Gx``, truncated at 3 ``sxy``, is separable and so is its symmetric
-    normalisation ``n = 1 / sqrt(G 1) = a(y) b(x)``; each factor, with its normalisation (and
-    the weight in ``Gy``), is a banded CSR matrix: ``X`` (N x N) filters along rows, ``Y``
-    (H x H) along columns of the ``(H, W * C)`` view. No set-up beyond the matrices, two
-    sparse products per iteration.
-    """
-
-    def __init__(self, h: int, w: int, sxy: float, weight: float, device):
-        import torch
-
-        r = max(1, math.ceil(3 * sxy))
-        taps = [math.exp(-0.5 * (k / sxy) ** 2) for k in range(-r, r + 1)]
-        self.h, self.w = h, w
-        key = ("gauss", h, w, float(sxy), str(device))
-        with _POS_LOCK:
-            x = _POS_CACHE.get(key)
-        if x is None:  # X depends on the shape only: tiles and slices reuse it
-            crow, col, val = _band(w, taps, device)
-            nnz = col.numel()
-            rows = torch.arange(h, device=device)
-            crow_x = torch.cat([(rows[:, None] * nnz + crow[None, :-1]).reshape(-1),
-                                crow.new_tensor([h * nnz])])
-            col_x = (col[None] + rows[:, None] * w).reshape(-1)
-            itype = torch.int32 if h * nnz < 2**31 else torch.int64
-            x = _csr(crow_x.to(itype), col_x.to(itype), val.repeat(h), (h * w, h * w))
-            with _POS_LOCK:
-                _POS_CACHE.clear()
-                _POS_CACHE[key] = x
-        self.x = x
-        crow, col, val = _band(h, taps, device)
-        self.y = _csr(crow.int(), col.int(), val * weight, (h, h))
-
-    def add_message(self, qt, energy):
-        import torch
-
-        h, w, c = self.h, self.w, qt.shape[1]
-        xq = torch.empty_like(qt) if not qt.is_cuda else torch.zeros_like(qt)
-        torch.addmm(xq, self.x, qt, beta=0, out=xq)
-        e = energy.view(h, w * c)
-        torch.addmm(e, self.y, xq.view(h, w * c), out=e)
-
-
-class _LatticeKernel:
-    """A message ``w n * K(n * Q)`` through a permutohedral lattice, ``w n`` folded in."""
-
-    def __init__(self, lattice, weight: float, device):
-        import torch
-
-        norm = torch.rsqrt(lattice.filter(torch.ones(lattice.n, 1, device=device))[:, 0] + 1e-20)
-        self.lattice = lattice.scaled(norm, norm * weight)
-
-    def add_message(self, qt, energy):
-        self.lattice.filter(qt, add_to=energy)
-
-
-def _grid(h, w, y0, x0, device):
-    import torch
-
-    ys = torch.arange(y0, y0 + h, dtype=torch.float32, device=device)
-    xs = torch.arange(x0, x0 + w, dtype=torch.float32, device=device)
-    return xs.repeat(h), ys.repeat_interleave(w)
-
-
-def _pos_kernel(h, w, sxy, weight, device):
-    """The smoothness kernel: exact and separable for the usual narrow ``sxy``, else a
-    permutohedral lattice (which depends only on the shape, so the last one is kept)."""
-    if math.ceil(3 * sxy) <= _MAX_SEPARABLE_RADIUS:
-        return _GridGaussian(h, w, sxy, weight, device)
-    key = ("lattice", h, w, float(sxy), str(device))
-    with _POS_LOCK:
-        lattice = _POS_CACHE.get(key)
-    if lattice is None:
-        import torch
-
-        from ._permutohedral import Permutohedral
-
-        x, y = _grid(h, w, 0, 0, device)
-        lattice = Permutohedral(torch.stack([x / sxy, y / sxy], 1))
-        with _POS_LOCK:
-            _POS_CACHE.clear()
-            _POS_CACHE[key] = lattice
-    return _LatticeKernel(lattice, weight, device)
-
-
-def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
-               origin: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Mean-field inference of the same energy, as pydensecrf runs it.
-
-    ``Q = softmax(-U)``, then ``iterations`` times ``Q = softmax(-U + sum_k w_k n_k K_k(n_k
-    Q))`` with each kernel ``K_k`` symmetrically normalised by ``n_k = 1 / sqrt(K_k 1)``
-    (Potts compatibility: the message of a label is its own filtered probability).
-
-    ``origin`` is the (row, column) of this tile in a bigger image: the bilateral lattice is
-    laid out in whole-image coordinates so that neighbouring tiles share it.
-    """
-    import torch
-
-    c, h, w = probs.shape
-    n = h * w
-    with torch.inference_mode():
-        unary = torch.from_numpy(probs).to(device).reshape(c, n).clamp(1e-5, 1.0).log_().neg_()
-        neg_unary = (-unary.T).contiguous()  # (N, C): energies point-major, softmax class-major
-        kernels = []
-        if cfg.pos_w > 0:
-            kernels.append(_pos_kernel(h, w, cfg.pos_xy_std, cfg.pos_w, device))
-        if cfg.bi_w > 0:
-            from ._permutohedral import Permutohedral
-
-            x, y = _grid(h, w, *origin, device)
-            colour = torch.from_numpy(rgb.reshape(n, 3)).to(device).float() / cfg.bi_rgb_std
-            feats = torch.cat([(x / cfg.bi_xy_std)[:, None], (y / cfg.bi_xy_std)[:, None], colour], 1)
-            del x, y, colour
-            kernels.append(_LatticeKernel(Permutohedral(feats), cfg.bi_w, device))
-            del feats
-        q = torch.softmax(-unary, 0)
-        del unary
-        for _ in range(cfg.iterations):
-            qt = q.T.contiguous()
-            energy = neg_unary.clone()
-            for kernel in kernels:
-                kernel.add_message(qt, energy)
-            q = torch.softmax(energy.T, 0)
-        return q.reshape(c, h, w).cpu().numpy()
 
 
 def _run(backend, rgb, probs, cfg, device, origin=(0, 0)):
@@ -462,9 +317,12 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
     Each ``tile`` x ``tile`` block is refined together with a ``halo`` of surrounding pixels
     (default :func:`default_halo`, 2 x ``bi_xy_std``) that is then cropped away, so memory
     stays bounded and seams do not show. The image is mapped to 0-255 once for the whole
-    image, so all tiles see the same intensities. pydensecrf tiles run in ``workers``
-    processes (default: the CPU count); torch tiles run one after the other, each using the
-    whole GPU or all CPU threads.
+    image, so all tiles see the same intensities. Tiles run in this process, one after the
+    other by default (torch tiles each use the whole GPU or all CPU threads), never in
+    worker processes, so scripts without an ``if __name__ == "__main__":`` guard are safe.
+    pydensecrf holds Python's GIL while it runs, so threads do not speed it up
+    (docs/benchmarks.md); to refine many images on many cores, use the torch backend or
+    ``napari-stego segment --crf --scheduler processes``.
 
     Parameters
     ----------
@@ -473,7 +331,9 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
     tile, halo : int
         Tile side and halo width in pixels.
     workers : int, optional
-        Processes for the pydensecrf backend (1 = run in this process).
+        Threads that refine tiles at the same time (default 1). They help only where the
+        backend releases the GIL and the machine has idle cores (torch with few threads
+        per operation); pydensecrf does not release it.
     progress : callable ``(stage, done, total)``, optional
         Called with ``("crf", i, n_tiles)`` after each tile.
     cancel : threading.Event, optional
@@ -508,44 +368,35 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
         if progress is not None:
             progress("crf", i + 1, len(tiles))
 
-    n_workers = _workers(workers, len(tiles)) if backend == "pydensecrf" else 1
+    n_workers = _workers(workers, len(tiles))
     if n_workers <= 1:
         for i, job in enumerate(jobs()):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("CRF cancelled")
             store(i, _tile_job(job))
         return out
-    from concurrent.futures import ProcessPoolExecutor
+    # threads, never processes: a library call must not start interpreters that re-import
+    # the caller's __main__ (an unguarded script would run again and die)
+    from concurrent.futures import ThreadPoolExecutor
 
-    with ProcessPoolExecutor(n_workers, mp_context=_mp_context()) as pool:
-        for i, q in enumerate(pool.map(_tile_job, jobs())):
-            if cancel is not None and cancel.is_set():
-                pool.shutdown(cancel_futures=True)
-                raise Cancelled("CRF cancelled")
-            store(i, q)
+    with ThreadPoolExecutor(n_workers, thread_name_prefix="napari-stego-crf") as pool:
+        futures = [pool.submit(_tile_job, job) for job in jobs()]
+        try:
+            for i, future in enumerate(futures):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("CRF cancelled")
+                store(i, future.result())
+        finally:
+            for future in futures:
+                future.cancel()
     return out
 
 
-def _mp_context():
-    """Worker processes for pydensecrf tiles.
-
-    Not ``fork``: this process may run threads (dask, napari, torch) and forking them is
-    unsafe. A fork server that has imported this module once starts workers quickly.
-    """
-    import multiprocessing as mp
-
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        return ctx
-    return mp.get_context("spawn")
-
-
 def _workers(workers, n_tiles):
-    import os
-
     if workers is None:
-        workers = os.cpu_count() or 1
+        return 1
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise StegoError(f"workers must be a positive integer, got {workers!r}")
     return max(1, min(int(workers), n_tiles))
 
 
@@ -585,7 +436,8 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
     labels : (..., H, W) dask array of uint8 (uint16 for more than 256 classes)
         ``argmax`` of the refined marginals; nothing is computed until asked for (napari
         computes the slice it shows). Tasks run on dask's scheduler: threads suit the torch
-        backend; for pydensecrf use ``labels.compute(scheduler="processes")`` to use all cores.
+        backend; for pydensecrf, ``labels.compute(scheduler="processes")`` uses all cores (in a
+        script guarded by ``if __name__ == "__main__":``, as every process pool needs).
     """
     import dask
     import dask.array as da

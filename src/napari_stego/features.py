@@ -105,13 +105,23 @@ def _upsample(rgb: torch.Tensor, min_side: int) -> torch.Tensor:
     return rgb
 
 
+MAX_UPSAMPLED_SIDE = 8192  # longest side an up-sampled image may reach (thin images)
+
+
 def work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
-    """The size an image is resized to before the backbone (see :func:`backbone_input`)."""
-    h, w = size
-    short = min(h, w)
-    if short >= min_side:
-        return int(h), int(w)
-    scale = min_side / short
+    """The size an image is resized to before the backbone (see :func:`backbone_input`).
+
+    Images whose shorter side is below ``min_side`` are up-sampled towards it, but never so
+    far that the longer side passes :data:`MAX_UPSAMPLED_SIDE` (a 2 x 2000 px strip would
+    otherwise become 448 x 448 000 px); when even that leaves nothing to up-sample, the image
+    keeps its size and is tiled like any big image."""
+    h, w = int(size[0]), int(size[1])
+    short, long = min(h, w), max(h, w)
+    if short >= min_side or short < 1:
+        return h, w
+    scale = min(min_side / short, MAX_UPSAMPLED_SIDE / long)
+    if scale <= 1:
+        return h, w
     return max(round(h * scale), 1), max(round(w * scale), 1)
 
 

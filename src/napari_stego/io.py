@@ -70,10 +70,12 @@ def image_list(images) -> list[np.ndarray]:
         images, (list, tuple)
     ):
         arr = np.asarray(images)
-        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
-            return [arr]
+        if arr.ndim == 2 or (arr.ndim == 3 and is_channel_axis(arr.shape)):
+            return [_check_size(arr)]
         if arr.ndim in (3, 4):
-            return [arr[i] for i in range(arr.shape[0])]
+            if arr.shape[0] == 0:
+                raise StegoError(f"no images given: the stack of shape {arr.shape} is empty")
+            return [_check_size(arr[i], i) for i in range(arr.shape[0])]
         raise StegoError(
             f"cannot read an image of shape {arr.shape}: pass (H, W), (H, W, 3), "
             "(N, H, W) or (N, H, W, 3) arrays, or a list of 2D images"
@@ -82,14 +84,34 @@ def image_list(images) -> list[np.ndarray]:
         out = []
         for i, im in enumerate(images):
             arr = np.asarray(im)
-            if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))):
+            if not (arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[-1] == 1
+                                                          or is_channel_axis(arr.shape)))):
                 raise StegoError(
                     f"image {i} has shape {arr.shape}: each image in a list must be "
-                    "(H, W) grey or (H, W, 3) RGB"
+                    "(H, W) grey or (H, W, C) with a few channels"
                 )
-            out.append(arr)
+            out.append(_check_size(arr, i))
         return out
     raise StegoError("no images given: pass an array or a non-empty list of arrays")
+
+
+MAX_CHANNELS = 8  # a last axis this short, and much shorter than the others, is channels
+
+
+def is_channel_axis(shape: tuple[int, ...]) -> bool:
+    """Whether the last axis of a 3D array is channels (``(H, W, C)``) rather than the
+    image axis of an ``(N, H, W)`` stack: 3 or 4, or at most :data:`MAX_CHANNELS` and at
+    most a quarter of both other axes (a ``(64, 64, 2)`` array is one two-channel image, a
+    ``(7, 5, 6)`` one a stack of seven)."""
+    c = shape[-1]
+    return c in (3, 4) or (c <= MAX_CHANNELS and 4 * c <= min(shape[0], shape[1]))
+
+
+def _check_size(arr: np.ndarray, index: int | None = None) -> np.ndarray:
+    if arr.shape[0] < 1 or arr.shape[1] < 1 or arr.size == 0:
+        which = "the image" if index is None else f"image {index}"
+        raise StegoError(f"{which} is empty (shape {arr.shape}): images need at least one pixel")
+    return arr
 
 
 def to_unit_range(image: np.ndarray, config: IntensityConfig = IntensityConfig()) -> np.ndarray:
@@ -110,15 +132,13 @@ def to_unit_range(image: np.ndarray, config: IntensityConfig = IntensityConfig()
         raise StegoError(f"unsupported image dtype {arr.dtype}: use integer or float images")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
-    arr = arr.astype(np.float32)
+    # float64: float32 cannot tell 1e9 from 1e9 + 4 (large offsets, 32/64-bit integers)
+    arr = arr.astype(np.float64)
     finite = np.isfinite(arr)
     if not finite.any():
         return np.zeros(arr.shape, np.float32)
-    lo, hi = np.percentile(arr[finite], config.percentiles)
-    if hi <= lo:  # constant image (or nearly): keep it flat, mid-grey-free
-        lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    scale = 1.0 / (hi - lo) if hi > lo else 0.0
-    out = np.clip((arr - np.float32(lo)) * np.float32(scale), 0.0, 1.0).astype(np.float32)
+    lo, hi = _robust_range(arr[finite], config.percentiles)
+    out = _stretch(arr, lo, hi)
     out[~finite] = 0.0
     return out
 
@@ -167,8 +187,8 @@ STAT_SAMPLES = 1 << 23  # values read for intensity statistics (all of them when
 def guess_axes(shape: tuple[int, ...], rgb: bool | None = None) -> str:
     """The axes of an array whose axes were not named.
 
-    ``(Y, X)``; ``(Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``), else
-    ``(Z, Y, X)``; ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
+    ``(Y, X)``; ``(Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``), or at most
+    8 and much shorter than the others (:func:`is_channel_axis`), else ``(Z, Y, X)``; ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
     ``(C, Y, X)`` image, a 4D array without a colour axis last, or anything with more axes
     needs ``axes=`` (napari layers know whether they are RGB: pass ``rgb=layer.rgb``).
 
@@ -176,7 +196,8 @@ def guess_axes(shape: tuple[int, ...], rgb: bool | None = None) -> str:
         StegoError: the layout cannot be guessed.
     """
     ndim = len(shape)
-    colour_last = rgb if rgb is not None else (ndim >= 3 and shape[-1] in (3, 4))
+    colour_last = rgb if rgb is not None else (ndim >= 3 and shape[-1] in (3, 4)
+                                               or ndim == 3 and is_channel_axis(shape))
     if ndim == 2:
         return "YX"
     if ndim == 3:
@@ -291,8 +312,9 @@ def _open_tiff(path: Path):
         if not tif.series:
             raise StegoError(f"{path} holds no image series")
         series = tif.series[0]
-        axes, shape, dtype, offset = series.axes.upper(), tuple(series.shape), series.dtype, \
-            series.dataoffset
+        axes, shape, offset = series.axes.upper(), tuple(series.shape), series.dataoffset
+        # the bytes on disk are in the file's byte order (tifffile's dtype is native)
+        dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     if offset is not None:
         arr = RawTiffArray(path, shape, dtype, offset)
     else:  # compressed or tiled: tifffile's zarr view reads chunk by chunk
@@ -482,7 +504,8 @@ def sample_pixels(source: ImageSource, budget: int = STAT_SAMPLES, progress=None
 
 def _robust_range(values: np.ndarray, percentiles) -> tuple[float, float]:
     """``to_unit_range``'s rule: percentiles of the finite values, min/max if they tie."""
-    v = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
     if v.size == 0:
         return 0.0, 0.0
     lo, hi = np.percentile(v, percentiles)
@@ -492,9 +515,13 @@ def _robust_range(values: np.ndarray, percentiles) -> tuple[float, float]:
 
 
 def _stretch(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """``(arr - lo) / (hi - lo)`` clipped to [0, 1] in float32 (0 where ``hi == lo``)."""
-    scale = 1.0 / (hi - lo) if hi > lo else 0.0
-    return np.clip((arr - np.float32(lo)) * np.float32(scale), 0.0, 1.0).astype(np.float32)
+    """``(arr - lo) / (hi - lo)`` clipped to [0, 1], computed in float64 (so large offsets
+    keep their small differences), returned as float32 (0 where ``hi == lo``)."""
+    span = float(hi) - float(lo)
+    scale = 1.0 / span if span > 0 and np.isfinite(span) else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = (np.asarray(arr, np.float64) - float(lo)) * scale
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 @dataclass
@@ -530,12 +557,12 @@ class IntensityStats:
         elif self.mode == "uint8":
             out = arr.astype(np.float32) / 255.0
         elif self.mode == "joint":
-            f = arr.astype(np.float32)
+            f = arr.astype(np.float64)
             finite = np.isfinite(f)
             out = _stretch(f, self.lo[0], self.hi[0])
             out[~finite] = 0.0
         else:
-            f = arr.astype(np.float32)
+            f = arr.astype(np.float64)
             finite = np.isfinite(f)
             if self.chan_lo is not None:  # per-channel stretch of the raw channels
                 lo, hi = self.chan_lo, self.chan_hi
@@ -606,9 +633,9 @@ def fit_intensity(source: ImageSource, config: IntensityConfig = IntensityConfig
     if picks is not None:
         samples = samples[:, list(picks)]
     if mode == "joint":
-        lo, hi = _robust_range(samples.astype(np.float32), config.percentiles)
+        lo, hi = _robust_range(samples, config.percentiles)
         return IntensityStats("joint", picks, np.array([lo]), np.array([hi]))
-    f = samples.astype(np.float32)
+    f = samples.astype(np.float64)
     ranges = [_robust_range(f[:, k], config.percentiles) for k in range(f.shape[1])]
     lo = np.array([r[0] for r in ranges])
     hi = np.array([r[1] for r in ranges])

@@ -6,7 +6,6 @@ training -> spherical k-means on the codes -> per-pixel probabilities (-> CRF).
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -40,7 +39,6 @@ from .train import TrainConfig, train_head
 
 Progress = Callable[[str, int, int], None]
 FORMAT_VERSION = 1
-_META_KEY = "napari_stego"
 
 
 class StegoModel:
@@ -132,6 +130,12 @@ class StegoModel:
         overrides = {k: v for k, v in dict(steps=steps, code_dim=code_dim, loss=loss).items()
                      if v is not None}
         train = replace(train, **overrides)
+        for name in ("code_dim", "steps", "batch_size"):
+            value = getattr(train, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or value < (0 if name == "steps" else 1):
+                raise StegoError(f"{name} must be an integer >= {0 if name == 'steps' else 1}, "
+                                 f"got {value!r}")
         features = features or FeatureConfig()
         cluster = cluster or ClusterConfig()
         tiles = tiles or TileConfig()
@@ -216,7 +220,17 @@ class StegoModel:
         """Cluster labels ``(H, W)`` (uint8, or uint16 for more than 255 clusters).
 
         ``crf=True`` refines the probabilities with the dense CRF
-        (:func:`napari_stego.crf.dense_crf`) before the argmax.
+        (:func:`napari_stego.crf.dense_crf`) before the argmax; images bigger than one tile
+        are refined tile by tile in this process (no worker processes).
+
+        Any real dtype and memory layout is accepted (read-only, strided, big-endian,
+        memory-mapped). A constant or all-NaN image is not refused: it maps to flat grey and
+        gets the labels the model gives a featureless image (the batch command skips such an
+        image instead).
+
+        Raises:
+            StegoError: an empty image, a stack (predict each slice), channels that
+                ``IntensityConfig.channels`` does not map to RGB, an unsupported dtype.
         """
         image = _one_image(image)
         if not crf and not self._single_tile(image):
@@ -339,14 +353,12 @@ class StegoModel:
         The file is written under a temporary name and renamed, so a crash never leaves a
         half-written model.
         """
-        from safetensors.torch import save_file
+        from .modelfile import write_model_file
 
         path = Path(path)
         tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         tensors["centroids"] = self.centroids.detach().cpu().contiguous()
-        tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(self.metadata())})
-        tmp.replace(path)
+        write_model_file(path, tensors, self.metadata())
         return path
 
     @classmethod
@@ -362,39 +374,38 @@ class StegoModel:
             StegoError: unreadable file, a newer format, or backbone weights that differ from
                 the ones the model was fitted with (the message names both).
         """
-        from safetensors import safe_open
+        from .modelfile import build_configs, read_model_file, strict
 
         path = Path(path)
         if not path.is_file():
             raise StegoError(f"model file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise StegoError(f"{path} is not a napari-stego model file ({exc})") from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise StegoError(f"{path} was written by napari-stego {meta.get('package_version')}, "
-                             f"newer than this {__version__}: upgrade napari-stego")
+        meta, tensors = read_model_file(path, FORMAT_VERSION)
+        configs = build_configs(meta, path, dict(
+            feature_config=_feature_config, train_config=_train_config,
+            cluster_config=lambda d: strict(ClusterConfig, d),
+            predict_config=lambda d: strict(PredictConfig, d),
+            tile_config=lambda d: strict(TileConfig, d)))
         recorded = meta["weights_source"]
         if weights is None and recorded.startswith("file:") and Path(recorded[5:]).is_file():
             weights = recorded[5:]
         backbone = create_backbone(meta["backbone"], weights)
+        if backbone.dim != meta["in_dim"]:
+            raise StegoError(f"{path} is a damaged model file: in_dim {meta['in_dim']} but "
+                             f"{meta['backbone']} gives {backbone.dim} features")
         if backbone.fingerprint() != meta["weights_fingerprint"]:
             raise StegoError(
                 f"{path} was fitted with {meta['backbone']} weights from {recorded}, but the "
                 f"weights loaded now ({backbone.weights_source}) are different; pass "
                 "weights=<the file used for fitting>"
             )
-        head = SegmentationHead(meta["in_dim"], meta["code_dim"], meta["train_config"]["dropout"])
+        train = configs["train_config"]
+        head = SegmentationHead(meta["in_dim"], meta["code_dim"], train.dropout)
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         return cls(backbone, head, tensors["centroids"],
-                   feature_config=_feature_config(meta["feature_config"]),
-                   train_config=_train_config(meta["train_config"]),
-                   cluster_config=ClusterConfig(**meta["cluster_config"]),
-                   predict_config=PredictConfig(**meta["predict_config"]),
-                   tile_config=TileConfig(**meta.get("tile_config", {})),
-                   device=device, info=meta.get("info"))
+                   feature_config=configs["feature_config"], train_config=train,
+                   cluster_config=configs["cluster_config"],
+                   predict_config=configs["predict_config"],
+                   tile_config=configs["tile_config"], device=device, info=meta.get("info"))
 
     def __repr__(self) -> str:
         return (f"StegoModel(backbone={self.backbone.spec.name!r}, n_clusters={self.n_clusters}, "
@@ -419,11 +430,15 @@ def _codes_of_maps(head: SegmentationHead, maps, device) -> torch.Tensor:
 
 
 def _feature_config(d: dict) -> FeatureConfig:
-    channels = d["intensity"].get("channels")
-    intensity = IntensityConfig(percentiles=tuple(d["intensity"]["percentiles"]),
-                                channels=tuple(channels) if isinstance(channels, list) else channels)
-    extra = {k: d[k] for k in ("autocast", "upsample") if k in d}
-    return FeatureConfig(min_side=d["min_side"], dtype=d["dtype"], intensity=intensity, **extra)
+    from .modelfile import strict
+
+    d = dict(d)
+    inten = dict(d.pop("intensity"))
+    channels = inten.get("channels")
+    if isinstance(channels, list):
+        inten["channels"] = tuple(channels)
+    inten["percentiles"] = tuple(inten["percentiles"])
+    return strict(FeatureConfig, dict(d, intensity=strict(IntensityConfig, inten)))
 
 
 def _legacy_input(images, axes, cache) -> bool:
@@ -487,8 +502,10 @@ def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: 
 
 
 def _train_config(d: dict) -> TrainConfig:
+    from .modelfile import strict
+
     d = dict(d)
-    d["loss"] = LossConfig(**d["loss"])
+    d["loss"] = strict(LossConfig, d["loss"])
     if d.get("auto_shifts") is not None:
-        d["auto_shifts"] = AutoShiftConfig(**d["auto_shifts"])
-    return TrainConfig(**d)
+        d["auto_shifts"] = strict(AutoShiftConfig, d["auto_shifts"])
+    return strict(TrainConfig, d)

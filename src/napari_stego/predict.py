@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .errors import StegoError
 
 
 @dataclass(frozen=True)
@@ -13,6 +17,11 @@ class PredictConfig:
     """``alpha``: softmax temperature on cosine similarities (2, as the reference)."""
 
     alpha: float = 2.0
+
+    def __post_init__(self):
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a <= 0:
+            raise StegoError(f"PredictConfig.alpha must be a finite number > 0, got {a!r}")
 
 
 def upsample_code(code: torch.Tensor, stride: int, work_size: tuple[int, int],
