@@ -105,7 +105,10 @@ def _upsample(rgb: torch.Tensor, min_side: int) -> torch.Tensor:
     return rgb
 
 
-MAX_UPSAMPLED_SIDE = 8192  # longest side an up-sampled image may reach (thin images)
+# longest side an up-sampled image may reach: with ``min_side`` 448 an up-sampled image has
+# at most 448 x 2048 px, fewer than one default tile (1024 + 2 x 128 px a side), because it
+# goes through the backbone whole; longer thin strips are not up-sampled but tiled
+MAX_UPSAMPLED_SIDE = 2048
 
 
 def work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
@@ -113,8 +116,9 @@ def work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
 
     Images whose shorter side is below ``min_side`` are up-sampled towards it, but never so
     far that the longer side passes :data:`MAX_UPSAMPLED_SIDE` (a 2 x 2000 px strip would
-    otherwise become 448 x 448 000 px); when even that leaves nothing to up-sample, the image
-    keeps its size and is tiled like any big image."""
+    otherwise become 448 x 448 000 px), so an up-sampled image, which the backbone sees
+    whole, is never bigger than about one tile; when even that leaves nothing to up-sample,
+    the image keeps its size and is tiled like any big image."""
     h, w = int(size[0]), int(size[1])
     short, long = min(h, w), max(h, w)
     if short >= min_side or short < 1:
