@@ -217,7 +217,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if not args.name:
         raise SystemExit(f"napari-stego weights {args.action}: name a backbone")
     if args.action == "download":
-        create_backbone(args.name)  # fetches into the Hugging Face cache
+        from .errors import StegoError, WeightsMissing
+
+        try:
+            create_backbone(args.name)  # fetches into the Hugging Face cache
+        except WeightsMissing as exc:
+            raise StegoError(f"cannot download the weights of {args.name}: {exc.reason}. Run "
+                             "this where the Hugging Face Hub can be reached, then copy the "
+                             "cache (HF_HOME) or the file over") from None
     where = weights_location(args.name)
     if where is None:
         print(f"napari-stego: weights of {args.name} are not on this machine; run "
@@ -347,12 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import Cancelled, StegoError
+    from .errors import Cancelled, StegoError, WeightsMissing
 
     try:
         return args.func(args)
     except StegoError as exc:
-        print(f"napari-stego: error: {exc}", file=sys.stderr)
+        text = exc.advice("cli") if isinstance(exc, WeightsMissing) else str(exc)
+        print(f"napari-stego: error: {text}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
         print("napari-stego: cancelled", file=sys.stderr)
