@@ -98,8 +98,9 @@ class StegoModel:
             device: ``None``/"auto" (CUDA > MPS > CPU), or a device name.
             seed: makes the fit reproducible on the CPU.
             train, loss, features, cluster: stage configs (defaults: the reference's values).
-            progress: ``progress(stage, done, total)`` with stages "features", "train",
-                "cluster".
+            progress: ``progress(stage, done, total)`` with stages "features", "knn"
+                (nearest-neighbour mining), "train", "cluster" (codes, then each k-means
+                restart).
             cancel: anything with ``is_set()`` (e.g. ``threading.Event``) to stop early.
             on_loss: ``on_loss(step, loss)`` after every training step (live loss display).
             tiles: tiling of big images and the training crops of big feature maps
@@ -150,12 +151,16 @@ class StegoModel:
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel,
                             on_loss=on_loss)
+        # "cluster": computing the codes, then one step per k-means restart
+        total = 1 + max(cluster.n_init, 1)
         if progress is not None:
-            progress("cluster", 0, 1)
+            progress("cluster", 0, total)
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
-        centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster)
         if progress is not None:
-            progress("cluster", 1, 1)
+            progress("cluster", 1, total)
+        restart = None if progress is None else (lambda i, n: progress("cluster", 1 + i, total))
+        centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster,
+                                     on_restart=restart)
         train = replace(train, loss=result.loss)  # record the shifts actually used
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,

@@ -232,6 +232,7 @@ class ProgressRelay(QObject):
         bar = self._bar
         if new_stage:
             bar.n = 0
+        if new_stage or bar.total != max(total, 1):
             bar.total = max(total, 1)
         if self._closed:
             return
