@@ -86,8 +86,11 @@ class FitWidget(Container, JobMixin):
             filter="Weights (*.pth *.pt *.safetensors)",
             tooltip="Optional: a local backbone checkpoint (.pth / .safetensors), e.g. "
                     "dino_deitsmall8_pretrain.pth, for machines without a network.")
-        self.n_clusters = SpinBox(label="clusters (K)", value=4, min=2, max=254,
-                                  tooltip="How many classes to find.")
+        from .. import DEFAULT_N_CLUSTERS
+
+        self.n_clusters = SpinBox(label="clusters (K)", value=DEFAULT_N_CLUSTERS, min=2, max=254,
+                                  tooltip="How many classes to find ('Suggest K' scores a "
+                                          "range on a fitted model).")
         self.steps = SpinBox(
             label="training steps", value=TrainConfig().steps, min=1, max=100_000,
             tooltip="Head training steps. About 0.13 s each on a 2-core CPU (batch 16), far less on a "
