@@ -31,6 +31,7 @@ def test_evaluate_writes_a_readable_figure_with_class_names(tmp_path):
     assert result["class_names"] == ["background", "cytoplasm", "nucleus"]
     png = imread(result["png"])
     assert png.shape[0] >= 250 and png.shape[1] >= 350  # was 72 x 72 px of bare colour
+    assert png.shape[2] == 3
     assert json.loads((pred / "evaluation.json").read_text())["class_names"][2] == "nucleus"
 
 

@@ -68,7 +68,7 @@ def confusion_figure(conf: np.ndarray, assignment, path: str | Path, *,
     width = min(max(4.0, 1.0 + 0.9 * n_clusters + 0.12 * max(len(n) for n in names)), 24.0)
     height = min(max(3.0, 1.4 + 0.6 * n_classes), 24.0)
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(frac, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(n_clusters), col_labels, fontsize=8)
@@ -82,5 +82,8 @@ def confusion_figure(conf: np.ndarray, assignment, path: str | Path, *,
                         color="black" if frac[c, k] > 60 else "white")
     fig.colorbar(image, ax=ax, label="% of the class's pixels")
     ax.set_title(title or "confusion matrix (rows sum to 100 %)", fontsize=10)
-    fig.savefig(str(path), format="png")
+    canvas.draw()  # an RGB PNG (no alpha channel), like the other pictures of the CLI
+    import imageio.v3 as iio
+
+    iio.imwrite(str(path), np.asarray(canvas.buffer_rgba())[..., :3], extension=".png")
     return fig
