@@ -63,3 +63,38 @@ def test_panel_has_five_tabs_and_fits_a_1280x1024_screen(make_napari_viewer, qtb
 
     imwrite(out / "panel.png", shot[..., :3])
     assert (out / "panel.png").stat().st_size > 10_000
+
+
+def test_fit_shows_cluster_shares_and_loss_curve_in_the_theme(make_napari_viewer, qtbot):
+    from matplotlib.colors import to_hex
+
+    from napari_stego._widgets._panel import StegoPanel
+    from napari_stego._widgets._plots import theme_colours
+    from napari_stego.samples import texture_mosaics
+
+    viewer = make_napari_viewer()
+    images, _ = texture_mosaics(n=2, size=64, seed=1)
+    viewer.add_image(images, name="tex")
+    panel = StegoPanel(viewer)
+    fit = panel.fit
+    assert not fit.summary_canvas.isVisible() and fit.summary.value == ""
+    fit.backbone.value = "efficientnet_lite0"
+    fit.n_clusters.value, fit.steps.value, fit.batch_size.value = 3, 6, 2
+    job = fit.fit()
+    qtbot.waitUntil(lambda: job.finished, timeout=240_000)
+    assert job.error is None, job.error
+    info = fit.model.info
+    assert len(info["cluster_shares"]) == 3 and abs(sum(info["cluster_shares"]) - 1) < 1e-3
+    assert 1 <= len(info["loss_curve"]) <= 6
+    assert "final loss" not in fit.status.value and "K = 3" in fit.status.value
+    assert fit.summary.value.startswith("cluster shares of the training pixels: 0: ")
+    bars, curve = fit.summary_figure.axes
+    assert len(bars.patches) == 3 and len(curve.lines) == 1
+    dark = theme_colours(viewer)["background"]
+    assert to_hex(fit.summary_figure.get_facecolor()) == dark.lower()
+    assert to_hex(panel.suggest.figure.get_facecolor()) == dark.lower()
+    viewer.theme = "light" if viewer.theme != "light" else "dark"
+    light = theme_colours(viewer)["background"]
+    assert light != dark
+    for fig in (fit.summary_figure, panel.suggest.figure):  # restyled with the theme
+        assert to_hex(fig.get_facecolor()) == light.lower()

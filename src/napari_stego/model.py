@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .backbones import Backbone, create_backbone, upsampled
-from .cluster import ClusterConfig, spherical_kmeans
+from .cluster import ClusterConfig, assign, spherical_kmeans
 from .device import resolve_device
 from .errors import StegoError
 from .features import (
@@ -162,9 +162,13 @@ class StegoModel:
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster,
                                      on_restart=restart)
         train = replace(train, loss=result.loss)  # record the shifts actually used
+        # what a user can judge a fit by: how the codes split, how the loss went
+        shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,
-                    final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
+                    final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
+                    cluster_shares=[round(float(v), 4) for v in shares / max(len(codes), 1)],
+                    loss_curve=_thin(result.losses, 100))
         return cls(net, result.head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, tile_config=tiles, device=dev, info=info)
 
@@ -411,6 +415,14 @@ def _one_image(image) -> np.ndarray:
     if len(imgs) != 1:
         raise StegoError(f"expected one image, got a stack of {len(imgs)}: predict each slice")
     return imgs[0]
+
+
+def _thin(values: list[float], n: int) -> list[float]:
+    """At most ``n`` means of consecutive runs of ``values`` (a loss curve to store)."""
+    if not values:
+        return []
+    chunks = np.array_split(np.asarray(values, np.float64), min(n, len(values)))
+    return [round(float(c.mean()), 5) for c in chunks]
 
 
 @torch.inference_mode()
