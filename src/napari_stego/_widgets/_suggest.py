@@ -188,5 +188,9 @@ class SuggestKWidget(Container, SharedModelMixin):
                   frameon=False)
         style_axes(fig, self.viewer)
         self.canvas.draw_idle()
-        self.result.value = (f"<b>Suggested K = {scores.best}</b>: {scores.rule}. Refit "
-                             "with it in 'Fit STEGO'.")
+        if scores.unclear:
+            self.result.value = (f"<b>{scores.unclear[0].upper()}{scores.unclear[1:]}.</b> "
+                                 f"Top score: K = {scores.best} ({scores.rule}).")
+        else:
+            self.result.value = (f"<b>Suggested K = {scores.best}</b>: {scores.rule}. Refit "
+                                 "with it in 'Fit STEGO'.")
