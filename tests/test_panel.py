@@ -98,3 +98,27 @@ def test_fit_shows_cluster_shares_and_loss_curve_in_the_theme(make_napari_viewer
     assert light != dark
     for fig in (fit.summary_figure, panel.suggest.figure):  # restyled with the theme
         assert to_hex(fig.get_facecolor()) == light.lower()
+
+
+def test_missing_weights_advice_is_whole_and_in_the_widgets_words(make_napari_viewer, qtbot,
+                                                                  monkeypatch):
+    """Offline without cached DINO weights: the Fit tab shows the fix first, naming its own
+    field, and the whole advice (it was cut at 200 characters before the fix)."""
+    import napari_stego.backbones as backbones
+    from napari_stego._widgets import FitWidget
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(backbones, "weights_location", lambda name: None)  # nothing cached
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((64, 64)), name="img")
+    fit = FitWidget(viewer)
+    fit.backbone.value = "dino_vits8"
+    job = fit.fit()
+    qtbot.waitUntil(lambda: job.finished, timeout=120_000)
+    assert job.error is not None
+    status = fit.status.value
+    assert status.startswith("failed: Give a local weights file with the 'weights file' field "
+                             "of Fit STEGO"), status
+    assert status.endswith("which needs no download.") and "weights=" not in status
+    assert "napari-stego weights download dino_vits8" in status
