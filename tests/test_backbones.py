@@ -92,21 +92,74 @@ def test_bad_weights_give_clear_errors(tmp_path):
         create_backbone("dino_vits8", weights=tmp_path / "junk.pth")
 
 
-def test_missing_hub_weights_say_how_to_get_them(tmp_path):
-    """Offline with an empty cache: the error names the ways to get the weights."""
+def _run_unreachable(code: str, hf_home, timeout: int = 300):
+    """Run ``code`` with an empty or given Hugging Face cache and a hub that refuses
+    connections (nothing is ever downloaded), HF_HUB_OFFLINE unset."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
-    code = ("from napari_stego.backbones import create_backbone\n"
-            "from napari_stego.errors import StegoError\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT="http://127.0.0.1:9")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_missing_hub_weights_fail_fast_with_the_fix_first(tmp_path):
+    """No cache and no hub: no minute of hub retries; the first sentence is the fix."""
+    code = ("import time, timm, huggingface_hub\n"
+            "from napari_stego.backbones import create_backbone\n"
+            "from napari_stego.errors import WeightsMissing\n"
+            "t = time.perf_counter()\n"
             "try:\n    create_backbone('dino_vits8')\n"
-            "except StegoError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert "napari-stego weights download dino_vits8" in out.stdout, out.stderr
-    assert "dino_deitsmall8_pretrain.pth" in out.stdout
+            "except WeightsMissing as e:\n"
+            "    print(f'{time.perf_counter() - t:.1f}')\n"
+            "    print(e)\n    print(e.advice('cli'))\n")
+    out = _run_unreachable(code, tmp_path / "empty-cache")
+    assert out.returncode == 0, out.stderr
+    seconds, python, cli = out.stdout.strip().split("\n")
+    assert "Retrying" not in out.stderr  # the hub client was never asked
+    assert float(seconds) < 20  # was over 50 s of retries (generous bound for a loaded CI)
+    for text, flag in ((python, "weights=PATH"), (cli, "--weights PATH")):
+        first = text.split(". ")[0]
+        assert first.startswith(f"Give a local weights file with {flag}"), text
+        assert "dino_deitsmall8_pretrain.pth" in first
+        assert ".." not in text and "napari-stego weights download dino_vits8" in text
+    assert "--" not in python and "weights=" not in cli and "--backbone efficientnet_lite0" in cli
+
+
+def test_cli_says_the_fix_in_its_own_words(tmp_path):
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a.tif", np.random.default_rng(0).integers(0, 255, (32, 32), np.uint8))
+    code = ("import sys\nfrom napari_stego.cli import main\n"
+            f"sys.exit(main(['fit', {str(tmp_path / 'a.tif')!r}, '--out', "
+            f"{str(tmp_path / 'm.stego')!r}, '--quiet']))\n")
+    out = _run_unreachable(code, tmp_path / "empty-cache")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("napari-stego: error: Give a local weights file with "
+                                 "--weights PATH"), out.stderr
+    assert "Retrying" not in out.stderr and not (tmp_path / "m.stego").exists()
+
+
+def test_cached_hub_weights_load_without_asking_the_hub(tmp_path):
+    """Weights in the Hugging Face cache load with the hub unreachable (no HF_HUB_OFFLINE)."""
+    from safetensors.torch import save_file
+
+    ref = create_backbone("dino_vits16", pretrained=False)
+    snap = tmp_path / "hub" / "models--timm--vit_small_patch16_224.dino"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("0" * 40)
+    (snap / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ref.net.state_dict().items()},
+              str(snap / "snapshots" / ("0" * 40) / "model.safetensors"))
+    code = ("from napari_stego.backbones import create_backbone\n"
+            "net = create_backbone('dino_vits16')\n"
+            "print(net.weights_source, net.fingerprint())\n")
+    out = _run_unreachable(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["timm:vit_small_patch16_224.dino", ref.fingerprint()]
 
 
 def test_upsampled_backbone_is_the_backbone_on_a_bigger_image(offline_backbone):

@@ -15,6 +15,7 @@ from scipy.spatial.distance import cdist
 from napari_stego.choose_k import (
     ChooseKConfig,
     KScore,
+    KScores,
     adjusted_rand_index,
     best_k,
     cosine_silhouette,
@@ -155,6 +156,25 @@ def test_bad_arguments_progress_and_cancel():
     event.set()
     with pytest.raises(Cancelled):
         suggest_n_clusters(x, [2, 3], cancel=event)
+
+
+def test_unclear_curves_are_said_plainly():
+    """A silhouette that rises to the end of the range, or a flat one, is no number of
+    classes; a peak inside the range is."""
+    def scores(sils):
+        rows = tuple(KScore(k, s, 0.95, 0.95, 0.1) for k, s in enumerate(sils, start=2))
+        return KScores(rows, best_k(rows), 1000, 3, "rule")
+
+    rising = scores([0.20, 0.24, 0.27, 0.29, 0.30])
+    assert rising.best == 6 and rising.unclear.startswith("no clear K: the suggested K (6) is "
+                                                          "the largest one scored")
+    assert rising.unclear in rising.table() and rising.to_dict()["unclear"] == rising.unclear
+    flat = scores([0.300, 0.305, 0.301, 0.299])
+    assert "hardly changes" in flat.unclear
+    peak = scores([0.20, 0.35, 0.25, 0.22])
+    assert peak.best == 3 and peak.unclear == "" and peak.to_dict()["unclear"] is None
+    x, _ = planted(4, per=100)
+    assert suggest_n_clusters(x, range(2, 7)).unclear == ""  # planted clusters: clear
 
 
 def test_table_and_json():

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 CORE = ["backbones", "batch", "cache", "choose_k", "cli", "cluster", "crf", "device", "errors",
-        "features", "head", "io", "knn", "lazy", "loss", "metrics", "model", "predict", "samples",
+        "features", "figures", "head", "io", "knn", "lazy", "loss", "metrics", "model", "predict", "samples",
         "shifts", "tiling", "train"]
 
 

@@ -28,8 +28,9 @@ def test_every_python_name_imports(manifest):
 def test_contributions(manifest):
     c = manifest.contributions
     widgets = {w.display_name for w in c.widgets}
-    assert widgets == {"Fit STEGO", "Segment", "Feature correspondences", "Evaluate",
-                       "Suggest number of clusters"}
+    assert widgets == {"napari-stego", "Fit STEGO", "Segment", "Feature correspondences",
+                       "Evaluate", "Suggest number of clusters"}
+    assert c.widgets[0].display_name == "napari-stego"  # the tabbed panel comes first
     assert {s.key for s in c.sample_data} == {"immunohistochemistry", "hubble_deep_field",
                                               "texture_stack"}
     assert c.readers[0].filename_patterns[0] == "*.tif"

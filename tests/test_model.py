@@ -116,11 +116,22 @@ def test_fit_on_one_tiny_constant_image(offline_backbone):
 
 
 def test_fit_reports_all_stages(offline_backbone, mosaics):
-    stages = set()
+    """Every stage has a bar that moves: nearest-neighbour mining ("knn") between the
+    features and training, and clustering step by step (codes, then each restart)."""
+    from napari_stego.cluster import ClusterConfig
+
+    events = []
     StegoModel.fit(mosaics[0][:2], 2, backbone=offline_backbone,
-                   train=TrainConfig(steps=2, batch_size=2),
-                   progress=lambda stage, i, n: stages.add(stage))
-    assert stages == {"features", "train", "cluster"}
+                   train=TrainConfig(steps=2, batch_size=2), cluster=ClusterConfig(n_init=4),
+                   progress=lambda stage, i, n: events.append((stage, i, n)))
+    stages = [s for s, _, _ in events]
+    assert set(stages) == {"features", "knn", "train", "cluster"}
+    assert stages.index("knn") > max(i for i, s in enumerate(stages) if s == "features")
+    assert max(i for i, s in enumerate(stages) if s == "knn") < stages.index("train")
+    knn = [(d, t) for s, d, t in events if s == "knn"]
+    assert knn[0][0] == 0 and knn[-1][0] == knn[-1][1] and len(knn) >= 3
+    assert [d for s, d, t in events if s == "cluster"] == [0, 1, 2, 3, 4, 5]
+    assert {t for s, d, t in events if s == "cluster"} == {5}
 
 
 def test_upsampled_features_fit_predict_and_round_trip(offline_backbone, mosaics, tmp_path):

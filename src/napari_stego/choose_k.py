@@ -40,6 +40,9 @@ Progress = Callable[[str, int, int], None]
 BEST_RULE = ("highest silhouette among the K whose stability is within {margin:g} of the most "
              "stable K (ties: the smaller K)")
 
+# silhouettes of all K within this of each other: no K stands out
+FLAT_SILHOUETTE = 0.02
+
 __all__ = [
     "BEST_RULE", "ChooseKConfig", "KScore", "KScores", "adjusted_rand_index", "best_k",
     "cosine_silhouette", "sample_model_codes", "suggest_for_model", "suggest_n_clusters",
@@ -106,6 +109,26 @@ class KScores:
                 return r
         raise KeyError(k)
 
+    @property
+    def unclear(self) -> str:
+        """Why the curves give no clear ``K`` (``""`` when they do).
+
+        Unclear when the suggested ``K`` is the largest one scored (the silhouette still
+        rises at the end of the range, as on images whose codes form a continuum: any cut
+        scores better the finer it is), or when the silhouette hardly changes over the range
+        (spread under :data:`FLAT_SILHOUETTE`). Then ``best`` is only the top of the range's
+        scores, not a number of classes.
+        """
+        sil = [r.silhouette for r in self.rows if not math.isnan(r.silhouette)]
+        if len(self.rows) > 1 and self.best == self.rows[-1].k:
+            return (f"no clear K: the suggested K ({self.best}) is the largest one scored, "
+                    "the silhouette still rises with K; judge the segmentations of a few K "
+                    "by eye, or score a wider range")
+        if len(sil) > 1 and max(sil) - min(sil) < FLAT_SILHOUETTE:
+            return (f"no clear K: the silhouette hardly changes with K (from {min(sil):.3f} "
+                    f"to {max(sil):.3f}); judge the segmentations of a few K by eye")
+        return ""
+
     def table(self) -> str:
         """A plain-text table: K, silhouette, stability (mean / min), smallest cluster, with
         the suggested K marked ``<- best`` (and the model's own K ``(model)``)."""
@@ -122,14 +145,16 @@ class KScores:
                          + ("  " + " ".join(marks) if marks else ""))
         lines.append(f"best K = {self.best}: {self.rule}; {self.n_points} code vectors, "
                      f"{self.seeds} k-means runs per K")
+        if self.unclear:
+            lines.append(self.unclear)
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """JSON-ready (NaN becomes ``None``)."""
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
                  for k, v in asdict(r).items()} for r in self.rows]
-        return dict(best=self.best, rule=self.rule, n_points=self.n_points, seeds=self.seeds,
-                    current=self.current, rows=rows)
+        return dict(best=self.best, rule=self.rule, unclear=self.unclear or None,
+                    n_points=self.n_points, seeds=self.seeds, current=self.current, rows=rows)
 
 
 def _fmt(value: float, width: int) -> str:

@@ -218,7 +218,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if not args.name:
         raise SystemExit(f"napari-stego weights {args.action}: name a backbone")
     if args.action == "download":
-        create_backbone(args.name)  # fetches into the Hugging Face cache
+        from .errors import StegoError, WeightsMissing
+
+        try:
+            create_backbone(args.name)  # fetches into the Hugging Face cache
+        except WeightsMissing as exc:
+            raise StegoError(f"cannot download the weights of {args.name}: {exc.reason}. Run "
+                             "this where the Hugging Face Hub can be reached, then copy the "
+                             "cache (HF_HOME) or the file over") from None
     where = weights_location(args.name)
     if where is None:
         print(f"napari-stego: weights of {args.name} are not on this machine; run "
@@ -234,46 +241,109 @@ def _backbone_names() -> list[str]:
             "dinov2_vitb14_reg", "efficientnet_lite0"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="napari-stego", description="Unsupervised semantic segmentation (STEGO) of image "
-        "stacks. Exit codes: 0 done; 1 some inputs failed or were skipped; 2 the job could not "
-        "start; 130 cancelled.", formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Formatter(argparse.HelpFormatter):
+    """Paragraphs wrapped one by one, example lines (indented) kept as written;
+    ``(default: X)`` once, only for options with a default worth showing (not for required
+    ones, flags, or help that already names it)."""
 
-    fit = sub.add_parser("fit", help="fit a model on TIFF files, globs or folders",
-                         formatter_class=fmt)
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.split("\n")
+            if len(lines) > 1 and all(ln.startswith("  ") for ln in lines[1:]):
+                out.append("\n".join(indent + ln for ln in lines))  # a heading and examples
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required
+                or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_DEVICE_HELP = "auto (CUDA > MPS > CPU), cpu, cuda:N or mps"
+_SEED_HELP = "random seed: the same seed and data on the same CPU give the same result"
+_WEIGHTS_HELP = ("backbone weights file (.pth / .safetensors), if the one the model was fitted "
+                 "with is not on this machine")
+
+
+def _sub(sub, name: str, help: str, description: str = "", examples: str = ""):
+    return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:],
+                          epilog=("examples:\n" + examples) if examples else None,
+                          formatter_class=_Formatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import DEFAULT_N_CLUSTERS, __version__
+
+    parser = argparse.ArgumentParser(
+        prog="napari-stego", formatter_class=_Formatter,
+        description="Unsupervised semantic segmentation (STEGO) of image stacks: fit a model "
+        "on unlabelled images, then segment, evaluate and choose the number of clusters.\n\n"
+        "New here? `napari-stego demo` fits and segments a bundled sample, offline, in about "
+        "half a minute.\n\nExit codes: 0 done; 1 some inputs failed or were skipped; 2 the "
+        "job could not start; 130 cancelled.",
+        epilog="examples:\n"
+        "  napari-stego demo\n"
+        f"  napari-stego fit images/ --out cells.stego --n-clusters {DEFAULT_N_CLUSTERS}\n"
+        "  napari-stego suggest-k cells.stego images/\n"
+        "  napari-stego segment cells.stego images/ --out labels/\n"
+        "  napari-stego evaluate labels/ ground_truth/\n\n"
+        "Run `napari-stego COMMAND --help` for the options and examples of each command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = _sub(sub, "fit", "fit a model on TIFF files, globs or folders",
+               examples="  napari-stego fit images/ --out cells.stego\n"
+               "  napari-stego fit 'data/*.tif' --out em.stego --n-clusters 2 --upsample 2\n"
+               "  napari-stego fit images/ --out cells.stego --weights "
+               "dino_deitsmall8_pretrain.pth   # offline")
     fit.add_argument("images", nargs="+", help="TIFF files, globs ('data/*.tif') or folders; "
                      "every plane of a stack is used")
-    fit.add_argument("--out", required=True, help="model file to write (.stego)")
-    fit.add_argument("--n-clusters", type=int, default=3, help="number of clusters K")
+    fit.add_argument("--out", required=True, metavar="MODEL",
+                     help="model file to write (.stego; required)")
+    fit.add_argument("--n-clusters", type=int, default=DEFAULT_N_CLUSTERS, metavar="K",
+                     help="number of clusters K (`suggest-k` scores K = 2..12 on a fitted model)")
     fit.add_argument("--backbone", default="dino_vits8", choices=_backbone_names(),
-                     metavar="NAME", help="feature backbone: " + ", ".join(_backbone_names()))
-    fit.add_argument("--weights", help="local backbone weights file (offline machines)")
+                     metavar="NAME", help="feature backbone: " + ", ".join(_backbone_names())
+                     + " (efficientnet_lite0 needs no download)")
+    fit.add_argument("--weights", metavar="PATH",
+                     help="local backbone weights file (.pth / .safetensors) for machines "
+                          "without a network")
     fit.add_argument("--steps", type=int, default=None,
                      help="training steps (default: the training config's)")
     fit.add_argument("--upsample", type=int, default=1, metavar="N",
                      help="run the backbone on images up-sampled N times (2 or 4): features "
                           "every stride/N pixels for thin structures, N^2 times the compute")
-    fit.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    fit.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     fit.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     fit.set_defaults(func=cmd_fit)
 
-    seg = sub.add_parser(
-        "segment", formatter_class=fmt,
-        help="segment TIFF files with a model (resumable; local or dask.distributed)",
-        description="Write one labels file per input (same base name, same spatial shape; "
-        "uint8, or uint16 for K > 256). Re-running skips finished outputs and resumes stacks "
-        "plane by plane.")
+    seg = _sub(sub, "segment", "segment TIFF files with a model (resumable; local or "
+               "dask.distributed)",
+               description="Write one labels file per input (same base name, same spatial "
+               "shape; uint8, or uint16 for K > 256). Re-running skips finished outputs and "
+               "resumes stacks plane by plane.",
+               examples="  napari-stego segment cells.stego images/ --out labels/\n"
+               "  napari-stego segment cells.stego 'data/*.tif' --out labels/ --crf "
+               "--workers 2\n"
+               "  napari-stego segment cells.stego images/ --out labels/ --scheduler "
+               "tcp://head:8786")
     seg.add_argument("model", help="model file written by `fit` or the napari widget")
     seg.add_argument("images", nargs="+", help="TIFF files, globs or folders")
-    seg.add_argument("--out", required=True, help="output folder")
-    seg.add_argument("--crf", action="store_true", help="refine with the dense CRF")
+    seg.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
+    seg.add_argument("--crf", action="store_true", help="refine with the dense CRF "
+                     "(needs pydensecrf2)")
     seg.add_argument("--probabilities", action="store_true",
                      help="also write <name>_proba (float32 K x H x W per plane)")
-    seg.add_argument("--format", choices=["tif", "zarr"], default="tif")
+    seg.add_argument("--format", choices=["tif", "zarr"], default="tif",
+                     help="output files: tif (zlib-compressed TIFF) or zarr (a <name>.zarr "
+                          "folder, chunked by tile; for big planes)")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute and replace outputs that exist")
     seg.add_argument("--scheduler", default="threads",
@@ -281,15 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "(tcp://host:8786)")
     seg.add_argument("--workers", type=int, default=1,
                      help="threads or processes for the local schedulers")
-    seg.add_argument("--weights", help="backbone weights file, if the one the model was "
-                     "fitted with is not on this machine")
-    seg.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
+    seg.add_argument("--weights", metavar="PATH", help=_WEIGHTS_HELP)
+    seg.add_argument("--device", default="auto", help=_DEVICE_HELP)
     seg.add_argument("--quiet", action="store_true",
                      help="no progress bar, notes or summary; problems are still printed")
     seg.set_defaults(func=cmd_segment)
 
-    ev = sub.add_parser("evaluate", formatter_class=fmt,
-                        help="Hungarian-matched mIoU / accuracy against ground truth")
+    ev = _sub(sub, "evaluate", "Hungarian-matched mIoU / accuracy against ground truth",
+              description="Match clusters to classes one to one (Hungarian), print mIoU and "
+              "accuracy, and write evaluation.json and a confusion figure (confusion.png).",
+              examples="  napari-stego evaluate labels/ ground_truth/\n"
+              "  napari-stego evaluate labels/ ground_truth/ --n-classes 3 --out scores/")
     ev.add_argument("pred_dir", help="folder of predicted labels (tif or zarr)")
     ev.add_argument("gt_dir", help="folder of ground-truth class maps with the same base names "
                     "(tif or png)")
@@ -297,18 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="number of classes (default: largest id in the ground truth + 1)")
     ev.add_argument("--ignore-index", type=int, default=255,
                     help="ground-truth value left out of the scores")
-    ev.add_argument("--out", default=None,
+    ev.add_argument("--out", default=None, metavar="DIR",
                     help="folder for evaluation.json and confusion.png (default: PRED_DIR)")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="print nothing but problems")
     ev.set_defaults(func=cmd_evaluate)
-    sk = sub.add_parser(
-        "suggest-k", formatter_class=fmt,
-        help="score numbers of clusters K on a model's codes (no labels needed)",
-        description="Sample the model's code vectors over the images, run k-means for each K "
-        "with several seeds, and print each K's cosine silhouette and stability (mean pairwise "
-        "adjusted Rand index of the runs). Suggested K: the highest silhouette among the K "
-        "whose stability is within 0.1 of the most stable K. Refit with it: "
-        "napari-stego fit ... --n-clusters K.")
+
+    sk = _sub(sub, "suggest-k", "score numbers of clusters K on a model's codes (no labels "
+              "needed)",
+              description="Sample the model's code vectors over the images, run k-means for "
+              "each K with several seeds, and print each K's cosine silhouette and stability "
+              "(mean pairwise adjusted Rand index of the runs). Suggested K: the highest "
+              "silhouette among the K whose stability is within 0.1 of the most stable K. "
+              "Refit with it: napari-stego fit ... --n-clusters K.",
+              examples="  napari-stego suggest-k cells.stego images/\n"
+              "  napari-stego suggest-k cells.stego images/ --k-max 8 --json > k.json")
     sk.add_argument("model", help="model file written by `fit` or the napari widget")
     sk.add_argument("images", nargs="+", help="TIFF files, globs or folders; every plane of "
                     "a stack is used")
@@ -318,30 +392,43 @@ def build_parser() -> argparse.ArgumentParser:
                     help="k-means runs per K (their agreement is the stability)")
     sk.add_argument("--max-points", type=int, default=10_000,
                     help="code vectors sampled over all images")
-    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     sk.add_argument("--json", action="store_true",
                     help="print the scores as JSON instead of a table (no progress bars)")
-    sk.add_argument("--weights", help="backbone weights file, if the one the model was "
-                    "fitted with is not on this machine")
-    sk.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
+    sk.add_argument("--weights", metavar="PATH", help=_WEIGHTS_HELP)
+    sk.add_argument("--device", default="auto", help=_DEVICE_HELP)
     sk.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     sk.set_defaults(func=cmd_suggest_k)
 
-    demo = sub.add_parser("demo", help="fit and segment the bundled sample image (offline)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--out", default="stego-demo", help="output folder")
-    demo.add_argument("--n-clusters", type=int, default=3)
+    demo = _sub(sub, "demo", "fit and segment the bundled sample image (offline; start here)",
+                description="Fit a model on the bundled immunohistochemistry sample with the "
+                "offline backbone (efficientnet_lite0), segment it, and write the model, the "
+                "labels and an overlay picture to --out.",
+                examples="  napari-stego demo\n  napari-stego demo --crf --out my-demo")
+    demo.add_argument("--out", default="stego-demo", metavar="DIR", help="output folder")
+    demo.add_argument("--n-clusters", type=int, default=DEFAULT_N_CLUSTERS, metavar="K",
+                      help="number of clusters K")
     demo.add_argument("--steps", type=int, default=150, help="training steps")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--crf", action="store_true", help="refine with the dense CRF")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    demo.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
+    demo.add_argument("--crf", action="store_true", help="refine with the dense CRF "
+                      "(needs pydensecrf2)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
-    weights = sub.add_parser("weights", help="list, download or locate backbone weights",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    weights.add_argument("action", choices=["list", "download", "path"])
-    weights.add_argument("name", nargs="?", help="backbone name (see `weights list`)")
+    weights = _sub(sub, "weights", "list, download or locate backbone weights",
+                   description="Backbone weights for offline machines: `list` shows every "
+                   "backbone and where its weights are; `download NAME` fetches them into the "
+                   "Hugging Face cache (HF_HOME; run it where there is a network); `path NAME` "
+                   "prints the local file (to copy it, or pass it as --weights).",
+                   examples="  napari-stego weights list\n"
+                   "  napari-stego weights download dino_vits8\n"
+                   "  napari-stego weights path dino_vits8")
+    weights.add_argument("action", choices=["list", "download", "path"],
+                         help="list: all backbones and their weights; download: fetch NAME's "
+                              "weights; path: print where NAME's weights are")
+    weights.add_argument("name", nargs="?", metavar="NAME",
+                         help="backbone name (see `weights list`)")
     weights.set_defaults(func=cmd_weights)
     return parser
 
@@ -364,7 +451,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ._workers import silenced_while
-    from .errors import Cancelled, StegoError
+    from .errors import Cancelled, StegoError, WeightsMissing
 
     # --quiet: problems only, no library warnings or log lines
     quiet = silenced_while() if getattr(args, "quiet", False) else contextlib.nullcontext()
@@ -373,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         with quiet:
             return args.func(args)
     except StegoError as exc:
-        print(f"napari-stego: error: {exc}", file=sys.stderr)
+        text = exc.advice("cli") if isinstance(exc, WeightsMissing) else str(exc)
+        print(f"napari-stego: error: {text}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
         print("napari-stego: cancelled", file=sys.stderr)

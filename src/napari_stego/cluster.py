@@ -6,6 +6,7 @@ for a given ``seed`` (all randomness comes from one CPU ``torch.Generator``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,8 @@ def _fit_once(x: torch.Tensor, k: int, config: ClusterConfig, gen: torch.Generat
 
 
 def spherical_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0,
-                     config: ClusterConfig = ClusterConfig()) -> torch.Tensor:
+                     config: ClusterConfig = ClusterConfig(),
+                     on_restart: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Cluster vectors by cosine similarity.
 
     Args:
@@ -94,6 +96,7 @@ def spherical_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0,
         n_clusters: ``K``.
         seed: seeds the k-means++ draws and the mini-batches.
         config: iteration counts and sizes.
+        on_restart: called as ``on_restart(done, n_init)`` after each restart (progress).
 
     Returns:
         ``(K, C)`` unit-norm centroids, on ``x``'s device.
@@ -107,9 +110,12 @@ def spherical_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0,
     if x.shape[0] > config.max_points:
         x = x[torch.randperm(x.shape[0], generator=gen)[: config.max_points].to(x.device)]
     best, best_score = None, -float("inf")
-    for _ in range(max(config.n_init, 1)):
+    n_init = max(config.n_init, 1)
+    for i in range(n_init):
         centroids = _fit_once(x, n_clusters, config, gen)
         score = _mean_cosine(x, centroids)
         if score > best_score:
             best, best_score = centroids, score
+        if on_restart is not None:
+            on_restart(i + 1, n_init)
     return best

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .backbones import Backbone, create_backbone, upsampled
-from .cluster import ClusterConfig, spherical_kmeans
+from .cluster import ClusterConfig, assign, spherical_kmeans
 from .device import resolve_device
 from .errors import StegoError
 from .features import (
@@ -96,8 +96,9 @@ class StegoModel:
             device: ``None``/"auto" (CUDA > MPS > CPU), or a device name.
             seed: makes the fit reproducible on the CPU.
             train, loss, features, cluster: stage configs (defaults: the reference's values).
-            progress: ``progress(stage, done, total)`` with stages "features", "train",
-                "cluster".
+            progress: ``progress(stage, done, total)`` with stages "features", "knn"
+                (nearest-neighbour mining), "train", "cluster" (codes, then each k-means
+                restart).
             cancel: anything with ``is_set()`` (e.g. ``threading.Event``) to stop early.
             on_loss: ``on_loss(step, loss)`` after every training step (live loss display).
             tiles: tiling of big images and the training crops of big feature maps
@@ -154,16 +155,24 @@ class StegoModel:
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel,
                             on_loss=on_loss)
+        # "cluster": computing the codes, then one step per k-means restart
+        total = 1 + max(cluster.n_init, 1)
         if progress is not None:
-            progress("cluster", 0, 1)
+            progress("cluster", 0, total)
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
-        centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster)
         if progress is not None:
-            progress("cluster", 1, 1)
+            progress("cluster", 1, total)
+        restart = None if progress is None else (lambda i, n: progress("cluster", 1 + i, total))
+        centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster,
+                                     on_restart=restart)
         train = replace(train, loss=result.loss)  # record the shifts actually used
+        # what a user can judge a fit by: how the codes split, how the loss went
+        shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,
-                    final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
+                    final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
+                    cluster_shares=[round(float(v), 4) for v in shares / max(len(codes), 1)],
+                    loss_curve=_thin(result.losses, 100))
         return cls(net, result.head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, tile_config=tiles, device=dev, info=info)
 
@@ -417,6 +426,14 @@ def _one_image(image) -> np.ndarray:
     if len(imgs) != 1:
         raise StegoError(f"expected one image, got a stack of {len(imgs)}: predict each slice")
     return imgs[0]
+
+
+def _thin(values: list[float], n: int) -> list[float]:
+    """At most ``n`` means of consecutive runs of ``values`` (a loss curve to store)."""
+    if not values:
+        return []
+    chunks = np.array_split(np.asarray(values, np.float64), min(n, len(values)))
+    return [round(float(c.mean()), 5) for c in chunks]
 
 
 @torch.inference_mode()

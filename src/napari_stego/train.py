@@ -116,7 +116,9 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             it to estimate how many pairs belong together (see :mod:`napari_stego.shifts`).
         seed: seeds window sampling, partners, loss sampling, dropout and head init; CPU runs
             are reproducible. The global torch RNG is restored afterwards.
-        progress: called as ``progress("train", step, steps)``.
+        progress: called as ``progress("knn", done, total)`` while nearest neighbours are
+            mined and the shifts and initial head are chosen, then
+            ``progress("train", step, steps)``.
         cancel: anything with ``is_set()``; checked every step (raises :class:`Cancelled`).
         on_loss: called as ``on_loss(step, total_loss)`` after every step (for live display).
 
@@ -125,8 +127,14 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     """
     device = torch.device(device)
     window = config.window or max(224 // stride, 1)
+    # "knn": mining nearest-neighbour windows, choosing the shifts and the initial head
+    knn_steps = 2 + (config.auto_shifts is not None)
+    if progress is not None:
+        progress("knn", 0, knn_steps)
     units = make_units([tuple(m.shape[-2:]) for m in maps], config.crop_ratio)
     table = knn_table(unit_descriptors(maps, units), config.n_neighbors)
+    if progress is not None:
+        progress("knn", 1, knn_steps)
     gen = torch.Generator().manual_seed(seed)
     loss_config = config.loss
     report: dict = {}
@@ -138,6 +146,8 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         loss_config = replace(loss_config, self_shift=s_self, knn_shift=s_knn, rand_shift=s_rand)
         _log.info("automatic shifts self %.4f knn %.4f rand %.4f (attracted fractions %s)",
                   s_self, s_knn, s_rand, report["attract"])
+        if progress is not None:
+            progress("knn", 2, knn_steps)
     devices = [device.index or 0] if device.type == "cuda" else []
     use_amp = config.amp and device.type == "cuda"
     losses: list[float] = []
@@ -150,6 +160,8 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             raise ValueError(f"TrainConfig.init must be 'pca' or 'random', got {config.init!r}")
         head = head.to(device)
         head.train()
+        if progress is not None:
+            progress("knn", knn_steps, knn_steps)
         opt = torch.optim.Adam(head.parameters(), lr=config.lr)
         for step in range(config.steps):
             if cancel is not None and cancel.is_set():

@@ -10,6 +10,7 @@ layers.
 
 from __future__ import annotations
 
+import html
 import logging
 import threading
 import weakref
@@ -22,7 +23,7 @@ from magicgui.widgets import CheckBox, Container, Label, PushButton, Select
 from psygnal import Signal as PSignal
 from qtpy.QtCore import QObject, Signal
 
-from ..errors import Cancelled, StegoError
+from ..errors import Cancelled, StegoError, WeightsMissing
 
 if TYPE_CHECKING:
     import napari
@@ -141,6 +142,11 @@ def model_summary(model: StegoModel) -> dict:
 
 
 # ---------------------------------------------------------------------- notifications
+def error_text(exc: BaseException) -> str:
+    """The message of ``exc`` for a widget: a missing-weights advice in the widgets' words."""
+    return exc.advice("widget") if isinstance(exc, WeightsMissing) else str(exc)
+
+
 def notify_error(exc: BaseException, what: str) -> None:
     """Show an exception from a job as a napari notification that says what to do."""
     from napari.utils.notifications import show_error, show_info
@@ -148,7 +154,7 @@ def notify_error(exc: BaseException, what: str) -> None:
     if isinstance(exc, Cancelled):
         show_info(f"{what} cancelled")
     elif isinstance(exc, StegoError):
-        show_error(f"{what}: {exc}")
+        show_error(f"{what}: {error_text(exc)}")
     elif isinstance(exc, ImportError):
         show_error(f"{what}: a package is missing ({exc}). Install it with pip and restart "
                    "napari.")
@@ -226,6 +232,7 @@ class ProgressRelay(QObject):
         bar = self._bar
         if new_stage:
             bar.n = 0
+        if new_stage or bar.total != max(total, 1):
             bar.total = max(total, 1)
         if self._closed:
             return
@@ -281,8 +288,12 @@ class Job:
         self.error = exc
         notify_error(exc, self.title)
         if self.status is not None:
-            self.status.value = ("cancelled" if isinstance(exc, Cancelled)
-                                 else f"failed: {str(exc)[:200]}")
+            if isinstance(exc, Cancelled):
+                self.status.value = "cancelled"
+            elif isinstance(exc, StegoError):  # the whole advice: the fix comes first
+                self.status.value = f"failed: {html.escape(error_text(exc), quote=False)}"
+            else:
+                self.status.value = f"failed: {html.escape(str(exc)[:300], quote=False)}"
 
     def _finished(self) -> None:
         self.finished = True

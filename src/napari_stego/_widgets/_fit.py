@@ -86,8 +86,11 @@ class FitWidget(Container, JobMixin):
             filter="Weights (*.pth *.pt *.safetensors)",
             tooltip="Optional: a local backbone checkpoint (.pth / .safetensors), e.g. "
                     "dino_deitsmall8_pretrain.pth, for machines without a network.")
-        self.n_clusters = SpinBox(label="clusters (K)", value=4, min=2, max=254,
-                                  tooltip="How many classes to find.")
+        from .. import DEFAULT_N_CLUSTERS
+
+        self.n_clusters = SpinBox(label="clusters (K)", value=DEFAULT_N_CLUSTERS, min=2, max=254,
+                                  tooltip="How many classes to find ('Suggest K' scores a "
+                                          "range on a fitted model).")
         self.steps = SpinBox(
             label="training steps", value=TrainConfig().steps, min=1, max=100_000,
             tooltip="Head training steps. About 0.13 s each on a 2-core CPU (batch 16), far less on a "
@@ -127,6 +130,12 @@ class FitWidget(Container, JobMixin):
                                       tooltip="Read a model saved before (.stego file).")
         self.status = text()
         self.model_label = text()
+        self.summary = text()  # cluster shares of the last fit
+        from ._plots import themed_canvas
+
+        self.summary_figure, self.summary_canvas = themed_canvas(
+            napari_viewer, (3.6, 1.5), lambda: self._draw_summary(), min_height=130)
+        self.summary_canvas.setVisible(False)
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
         files = Container(widgets=[self.save_button, self.load_button], layout="horizontal",
@@ -135,9 +144,10 @@ class FitWidget(Container, JobMixin):
         self._fold, _ = collapsible("advanced", [self.code_dim, self.batch_size, self.max_slices,
                                                  self.tile_size, self.upsample, self.device,
                                                  self.seed])
-        super().__init__(widgets=[self.picker, form, buttons, self.status, self.model_label,
-                                  files], labels=False)
+        super().__init__(widgets=[self.picker, form, buttons, self.status, self.summary,
+                                  self.model_label, files], labels=False)
         insert_after(self, form, self._fold)
+        insert_after(self, self.summary, self.summary_canvas)
         finish_layout(self)
         self.run_button.changed.connect(self.fit)
         self.cancel_button.changed.connect(self.cancel)
@@ -156,6 +166,7 @@ class FitWidget(Container, JobMixin):
     def _model_changed(self, model) -> None:
         self.model_label.value = f"<b>Model:</b> {self.store.describe()}"
         self.save_button.enabled = model is not None
+        self._draw_summary()
 
     # ------------------------------------------------------------------------- fit
     def fit(self):
@@ -205,12 +216,25 @@ class FitWidget(Container, JobMixin):
 
             plural = "image" if n_images == 1 else "images"
             self.store.set(model, f"fitted on {names} ({n_images} {plural})")
-            loss = model.info.get("final_loss")
-            self.status.value = "fitted" + (f", final loss {loss:.3f}" if loss is not None else "")
+            self.status.value = f"fitted on {n_images} {plural}, K = {model.n_clusters}"
+            self._draw_summary()
             show_info(f"STEGO fitted: {model!r}. Apply it with the 'Segment' widget "
                       "(Layers > Segment > Segment with STEGO).")
 
         return self._start_job("Fit STEGO", work, on_done=done)
+
+    def _draw_summary(self) -> None:
+        """Cluster shares and the loss curve of the current model's fit (hidden when the
+        model has none, e.g. one saved by an older version)."""
+        from ._plots import draw_fit_summary, fit_summary_text
+
+        info = dict(self.model.info) if self.model is not None else {}
+        if self.model is not None:
+            info.setdefault("steps", self.model.train_config.steps)
+        self.summary.value = fit_summary_text(info)
+        self.summary_canvas.setVisible(bool(info.get("cluster_shares")))
+        draw_fit_summary(self.summary_figure, self.viewer, info)
+        self.summary_canvas.draw_idle()
 
     # ----------------------------------------------------------------- save / load
     def save_model(self, path: str | Path | None = None) -> Path | None:

@@ -24,6 +24,7 @@ from ._common import (
     text,
     warm_imports,
 )
+from ._plots import style_axes
 
 if TYPE_CHECKING:
     import napari
@@ -64,9 +65,6 @@ class SuggestKWidget(Container, SharedModelMixin):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         warm_imports()
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
         self.viewer = napari_viewer
         self.store = model_store(napari_viewer)
         self.scores: KScores | None = None
@@ -96,9 +94,10 @@ class SuggestKWidget(Container, SharedModelMixin):
         self.model_label = text()
         self.result = text()
         self.status = text()
-        self.figure = Figure(figsize=(4, 3.2), tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(260)
+        from ._plots import themed_canvas
+
+        self.figure, self.canvas = themed_canvas(napari_viewer, (4, 3.2),
+                                                 lambda: self.plot(self.scores), min_height=260)
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
         form = Container(widgets=[self.slices, self.k_min, self.k_max, self.seeds,
@@ -169,6 +168,7 @@ class SuggestKWidget(Container, SharedModelMixin):
                     transform=ax.transAxes, color="0.5")
             ax.set_xticks([])
             ax.set_yticks([])
+            style_axes(fig, self.viewer)
             self.canvas.draw_idle()
             return
         ks = scores.k_values
@@ -186,6 +186,11 @@ class SuggestKWidget(Container, SharedModelMixin):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
                   frameon=False)
+        style_axes(fig, self.viewer)
         self.canvas.draw_idle()
-        self.result.value = (f"<b>Suggested K = {scores.best}</b>: {scores.rule}. Refit "
-                             "with it in 'Fit STEGO'.")
+        if scores.unclear:
+            self.result.value = (f"<b>{scores.unclear[0].upper()}{scores.unclear[1:]}.</b> "
+                                 f"Top score: K = {scores.best} ({scores.rule}).")
+        else:
+            self.result.value = (f"<b>Suggested K = {scores.best}</b>: {scores.rule}. Refit "
+                                 "with it in 'Fit STEGO'.")
