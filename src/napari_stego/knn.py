@@ -213,9 +213,10 @@ def _read_points(packed: PackedMaps, boxes: torch.Tensor, coords: torch.Tensor,
     row = packed.width[image]
     idx = torch.stack([base + yl * row + xl, base + yl * row + xh,
                        base + yh * row + xl, base + yh * row + xh], -1)  # (B, P, 4)
-    corners = packed.cells[idx.flatten()].float().view(*idx.shape, -1)  # (B, P, 4, D)
+    corners = packed.cells[idx.flatten()].view(-1, 4, packed.cells.shape[1])  # (B*P, 4, D)
     wts = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], -1)
-    return (corners * wts[..., None]).sum(2)
+    out = torch.bmm(wts.view(-1, 1, 4).to(corners.dtype), corners)  # (B*P, 1, D)
+    return out.view(*idx.shape[:2], -1).float()
 
 
 def draw_pair_points(maps: Sequence[torch.Tensor] | PackedMaps, units: Sequence[Unit] | None,
