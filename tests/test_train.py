@@ -127,3 +127,38 @@ def test_step_points_give_the_loss_of_sampled_codes_for_a_linear_head():
         torch.testing.assert_close(getattr(got, term), getattr(want, term), rtol=1e-4, atol=1e-5)
     # the negatives are other images of the batch, sampled at the partners' points
     assert bool((points.neg_perms != torch.arange(4)).all())
+
+
+def _count_host_reads(monkeypatch) -> list[int]:
+    """Count, in a one-item list, every read of a tensor's values back into Python made by
+    napari_stego's own code (``item``, ``tolist``, ``numpy``, ``float()``, ``int()``,
+    ``bool()``, ``__index__``): each is a device synchronisation on a GPU."""
+    import sys
+
+    count = [0]
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("napari_stego"):
+                count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+def test_training_loop_reads_the_host_at_most_once_every_ten_steps(monkeypatch):
+    """The loop draws windows, points and negatives with tensor operations and reads the
+    losses back in bursts: at most one host read per ten steps (the set-up's reads, which
+    happen once per fit, cancel out in the difference of two lengths)."""
+    from dataclasses import replace
+
+    count = _count_host_reads(monkeypatch)
+    reads = []
+    for steps in (20, 60):
+        count[0] = 0
+        result = train_head(maps(), replace(SMALL, steps=steps), n_clusters=2)
+        assert len(result.losses) == steps
+        reads.append(count[0])
+    assert (reads[1] - reads[0]) / 40 <= 0.1, reads

@@ -69,6 +69,14 @@ def _crop_box(unit: Unit, window: int, gen: torch.Generator) -> tuple[int, int, 
     return y, x, ch, cw
 
 
+def _resized(crop: torch.Tensor, window: int) -> torch.Tensor:
+    """``crop (D, h, w)`` resized to ``window x window`` (bilinear) when it is smaller."""
+    if crop.shape[-2:] == (window, window):
+        return crop
+    return F.interpolate(crop[None].float(), size=(window, window), mode="bilinear",
+                         align_corners=False)[0].to(crop.dtype)
+
+
 def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generator) -> torch.Tensor:
     """A random ``window x window`` crop of ``fmap (D, h, w)`` inside ``unit``.
 
@@ -78,22 +86,68 @@ def crop_window(fmap: torch.Tensor, unit: Unit, window: int, gen: torch.Generato
         ``(D, window, window)``.
     """
     y, x, ch, cw = _crop_box(unit, window, gen)
-    crop = fmap[:, y:y + ch, x:x + cw]
-    if ch != window or cw != window:
-        crop = F.interpolate(crop[None].float(), size=(window, window), mode="bilinear",
-                             align_corners=False)[0].to(fmap.dtype)
-    return crop
+    return _resized(fmap[:, y:y + ch, x:x + cw], window)
 
 
-def _pick_units(n: int, table: torch.Tensor, batch_size: int,
+@dataclass
+class PackedMaps:
+    """The maps, units and KNN table of a fit as a few tensors on one device, so that a
+    training batch is drawn and read with batched tensor operations and no host reads.
+
+    ``cells (sum h_i*w_i, D)``: every map's cells, map after map, row-major (a copy of the
+    maps in their dtype); ``offset``, ``width`` ``(M,)``: where map ``i`` starts in ``cells``
+    and its width; ``units (N, 5)``: ``image, y, x, h, w`` of every :class:`Unit`;
+    ``table``: the KNN table (:func:`knn_table`).
+    """
+
+    cells: torch.Tensor
+    offset: torch.Tensor
+    width: torch.Tensor
+    units: torch.Tensor
+    table: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.cells.device
+
+
+def pack_maps(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedMaps:
+    """:class:`PackedMaps` of ``maps`` (``(D, h_i, w_i)`` each) on ``device`` (default: the
+    maps' own), cells in ``dtype`` (default: the maps')."""
+    device = torch.device(device) if device is not None else maps[0].device
+    dtype = dtype or maps[0].dtype
+    cells = torch.cat([m.flatten(1).T.to(device=device, dtype=dtype) for m in maps])
+    sizes = torch.tensor([m.shape[-2] * m.shape[-1] for m in maps])
+    offset = torch.cumsum(sizes, 0) - sizes
+    width = torch.tensor([m.shape[-1] for m in maps])
+    unit_t = torch.tensor([[u.image, u.y, u.x, u.h, u.w] for u in units], dtype=torch.long)
+    return PackedMaps(cells.contiguous(), offset.to(device), width.to(device), unit_t.to(device),
+                      table.to(device))
+
+
+def _draw_boxes(packed: PackedMaps, batch_size: int, window: int,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` of ``n`` units (without replacement when there are enough) and one
-    random KNN partner of each: two ``(B,)`` index tensors."""
+    """A batch of units (without replacement when there are enough), a random KNN partner of
+    each, and a random box of at most ``window x window`` cells inside every one of them:
+    two ``(B, 5)`` long tensors ``image, y, x, h, w`` (the batch's boxes, the partners')."""
+    n, dev = packed.units.shape[0], packed.device
     if n >= batch_size:
-        picks = torch.randperm(n, generator=gen)[:batch_size]
+        picks = torch.randperm(n, generator=gen, device=dev)[:batch_size]
     else:
-        picks = torch.randint(n, (batch_size,), generator=gen)
-    return picks, table[picks, torch.randint(table.shape[1], (batch_size,), generator=gen)]
+        picks = torch.randint(n, (batch_size,), generator=gen, device=dev)
+    column = torch.randint(packed.table.shape[1], (batch_size,), generator=gen, device=dev)
+    partners = packed.table[picks, column]
+
+    def boxes(ids: torch.Tensor) -> torch.Tensor:
+        image, y, x, h, w = packed.units[ids].unbind(1)
+        ch, cw = h.clamp(max=window), w.clamp(max=window)
+        free = torch.stack([h - ch + 1, w - cw + 1], 1)
+        shift = (torch.rand(ids.shape[0], 2, generator=gen, device=dev) * free).long()
+        shift = torch.minimum(shift, free - 1)  # rand < 1, but float rounding may round up
+        return torch.stack([image, y + shift[:, 0], x + shift[:, 1], ch, cw], 1)
+
+    return boxes(picks), boxes(partners)
 
 
 def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
@@ -106,11 +160,11 @@ def draw_pairs(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch
     Returns:
         ``feats, feats_pos``: two ``(B, D, window, window)`` float32 tensors (CPU).
     """
-    picks, partners = _pick_units(len(units), table, batch_size, gen)
+    picks, partners = _draw_boxes(pack_maps(maps, units, table), batch_size, window, gen)
 
-    def windows(ids: torch.Tensor) -> torch.Tensor:
-        return torch.stack([crop_window(maps[units[i].image], units[i], window, gen)
-                            for i in ids.tolist()]).float()
+    def windows(boxes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_resized(maps[i][:, y:y + h, x:x + w], window)
+                            for i, y, x, h, w in boxes.tolist()]).float()
 
     return windows(picks), windows(partners)
 
@@ -133,41 +187,63 @@ class PairPoints:
     coords2: torch.Tensor
 
 
-def _to_crop(coords: torch.Tensor, size: tuple[int, int], window: int) -> torch.Tensor:
-    """Window coordinates ``(..., 2)`` (x, y) -> coordinates in a ``size = (h, w)`` crop that
-    :func:`crop_window` would resize to ``window`` (bilinear, ``align_corners=False``)."""
-    out = coords.clone()
-    for axis, length in ((0, size[1]), (1, size[0])):
-        if length == window:
-            continue
-        u = (coords[..., axis] + 1) / 2 * (window - 1)  # window pixel
-        v = ((u + 0.5) * length / window - 0.5).clamp(0, length - 1)  # crop pixel
-        out[..., axis] = 2 * v / (length - 1) - 1 if length > 1 else 0.0
-    return out
+def _read_points(packed: PackedMaps, boxes: torch.Tensor, coords: torch.Tensor,
+                 window: int) -> torch.Tensor:
+    """Bilinear samples of the boxes' windows at window coordinates ``coords (B, P, 2)``
+    (x, y in [-1, 1]): ``(B, P, D)`` float32.
+
+    A box smaller than the window stands for its crop resized to ``window`` (bilinear,
+    ``align_corners=False``, as :func:`crop_window`); the points are read from the crop with
+    ``align_corners=True`` and border padding (as :func:`~napari_stego.loss.sample_points`
+    reads a window).
+    """
+    image, y0, x0, h, w = (t[:, None] for t in boxes.unbind(1))
+    u = (coords + 1) / 2 * (window - 1)  # window pixels (x, y)
+
+    def axis(u: torch.Tensor, length: torch.Tensor):  # -> (low index, high index, weight)
+        v = ((u + 0.5) * length / window - 0.5).clamp(min=0)
+        v = torch.minimum(v, (length - 1).to(v.dtype))
+        lo = v.floor()
+        hi = torch.minimum(lo + 1, (length - 1).to(v.dtype))
+        return lo.long(), hi.long(), v - lo
+
+    xl, xh, wx = axis(u[..., 0], w)
+    yl, yh, wy = axis(u[..., 1], h)
+    base = packed.offset[image] + y0 * packed.width[image] + x0
+    row = packed.width[image]
+    idx = torch.stack([base + yl * row + xl, base + yl * row + xh,
+                       base + yh * row + xl, base + yh * row + xh], -1)  # (B, P, 4)
+    corners = packed.cells[idx.flatten()].view(-1, 4, packed.cells.shape[1])  # (B*P, 4, D)
+    wts = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], -1)
+    out = torch.bmm(wts.view(-1, 1, 4).to(corners.dtype), corners)  # (B*P, 1, D)
+    return out.view(*idx.shape[:2], -1).float()
 
 
-def draw_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
-                     batch_size: int, window: int, samples: int, gen: torch.Generator) -> PairPoints:
+def draw_pair_points(maps: Sequence[torch.Tensor] | PackedMaps, units: Sequence[Unit] | None,
+                     table: torch.Tensor | None, batch_size: int, window: int, samples: int,
+                     gen: torch.Generator) -> PairPoints:
     """A training batch sampled straight from the maps: the windows and partners of
     :func:`draw_pairs` (same draws), read at ``samples x samples`` random points each without
-    building the windows (float32 copies of only the cropped cells).
+    building the windows.
+
+    ``maps`` may be :class:`PackedMaps` (then ``units`` and ``table`` are ignored, and
+    ``gen`` must be a generator of their device): every draw and read is then a batched
+    tensor operation on that device, without reading anything back to the host.
     """
-    picks, partners = _pick_units(len(units), table, batch_size, gen)
-    boxes = [(units[i].image, _crop_box(units[i], window, gen)) for i in picks.tolist()]
-    pboxes = [(units[i].image, _crop_box(units[i], window, gen)) for i in partners.tolist()]
-    coords1 = torch.rand(batch_size, samples, samples, 2, generator=gen) * 2 - 1
-    coords2 = torch.rand(batch_size, samples, samples, 2, generator=gen) * 2 - 1
+    packed = maps if isinstance(maps, PackedMaps) else pack_maps(maps, units, table)
+    dev = packed.device
+    boxes, pboxes = _draw_boxes(packed, batch_size, window, gen)
+    coords1 = torch.rand(batch_size, samples, samples, 2, generator=gen, device=dev) * 2 - 1
+    coords2 = torch.rand(batch_size, samples, samples, 2, generator=gen, device=dev) * 2 - 1
 
-    def read(image: int, box, coords: torch.Tensor) -> torch.Tensor:  # -> (1, D, S, k*S)
-        y, x, h, w = box
-        crop = maps[image][:, y:y + h, x:x + w].float()[None]
-        grid = _to_crop(coords, (h, w), window)  # (k, S, S, 2): k point sets, one image
-        grid = torch.cat(list(grid.permute(0, 2, 1, 3)), dim=1)[None]  # (1, S, k*S, 2)
-        return F.grid_sample(crop, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    def grid(values: torch.Tensor, n: int) -> torch.Tensor:
+        # (B, n*S*S, D) read at coords[b, q, p] -> (B, D, S, S) at [b, :, p, q], n sets side by side
+        out = values.view(batch_size, n, samples, samples, -1).permute(0, 4, 3, 1, 2)
+        return out.reshape(batch_size, -1, samples, n * samples)
 
-    both = torch.cat([read(im, box, torch.stack([coords1[b], coords2[b]]))
-                      for b, (im, box) in enumerate(boxes)])
-    partner = torch.cat([read(im, box, coords2[b][None]) for b, (im, box) in enumerate(pboxes)])
+    both = grid(_read_points(packed, boxes, torch.cat([coords1, coords2], 1).flatten(1, 2),
+                             window), 2)
+    partner = grid(_read_points(packed, pboxes, coords2.flatten(1, 2), window), 1)
     return PairPoints(both[..., :samples], both[..., samples:], partner, coords1, coords2)
 
 

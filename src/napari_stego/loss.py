@@ -141,14 +141,16 @@ def negative_permutation(batch: int, generator: torch.Generator | None = None,
     A random permutation whose fixed points ``i`` are replaced by ``(i + 1) % batch`` (the
     result may repeat indices, as in the reference).
 
+    Drawn on the generator's device (no host reads), then moved to ``device`` if given.
+
     Returns:
         ``(batch,)`` int64.
     """
-    perm = torch.randperm(batch, generator=generator, device="cpu")
+    where = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(batch, generator=generator, device=where)
     if batch > 1:
-        idx = torch.arange(batch)
-        fixed = perm == idx
-        perm[fixed] = (idx[fixed] + 1) % batch
+        idx = torch.arange(batch, device=where)
+        perm = torch.where(perm == idx, (idx + 1) % batch, perm)
     return perm.to(device) if device is not None else perm
 
 

@@ -100,7 +100,8 @@ class StegoModel:
                 (nearest-neighbour mining), "train", "cluster" (codes, then each k-means
                 restart).
             cancel: anything with ``is_set()`` (e.g. ``threading.Event``) to stop early.
-            on_loss: ``on_loss(step, loss)`` after every training step (live loss display).
+            on_loss: ``on_loss(step, loss)`` for every training step, in bursts of ten steps
+                (the loop reads losses back from the device once every ten steps).
             tiles: tiling of big images and the training crops of big feature maps
                 (:class:`~napari_stego.tiling.TileConfig`); stored in the model.
             axes, rgb: the axes of array / file inputs (see :func:`~napari_stego.io.open_image`);

@@ -17,12 +17,24 @@ import torch.nn.functional as F
 
 from .errors import Cancelled
 from .head import SegmentationHead, init_from_features
-from .knn import Unit, draw_pair_points, knn_table, make_units, sample_vectors, unit_descriptors
+from .knn import (
+    PackedMaps,
+    Unit,
+    draw_pair_points,
+    knn_table,
+    make_units,
+    pack_maps,
+    sample_vectors,
+    unit_descriptors,
+)
 from .loss import LossConfig, negative_permutation, points_loss, unit_norm
 from .shifts import AutoShiftConfig, auto_shifts
 
 Progress = Callable[[str, int, int], None]
 _log = logging.getLogger(__name__)
+# training reads the losses back to the host once every this many steps (each read waits for
+# the device); ``on_loss`` then gets them all
+LOSS_READ_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -92,9 +104,12 @@ class _StepPoints:
         return points_loss(f1, c1, feats_pos, code_pos, negatives, config, normalized=True)
 
 
-def _sample_step(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor,
-                 batch_size: int, window: int, config: LossConfig, gen: torch.Generator) -> _StepPoints:
-    """Draw one step's windows, partners, points and negatives (see :func:`draw_pair_points`)."""
+def _sample_step(maps: Sequence[torch.Tensor] | PackedMaps, units: Sequence[Unit] | None,
+                 table: torch.Tensor | None, batch_size: int, window: int, config: LossConfig,
+                 gen: torch.Generator) -> _StepPoints:
+    """Draw one step's windows, partners, points and negatives (see :func:`draw_pair_points`);
+    with :class:`~napari_stego.knn.PackedMaps` and a generator of their device, all on that
+    device."""
     pts = draw_pair_points(maps, units, table, batch_size, window, config.feature_samples, gen)
     perms = torch.stack([negative_permutation(batch_size, gen) for _ in range(config.neg_samples)])
     return _StepPoints(torch.cat([pts.anchor1, pts.anchor2], dim=-1), pts.partner, perms,
@@ -118,9 +133,15 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             are reproducible. The global torch RNG is restored afterwards.
         progress: called as ``progress("knn", done, total)`` while nearest neighbours are
             mined and the shifts and initial head are chosen, then
-            ``progress("train", step, steps)``.
+            ``progress("train", step, steps)`` after every step.
         cancel: anything with ``is_set()``; checked every step (raises :class:`Cancelled`).
-        on_loss: called as ``on_loss(step, total_loss)`` after every step (for live display).
+        on_loss: called as ``on_loss(step, total_loss)`` for every step, in bursts of
+            :data:`LOSS_READ_EVERY` steps (for live display).
+
+    The maps are packed once onto ``device`` (:func:`~napari_stego.knn.pack_maps`, float16 on
+    a GPU); each step's windows, partners, points and negatives are drawn there by a generator
+    of that device, and the loop reads nothing back to the host but the losses, every
+    :data:`LOSS_READ_EVERY` steps.
 
     Returns:
         :class:`TrainResult`.
@@ -163,11 +184,24 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         if progress is not None:
             progress("knn", knn_steps, knn_steps)
         opt = torch.optim.Adam(head.parameters(), lr=config.lr)
+        packed = pack_maps(maps, units, table, device,
+                           torch.float16 if device.type == "cuda" else None)
+        step_gen = torch.Generator(device=device).manual_seed(seed)
+        step_losses = torch.zeros(config.steps, device=device)
+
+        def read_losses(upto: int) -> None:  # one host read for the steps since the last
+            start = len(losses)
+            losses.extend(step_losses[start:upto].tolist())
+            if on_loss is not None:
+                for i in range(start, upto):
+                    on_loss(i + 1, losses[i])
+
         for step in range(config.steps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"training cancelled at step {step}")
-            points = _sample_step(maps, units, table, config.batch_size, window, loss_config, gen)
-            f_a, f_pos = points.anchor.to(device), points.partner.to(device)
+            points = _sample_step(packed, None, None, config.batch_size, window, loss_config,
+                                  step_gen)
+            f_a, f_pos = points.anchor, points.partner
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 code_a = head(f_a)
                 code_pos = head(f_pos)
@@ -178,9 +212,9 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             opt.step()
-            losses.append(float(loss.total.detach()))
-            if on_loss is not None:
-                on_loss(step + 1, losses[-1])
+            step_losses[step] = loss.total.detach()
+            if (step + 1) % LOSS_READ_EVERY == 0 or step + 1 == config.steps:
+                read_losses(step + 1)
             if progress is not None:
                 progress("train", step + 1, config.steps)
     head.eval()
