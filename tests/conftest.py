@@ -24,6 +24,21 @@ def mosaics():
     return list(images), list(labels)
 
 
+@pytest.fixture(scope="module")
+def untrained_model(offline_backbone):
+    """A 3-cluster model on the offline backbone with a seeded untrained head (16-dim codes)
+    and random centroids: batch tests need a model's outputs, not good ones (one per test
+    module, so no module sees another's changes)."""
+    from napari_stego import StegoModel
+    from napari_stego.head import SegmentationHead
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    head = SegmentationHead(offline_backbone.dim, 16)
+    centroids = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
+    return StegoModel(offline_backbone, head, centroids, device="cpu")
+
+
 _EXIT: dict = {}
 
 

@@ -22,22 +22,14 @@ from napari_stego.errors import Cancelled
 
 # ------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, mosaics, offline_backbone):
+def fitted(tmp_path_factory, mosaics, untrained_model):
     """A 3-cluster model on the offline backbone (an untrained head with random centroids:
     batch jobs need a model, not a good one; the CLI test fits a real one), saved, and a
     folder of inputs: three 64 px grey images, a 3-plane stack and an RGB image."""
-    import torch
-
-    from napari_stego.head import SegmentationHead
-
     root = tmp_path_factory.mktemp("batch")
     images, _ = mosaics
     tiles = [im[:64, :64] for im in images]
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    head = SegmentationHead(offline_backbone.dim, 16)
-    centroids = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
-    model = StegoModel(offline_backbone, head, centroids, device="cpu")
+    model = untrained_model
     model_path = model.save(root / "tex.stego")
     data = root / "data"
     data.mkdir()

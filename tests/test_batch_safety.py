@@ -17,23 +17,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_stego import StegoModel, batch, segment_files
+from napari_stego import batch, segment_files
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, mosaics, offline_backbone):
+def fitted(tmp_path_factory, mosaics, untrained_model):
     """An untrained 3-cluster model on the offline backbone, saved, and two 64 px inputs."""
-    import torch
-
-    from napari_stego.head import SegmentationHead
-
     root = tmp_path_factory.mktemp("safety")
     images, _ = mosaics
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    head = SegmentationHead(offline_backbone.dim, 16)
-    centroids = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
-    model = StegoModel(offline_backbone, head, centroids, device="cpu")
+    model = untrained_model
     model_path = model.save(root / "tex.stego")
     data = root / "data"
     data.mkdir()
