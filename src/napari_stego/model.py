@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .appearance import AppearanceConfig, with_appearance
 from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig, spherical_kmeans
 from .device import resolve_device
@@ -138,9 +139,13 @@ class StegoModel:
         net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
         net = upsampled(net, int(features.upsample)).to(dev)
 
+        colour_channels = 0
         if legacy:
             maps = extract_all(net, imgs, features, dev, progress, cancel, tiles=tiles)
             n_images = len(imgs)
+            if train.appearance.weight != 0:  # the cells' colours ride along for the target
+                maps = with_appearance(maps, imgs, net.stride, features)
+                colour_channels = 3
         else:
             maps = _stores(net, sources, features, tiles, cache, dev, data_hash, progress, cancel)
             n_images = sum(src.n_planes for src in sources)
@@ -149,16 +154,23 @@ class StegoModel:
         train_maps = training_maps(maps, window, tiles, seed=seed)
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel,
-                            on_loss=on_loss)
+                            on_loss=on_loss, appearance_channels=colour_channels)
         if progress is not None:
             progress("cluster", 0, 1)
+        if colour_channels:
+            train_maps = [m[:-colour_channels] for m in train_maps]
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster)
         if progress is not None:
             progress("cluster", 1, 1)
         train = replace(train, loss=result.loss)  # record the shifts actually used
+        if result.appearance_report:  # and the appearance weight
+            train = replace(train, appearance=replace(
+                train.appearance, weight=result.appearance_report["weight"]))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,
+                    appearance=result.appearance_report or dict(
+                        weight=0.0, rule="not used (features from a cache or file)"),
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
         return cls(net, result.head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, tile_config=tiles, device=dev, info=info)
@@ -489,6 +501,8 @@ def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: 
 def _train_config(d: dict) -> TrainConfig:
     d = dict(d)
     d["loss"] = LossConfig(**d["loss"])
+    if isinstance(d.get("appearance"), dict):
+        d["appearance"] = AppearanceConfig(**d["appearance"])
     if d.get("auto_shifts") is not None:
         d["auto_shifts"] = AutoShiftConfig(**d["auto_shifts"])
     return TrainConfig(**d)
