@@ -7,6 +7,7 @@ training -> spherical k-means on the codes -> per-pixel probabilities (-> CRF).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -40,6 +41,7 @@ from .tiling import TileConfig
 from .train import TrainConfig, train_head
 
 Progress = Callable[[str, int, int], None]
+_log = logging.getLogger("napari_stego")
 FORMAT_VERSION = 1
 _META_KEY = "napari_stego"
 
@@ -161,6 +163,8 @@ class StegoModel:
             train_maps = [m[:-colour_channels] for m in train_maps]
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster)
+        head, centroids, guard = _guarded(result.head, train_maps, centroids, dev, cluster,
+                                          seed) if cluster.guard else (result.head, centroids, {})
         if progress is not None:
             progress("cluster", 1, 1)
         train = replace(train, loss=result.loss)  # record the shifts actually used
@@ -171,8 +175,9 @@ class StegoModel:
                     shifts=result.shift_report,
                     appearance=result.appearance_report or dict(
                         weight=0.0, rule="not used (features from a cache or file)"),
-                    final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
-        return cls(net, result.head, centroids, feature_config=features, train_config=train,
+                    final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
+                    guard=guard, warnings=[guard["warning"]] if guard.get("warning") else [])
+        return cls(net, head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, tile_config=tiles, device=dev, info=info)
 
     # --------------------------------------------------------------- prediction
@@ -496,6 +501,28 @@ def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: 
             code = code[torch.randperm(n, generator=gen)[:take].to(code.device)]
         out.append(code)
     return torch.cat(out)
+
+
+def _guarded(head: SegmentationHead, maps, centroids: torch.Tensor, device,
+             cluster: ClusterConfig, seed: int):
+    """The usefulness guard (:mod:`napari_stego.guard`): ``(head, centroids, report)``, the
+    untrained PCA head and its centroids when the trained codes collapsed or are worse."""
+    from .guard import check_codes, warning_text
+    from .head import init_from_features
+    from .knn import sample_vectors
+
+    report = check_codes(head, maps, centroids, seed=seed, device=device)
+    if not report["fallback"]:
+        return head, centroids, report
+    report["warning"] = warning_text(report)
+    _log.warning("napari-stego fit: %s", report["warning"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        plain = SegmentationHead(head.in_dim, head.code_dim, float(head.dropout.p))
+    plain = init_from_features(plain, sample_vectors(maps, 20_000, gen)).to(device).eval()
+    codes = _cluster_codes(plain, maps, device, cluster.max_points, seed)
+    return plain, spherical_kmeans(codes, centroids.shape[0], seed=seed, config=cluster), report
 
 
 def _train_config(d: dict) -> TrainConfig:
