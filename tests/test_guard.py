@@ -90,3 +90,24 @@ def test_a_normal_fit_keeps_its_head(offline_backbone, mosaics):
                            features=SMALL)
     assert not model.info["guard"]["fallback"], model.info["guard"]
     assert model.info["warnings"] == []
+
+
+def test_cli_fit_prints_the_guard_warning(offline_backbone, mosaics, tmp_path, capsys,
+                                          monkeypatch):
+    import tifffile
+
+    from napari_stego.cli import main
+
+    images, _ = mosaics
+    tifffile.imwrite(tmp_path / "a.tif", images[0])
+    original = model_module.train_head
+
+    def train_then_collapse(*args, **kwargs):
+        result = original(*args, **kwargs)
+        collapse(result.head)
+        return result
+
+    monkeypatch.setattr(model_module, "train_head", train_then_collapse)
+    assert main(["fit", str(tmp_path / "a.tif"), "--out", str(tmp_path / "m.stego"),
+                 "--backbone", "efficientnet_lite0", "--steps", "2", "--quiet"]) == 0
+    assert "warning: the head collapsed" in capsys.readouterr().err

@@ -160,6 +160,7 @@ class FitReport:
     model: str
     results: list[FileResult]
     n_images: int
+    warnings: list[str] = field(default_factory=list)  # the fit's (model.info["warnings"])
 
     @property
     def exit_code(self) -> int:
@@ -1807,7 +1808,7 @@ def fit_files(inputs, out: str | os.PathLike, *, n_clusters: int,
                            progress=progress, cancel=cancel)
     model.info["fitted_on"] = [r.input for r in results if r.status == "used"]
     path = model.save(out)
-    return FitReport(str(path), results, len(images))
+    return FitReport(str(path), results, len(images), list(model.info.get("warnings", [])))
 
 
 # ============================================================================ evaluate

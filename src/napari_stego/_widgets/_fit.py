@@ -207,6 +207,11 @@ class FitWidget(Container, JobMixin):
             self.store.set(model, f"fitted on {names} ({n_images} {plural})")
             loss = model.info.get("final_loss")
             self.status.value = "fitted" + (f", final loss {loss:.3f}" if loss is not None else "")
+            for warning in model.info.get("warnings", []):
+                from napari.utils.notifications import show_warning
+
+                self.status.value += " (warning: see notification)"
+                show_warning(f"STEGO fit: {warning}")
             show_info(f"STEGO fitted: {model!r}. Apply it with the 'Segment' widget "
                       "(Layers > Segment > Segment with STEGO).")
 
