@@ -109,3 +109,41 @@ def test_teacher_correlation_is_the_blend_of_feature_and_colour_affinities():
     want = 0.6 * (f.T @ f) + 0.4 * kernel
     assert (got - want).abs().mean() < 0.03
     assert torch.equal(teacher.features(x), feats)
+
+
+def colour_classes(n=6, size=160, seed=0):
+    """Regions whose class is their colour; each region also carries one of three textures
+    drawn independently of its class (so texture alone would mislead)."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    textures = [t[:size, :size] / 255.0 for t in (data.brick(), data.grass(), data.gravel())]
+    images, labels = [], []
+    for _ in range(n):
+        lab = blob_labels(rng, size)
+        tex_of_region = blob_labels(rng, size)  # another partition, unrelated to the classes
+        tex = np.take_along_axis(np.stack(textures), tex_of_region[None], 0)[0]
+        img = COLOURS[lab] * (0.75 + 0.5 * (tex[..., None] - 0.5))
+        images.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
+        labels.append(lab.astype(np.uint8))
+    return images, labels
+
+
+def test_fit_gives_colour_defined_classes_a_large_weight_and_finds_them(offline_backbone,
+                                                                         tmp_path):
+    from napari_stego import StegoModel
+    from napari_stego.features import FeatureConfig
+    from napari_stego.metrics import confusion_matrix, hungarian_scores
+    from napari_stego.train import TrainConfig
+
+    images, labels = colour_classes()
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0,
+                           train=TrainConfig(steps=30, batch_size=8),
+                           features=FeatureConfig(min_side=224))
+    weight = model.info["appearance"]["weight"]
+    assert weight > 0.3, model.info["appearance"]
+    assert model.train_config.appearance.weight == weight  # the weight used is stored
+    conf = sum(confusion_matrix(model.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
+    assert hungarian_scores(conf)["miou"] > 75, hungarian_scores(conf)
+    loaded = StegoModel.load(model.save(tmp_path / "m.stego"))
+    assert loaded.train_config.appearance.weight == weight
