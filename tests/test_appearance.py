@@ -147,3 +147,18 @@ def test_fit_gives_colour_defined_classes_a_large_weight_and_finds_them(offline_
     assert hungarian_scores(conf)["miou"] > 75, hungarian_scores(conf)
     loaded = StegoModel.load(model.save(tmp_path / "m.stego"))
     assert loaded.train_config.appearance.weight == weight
+
+
+def test_fits_from_a_feature_cache_use_appearance_too(offline_backbone, tmp_path):
+    from napari_stego import StegoModel
+    from napari_stego.features import FeatureConfig
+    from napari_stego.train import TrainConfig
+
+    images, _ = colour_classes(n=3)
+    kwargs = dict(backbone=offline_backbone, seed=0, train=TrainConfig(steps=2, batch_size=4),
+                  features=FeatureConfig(min_side=224))
+    cached = StegoModel.fit(images, 3, cache=tmp_path, **kwargs)
+    in_memory = StegoModel.fit(images, 3, **kwargs)
+    assert cached.info["appearance"]["weight"] > 0.3, cached.info["appearance"]
+    assert cached.info["appearance"]["weight"] == pytest.approx(
+        in_memory.info["appearance"]["weight"], abs=0.02)

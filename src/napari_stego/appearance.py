@@ -201,3 +201,24 @@ def with_appearance(maps: Sequence[torch.Tensor], images: Sequence[np.ndarray], 
                                  work_size(im.shape[:2], config.min_side))
         out.append(torch.cat([m, colours.to(m.dtype)]))
     return out
+
+
+def stores_with_appearance(stores, sources, stats, stride: int, config,
+                           budget: int = 512 * 2**20) -> list[torch.Tensor] | None:
+    """Every plane of feature stores as an in-memory ``(D + 3, h, w)`` tensor with its cells'
+    colours (mapped with the stack's own intensity statistics ``stats``), or ``None`` when
+    that would take more than ``budget`` bytes (the fit then trains on the features alone)."""
+    from .features import work_size
+
+    total = sum(s.layout.n_planes * (s.layout.dim + 3) * s.layout.height * s.layout.width * 2
+                for s in stores)
+    if total > budget:
+        return None
+    out = []
+    for store, src, st in zip(stores, sources, stats):
+        work = work_size(src.shape2d, config.min_side)
+        for plane in range(src.n_planes):
+            f = torch.from_numpy(np.asarray(store.read(plane)))
+            colours = appearance_map(st.apply(src.block(plane)), tuple(f.shape[-2:]), stride, work)
+            out.append(torch.cat([f, colours.to(f.dtype)]))
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .appearance import AppearanceConfig, with_appearance
+from .appearance import AppearanceConfig, stores_with_appearance, with_appearance
 from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig, spherical_kmeans
 from .device import resolve_device
@@ -149,8 +149,13 @@ class StegoModel:
                 maps = with_appearance(maps, imgs, net.stride, features)
                 colour_channels = 3
         else:
-            maps = _stores(net, sources, features, tiles, cache, dev, data_hash, progress, cancel)
+            maps, stats = _stores(net, sources, features, tiles, cache, dev, data_hash,
+                                  progress, cancel)
             n_images = sum(src.n_planes for src in sources)
+            if train.appearance.weight != 0:
+                in_ram = stores_with_appearance(maps, sources, stats, net.stride, features)
+                if in_ram is not None:
+                    maps, colour_channels = in_ram, 3
         # 224 px of backbone input, as the reference's crops
         window = train.window or max(224 // (net.stride * net.upsample), 1)
         train_maps = training_maps(maps, window, tiles, seed=seed)
@@ -174,7 +179,7 @@ class StegoModel:
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,
                     appearance=result.appearance_report or dict(
-                        weight=0.0, rule="not used (features from a cache or file)"),
+                        weight=0.0, rule="not used (off, or features over 512 MB)"),
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
                     guard=guard, warnings=[guard["warning"]] if guard.get("warning") else [])
         return cls(net, head, centroids, feature_config=features, train_config=train,
@@ -480,7 +485,7 @@ def _stores(net, sources, features, tiles, cache, device, data_hash, progress, c
         offset += n
     if progress is not None:
         progress("features", total, total)
-    return [store for store, _ in opened]
+    return [store for store, _ in opened], [stats for _, stats in opened]
 
 
 @torch.inference_mode()
