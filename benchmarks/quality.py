@@ -57,7 +57,8 @@ TITLES = dict(colour_kmeans="k-means on colour", colour_kmeans_crf="colour k-mea
               features_kmeans="k-means on raw features",
               features_kmeans_crf="raw-feature k-means + CRF", stego="STEGO",
               stego_crf="STEGO + CRF")
-# subsets that keep a full run of the six datasets under 40 minutes on a 2-core CPU
+# subsets meant to keep a full run of the six datasets under 40 minutes on 2 idle cores
+# (run 5, four datasets: 25 min; run 6 ran on a shared machine, docs/benchmarks.md)
 DEFAULT_MAX_IMAGES = dict(camvid11=60, wbc_jiangxi_tecom=100, outex_texture_mosaics=30,
                           wbc_cellavision=60, fluo_nuclei_coelho2009=10)
 
@@ -191,8 +192,9 @@ def run_dataset(root: Path, args, backbone) -> dict:
             # their features there, as when a user refits the same data
             t0 = time.perf_counter()
             train = TrainConfig(steps=args.steps)
-            if args.appearance != "auto":
-                train = replace(train, appearance=AppearanceConfig(weight=float(args.appearance)))
+            if args.appearance != "default":
+                weight = None if args.appearance == "auto" else float(args.appearance)
+                train = replace(train, appearance=AppearanceConfig(weight=weight))
             model = StegoModel.fit(images, n_classes, backbone=backbone, features=config,
                                    train=train, seed=seed, cache=cache)
             # from the features computed above, not per seed (the backbone runs twice per
@@ -271,9 +273,9 @@ def main() -> None:
                         help="datasets scored with per-image matching")
     parser.add_argument("--suggest-k", action="store_true",
                         help="also score K = 2..12 on the first seed's model (suggest_for_model)")
-    parser.add_argument("--appearance", default="auto",
-                        help="AppearanceConfig.weight of the fits: 'auto' (the package's rule) "
-                             "or a fixed weight in [0, 1] (0: off)")
+    parser.add_argument("--appearance", default="default",
+                        help="AppearanceConfig.weight of the fits: 'default' (the package's, "
+                             "off), 'auto' (the label-free rule) or a fixed weight in [0, 1]")
     parser.add_argument("--probe", type=Path, default=None,
                         help="JSON of benchmarks/linear_probe.py: report results as a fraction "
                              "of the probe's mIoU")

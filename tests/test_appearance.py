@@ -15,6 +15,7 @@ from napari_stego.appearance import (
     median_distance,
 )
 
+AUTO = AppearanceConfig(weight=None)  # the rule (the package default is off)
 COLOURS = np.array([[0.9, 0.2, 0.3], [0.3, 0.3, 0.8], [0.95, 0.9, 0.85]])
 
 
@@ -50,7 +51,7 @@ def test_rule_gives_a_large_weight_when_colour_defines_the_classes():
     for _ in range(6):
         lab = blob_labels(rng)
         images.append(np.clip(COLOURS[lab] + 0.05 * rng.standard_normal((96, 96, 3)), 0, 1))
-    w, report = appearance_weight(maps_of(images), 3, seed=0)
+    w, report = appearance_weight(maps_of(images), 3, AUTO, seed=0)
     assert report["rule"] == "auto"
     assert w > 0.35, report  # of at most 0.5
     assert report["separability"] > 0.7
@@ -63,7 +64,7 @@ def test_rule_gives_a_small_weight_for_colour_noise_unrelated_to_regions():
         # smooth colour noise (a Gaussian field), whatever the regions are
         field = gaussian_filter(rng.standard_normal((96, 96, 3)), (6, 6, 0))
         images.append(np.clip(0.5 + 2.0 * field, 0, 1))
-    w, report = appearance_weight(maps_of(images), 3, seed=0)
+    w, report = appearance_weight(maps_of(images), 3, AUTO, seed=0)
     assert w < 0.1, report
 
 
@@ -77,7 +78,7 @@ def test_rule_gives_a_small_weight_for_textures_of_one_mean_grey():
         tex = np.stack([(xx // 2) % 2, (xx // 2 + yy // 2) % 2, rng.random((96, 96)) < 0.5])
         grey = np.take_along_axis(tex, lab[None], 0)[0].astype(np.float32)
         images.append(np.repeat(grey[..., None], 3, -1))
-    w, report = appearance_weight(maps_of(images), 3, seed=0)
+    w, report = appearance_weight(maps_of(images), 3, AUTO, seed=0)
     assert w < 0.1, report
 
 
@@ -89,7 +90,7 @@ def test_a_fixed_weight_is_used_as_given_and_checked():
 
 
 def test_constant_colours_give_no_weight():
-    w, _ = appearance_weight([torch.full((3, 10, 10), 0.5)], 3)
+    w, _ = appearance_weight([torch.full((3, 10, 10), 0.5)], 3, AUTO)
     assert w == 0.0
 
 
@@ -136,9 +137,12 @@ def test_fit_gives_colour_defined_classes_a_large_weight_and_finds_them(offline_
     from napari_stego.metrics import confusion_matrix, hungarian_scores
     from napari_stego.train import TrainConfig
 
+    from napari_stego.appearance import AppearanceConfig
+
     images, labels = colour_classes()
     model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0,
-                           train=TrainConfig(steps=30, batch_size=8),
+                           train=TrainConfig(steps=30, batch_size=8,
+                                             appearance=AppearanceConfig(weight=None)),
                            features=FeatureConfig(min_side=224))
     weight = model.info["appearance"]["weight"]
     assert weight > 0.3, model.info["appearance"]
@@ -154,11 +158,27 @@ def test_fits_from_a_feature_cache_use_appearance_too(offline_backbone, tmp_path
     from napari_stego.features import FeatureConfig
     from napari_stego.train import TrainConfig
 
+    from napari_stego.appearance import AppearanceConfig
+
     images, _ = colour_classes(n=3)
-    kwargs = dict(backbone=offline_backbone, seed=0, train=TrainConfig(steps=2, batch_size=4),
+    auto = TrainConfig(steps=2, batch_size=4, appearance=AppearanceConfig(weight=None))
+    kwargs = dict(backbone=offline_backbone, seed=0, train=auto,
                   features=FeatureConfig(min_side=224))
     cached = StegoModel.fit(images, 3, cache=tmp_path, **kwargs)
     in_memory = StegoModel.fit(images, 3, **kwargs)
     assert cached.info["appearance"]["weight"] > 0.3, cached.info["appearance"]
     assert cached.info["appearance"]["weight"] == pytest.approx(
         in_memory.info["appearance"]["weight"], abs=0.02)
+
+
+def test_appearance_is_off_by_default(offline_backbone):
+    from napari_stego import StegoModel
+    from napari_stego.features import FeatureConfig
+    from napari_stego.train import TrainConfig
+
+    images, _ = colour_classes(n=2)
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0,
+                           train=TrainConfig(steps=2, batch_size=4),
+                           features=FeatureConfig(min_side=224))
+    assert model.train_config.appearance.weight == 0.0
+    assert model.info["appearance"]["weight"] == 0.0
