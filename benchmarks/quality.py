@@ -1,5 +1,6 @@
 """Segmentation quality on labelled datasets: STEGO (with and without the CRF) against
-k-means on the raw backbone features and k-means on the raw pixel colour.
+k-means on the raw backbone features and k-means on the raw pixel colour, each baseline also
+with the same CRF (same function, same parameters) as STEGO + CRF.
 
 Usage:
     python benchmarks/quality.py --data ../shared/data                 # every dataset in it
@@ -15,7 +16,12 @@ standard deviation over seeds are reported. Prints one JSON object, and with ``-
 writes the summary table too.
 
 Every method uses the same settings on every dataset: the package defaults (``--steps``
-defaults to the package's 500).
+defaults to the package's 500). The margin is STEGO + CRF minus the best of the four
+baselines. The baselines' CRF gets probabilities built as STEGO's are: for raw-feature k-means
+``softmax(alpha * cos(feature, centroid))`` with the model's ``alpha``; for colour k-means,
+whose clusters are Euclidean, ``softmax(-d^2 / (2 s^2))`` with ``s`` the root mean squared
+distance of the pixels to their centres. ``--probe FILE`` (from ``benchmarks/linear_probe.py``)
+adds each result as a fraction of the supervised linear probe.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,7 @@ from scipy.cluster.vq import kmeans2
 from skimage.io import imread
 
 from napari_stego import StegoModel
+from napari_stego.appearance import AppearanceConfig
 from napari_stego.backbones import create_backbone, upsampled
 from napari_stego.choose_k import suggest_for_model
 from napari_stego.cluster import spherical_kmeans
@@ -39,14 +47,20 @@ from napari_stego.crf import default_backend, dense_crf
 from napari_stego.features import FeatureConfig, extract_features, work_size
 from napari_stego.io import to_uint8_rgb
 from napari_stego.metrics import confusion_matrix, hungarian_scores
-from napari_stego.predict import upsample_code
+from napari_stego.predict import PredictConfig, upsample_code
 from napari_stego.train import TrainConfig
 
-METHODS = ("colour_kmeans", "features_kmeans", "stego", "stego_crf")
-TITLES = dict(colour_kmeans="k-means on colour", features_kmeans="k-means on raw features",
-              stego="STEGO", stego_crf="STEGO + CRF")
-# subsets that keep a full run of the four datasets under 30 minutes on a 2-core CPU
-DEFAULT_MAX_IMAGES = dict(camvid11=60, wbc_jiangxi_tecom=100, outex_texture_mosaics=30)
+METHODS = ("colour_kmeans", "colour_kmeans_crf", "features_kmeans", "features_kmeans_crf",
+           "stego", "stego_crf")
+BASELINES = METHODS[:4]
+TITLES = dict(colour_kmeans="k-means on colour", colour_kmeans_crf="colour k-means + CRF",
+              features_kmeans="k-means on raw features",
+              features_kmeans_crf="raw-feature k-means + CRF", stego="STEGO",
+              stego_crf="STEGO + CRF")
+# subsets meant to keep a full run of the six datasets under 40 minutes on 2 idle cores
+# (run 5, four datasets: 25 min; run 6 ran on a shared machine, docs/benchmarks.md)
+DEFAULT_MAX_IMAGES = dict(camvid11=60, wbc_jiangxi_tecom=100, outex_texture_mosaics=30,
+                          wbc_cellavision=60, fluo_nuclei_coelho2009=10)
 
 
 def dataset_dirs(root: Path) -> list[Path]:
@@ -80,10 +94,14 @@ def score(preds, labels, n_clusters: int, n_classes: int, per_image: bool) -> di
 
 
 def colour_kmeans(images, n_clusters: int, seed: int, max_points: int = 200_000,
-                  n_init: int = 10) -> list:
+                  n_init: int = 10, proba: bool = False) -> list:
     """Euclidean k-means on the 0-255 RGB values of all pixels: ``n_init`` k-means++ runs on
     a sample, the one with the lowest inertia kept (a single run lands in other local optima
-    from seed to seed: on the blood cells 39 or 77 mIoU, the 39 one with the lower inertia)."""
+    from seed to seed: on the blood cells 39 or 77 mIoU, the 39 one with the lower inertia).
+
+    Returns label maps, or with ``proba`` ``(K, H, W)`` probabilities
+    ``softmax(-d^2 / (2 s^2))`` (``s^2``: the sample's mean squared distance to its centre
+    over all channels), for the CRF."""
     pixels = [to_uint8_rgb(im).reshape(-1, 3).astype(np.float32) for im in images]
     every = np.concatenate(pixels)
     rng = np.random.default_rng(seed)
@@ -95,25 +113,41 @@ def colour_kmeans(images, n_clusters: int, seed: int, max_points: int = 200_000,
         if best is None or inertia < best[0]:
             best = (inertia, centres)
     centres = best[1]
-    return [((p[:, None] - centres[None]) ** 2).sum(-1).argmin(1).reshape(im.shape[:2])
-            for im, p in zip(images, pixels)]
+    if not proba:
+        return [((p[:, None] - centres[None]) ** 2).sum(-1).argmin(1).reshape(im.shape[:2])
+                for im, p in zip(images, pixels)]
+    var = max(best[0] / len(sample), 1e-6)  # mean squared distance to the centres
+    out = []
+    for im, p in zip(images, pixels):
+        logits = -((p[:, None] - centres[None]) ** 2).sum(-1) / (2 * var)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy().astype(np.float32)
+        out.append(probs.T.reshape(n_clusters, *im.shape[:2]))
+    return out
 
 
 @torch.inference_mode()
 def features_kmeans(maps, images, n_clusters: int, seed: int, stride: int,
-                    config: FeatureConfig) -> list:
+                    config: FeatureConfig, alpha: float | None = None) -> list:
     """Spherical k-means on the backbone features, up-sampled to the image like codes.
 
     The label is the nearest centroid of the bilinearly up-sampled feature. Up-sampling is
     linear and the feature's norm is the same for every centroid, so that is the argmax of
-    the up-sampled dot products ``(K, h, w)``: no ``(D, H, W)`` map is built.
+    the up-sampled dot products ``(K, h, w)``: no ``(D, H, W)`` map is built. With ``alpha``
+    returns ``(K, H, W)`` probabilities ``softmax(alpha * cos)`` as STEGO's (for the CRF),
+    the feature's norm up-sampled alongside the dots.
     """
     centroids = spherical_kmeans(torch.cat([m.flatten(1).T for m in maps]), n_clusters, seed=seed)
     preds = []
     for im, m in zip(images, maps):
         dots = torch.einsum("dhw,kd->khw", m, centroids)[None]
-        up = upsample_code(dots, stride, work_size(im.shape[:2], config.min_side), im.shape[:2])
-        preds.append(up.argmax(1)[0].numpy())
+        work = work_size(im.shape[:2], config.min_side)
+        up = upsample_code(dots, stride, work, im.shape[:2])
+        if alpha is None:
+            preds.append(up.argmax(1)[0].numpy())
+            continue
+        norm = m.float().norm(dim=0).clamp_min(1e-10)[None, None]
+        cos = up / upsample_code(norm, stride, work, im.shape[:2]).clamp_min(1e-10)
+        preds.append(torch.softmax(alpha * cos, dim=1)[0].numpy().astype(np.float32))
     return preds
 
 
@@ -137,20 +171,32 @@ def run_dataset(root: Path, args, backbone) -> dict:
         out["runs"][method].append(score(preds, labels, n_classes, n_classes, per_image))
         out["seconds"][method] += seconds
 
+    alpha = PredictConfig().alpha
     with tempfile.TemporaryDirectory() as cache:
         for seed in args.seeds:
             t0 = time.perf_counter()
-            record("colour_kmeans", colour_kmeans(images, n_classes, seed),
+            probs = colour_kmeans(images, n_classes, seed, proba=True)
+            record("colour_kmeans", [p.argmax(0) for p in probs], time.perf_counter() - t0)
+            record("colour_kmeans_crf", [dense_crf(im, p).argmax(0) for im, p in zip(images, probs)],
                    time.perf_counter() - t0)
             t0 = time.perf_counter()
-            preds = features_kmeans(maps, images, n_classes, seed, backbone.stride, config)
-            record("features_kmeans", preds, time.perf_counter() - t0 + features_s / len(args.seeds))
+            probs = features_kmeans(maps, images, n_classes, seed, backbone.stride, config, alpha)
+            share = features_s / len(args.seeds)
+            record("features_kmeans", [p.argmax(0) for p in probs], time.perf_counter() - t0 + share)
+            record("features_kmeans_crf",
+                   [dense_crf(im, p).argmax(0) for im, p in zip(images, probs)],
+                   time.perf_counter() - t0 + share)
+            del probs
 
             # the images go in as arrays with a feature cache: refits with other seeds find
             # their features there, as when a user refits the same data
             t0 = time.perf_counter()
+            train = TrainConfig(steps=args.steps)
+            if args.appearance != "default":
+                weight = None if args.appearance == "auto" else float(args.appearance)
+                train = replace(train, appearance=AppearanceConfig(weight=weight))
             model = StegoModel.fit(images, n_classes, backbone=backbone, features=config,
-                                   train=TrainConfig(steps=args.steps), seed=seed, cache=cache)
+                                   train=train, seed=seed, cache=cache)
             # from the features computed above, not per seed (the backbone runs twice per
             # dataset: for these maps, and into the fit's cache on the first seed)
             probs = [model.proba_from_features(m, im.shape[:2]) for m, im in zip(maps, images)]
@@ -167,6 +213,7 @@ def run_dataset(root: Path, args, backbone) -> dict:
                                         table=ks.to_dict())
             loss = model.train_config.loss
             out.setdefault("shifts", []).append([loss.self_shift, loss.knn_shift, loss.rand_shift])
+            out.setdefault("appearance", []).append(model.info.get("appearance"))
             print(f"{root.name} seed {seed}: " + ", ".join(
                 f"{m} {out['runs'][m][-1]['miou']:.1f}" for m in METHODS), flush=True)
 
@@ -176,15 +223,19 @@ def run_dataset(root: Path, args, backbone) -> dict:
             out.setdefault("mean", {}).setdefault(m, {})[key] = round(float(np.mean(values)), 2)
             out.setdefault("std", {}).setdefault(m, {})[key] = round(float(np.std(values)), 2)
         out["seconds"][m] = round(out["seconds"][m] / len(args.seeds), 1)
-    best_baseline = max(out["mean"]["colour_kmeans"]["miou"], out["mean"]["features_kmeans"]["miou"])
+    best_baseline = max(out["mean"][m]["miou"] for m in BASELINES)
     out["margin"] = round(out["mean"]["stego_crf"]["miou"] - best_baseline, 2)
+    probe = args.probe_results.get(root.name)
+    if probe:
+        out["probe_miou"] = probe
+        out["fraction_of_probe"] = round(out["mean"]["stego_crf"]["miou"] / probe, 3)
     return out
 
 
 def markdown(result: dict) -> str:
     """The summary table: mIoU mean ± std over seeds (accuracy in brackets) per method."""
     head = "| dataset | images | K | " + " | ".join(TITLES[m] for m in METHODS) + \
-        " | STEGO + CRF minus the better baseline |"
+        " | STEGO + CRF minus the best baseline |"
     rows, notes = [head, "|" + "---|" * (len(METHODS) + 4)], []
     for name, d in result["datasets"].items():
         cells = [f"{d['mean'][m]['miou']:.1f} ± {d['std'][m]['miou']:.1f} "
@@ -193,10 +244,14 @@ def markdown(result: dict) -> str:
         name = name + (" (per-image matching)" if d["per_image"] else "")
         rows.append(f"| {name} | {n} | {d['n_clusters']} | " + " | ".join(cells) +
                     f" | {d['margin']:+.1f} |")
+        if "fraction_of_probe" in d:
+            notes.append(f"{name}: STEGO + CRF = {100 * d['fraction_of_probe']:.0f} % of the "
+                         f"linear probe's {d['probe_miou']:.1f} mIoU")
         if "suggest_k" in d:
             notes.append(f"{name}: suggest_n_clusters picks K = {d['suggest_k']['best']} "
                          f"(true {d['n_clusters']})")
-    rows.append(f"| **mean margin** | | | | | | | **{result['mean_margin']:+.1f}** |")
+    rows.append("| **mean margin** | | | " + "| " * len(METHODS) +
+                f"**{result['mean_margin']:+.1f}** |")
     return "\n".join(rows + [""] + notes)
 
 
@@ -218,9 +273,19 @@ def main() -> None:
                         help="datasets scored with per-image matching")
     parser.add_argument("--suggest-k", action="store_true",
                         help="also score K = 2..12 on the first seed's model (suggest_for_model)")
+    parser.add_argument("--appearance", default="default",
+                        help="AppearanceConfig.weight of the fits: 'default' (the package's, "
+                             "off), 'auto' (the label-free rule) or a fixed weight in [0, 1]")
+    parser.add_argument("--probe", type=Path, default=None,
+                        help="JSON of benchmarks/linear_probe.py: report results as a fraction "
+                             "of the probe's mIoU")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", type=Path, help="also write the summary table here")
     args = parser.parse_args()
+    args.probe_results = {}
+    if args.probe:
+        probe = json.loads(args.probe.read_text())
+        args.probe_results = {k: v["probe"]["miou"] for k, v in probe["datasets"].items()}
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -163,6 +163,7 @@ class FitReport:
     model: str
     results: list[FileResult]
     n_images: int
+    warnings: list[str] = field(default_factory=list)  # the fit's (model.info["warnings"])
 
     @property
     def exit_code(self) -> int:
@@ -1759,7 +1760,7 @@ def fit_files(inputs, out: str | os.PathLike, *, n_clusters: int,
         remove_model_partials(out)
         raise StegoError(f"cannot write the model to {out}: "
                          f"{_short(getattr(exc, 'strerror', None) or exc)}") from None
-    return FitReport(str(path), results, len(images))
+    return FitReport(str(path), results, len(images), list(model.info.get("warnings", [])))
 
 
 # ============================================================================ evaluate

@@ -84,6 +84,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        log=_logger(args.quiet))
     if not args.quiet:
         print(f"model: {report.model} (fitted on {report.n_images} images)")
+    for warning in report.warnings:
+        print(f"napari-stego: warning: {warning}", file=sys.stderr)
     _print_problems(report.problems, "used")
     return report.exit_code
 

@@ -23,6 +23,8 @@ class ClusterConfig:
     k-means: with 3, codes of EM images landed in a worse optimum for 2 of 5 seeds, 40 mIoU
     instead of 51; with 10 all 5 seeds found the best one);
     ``tol``: stop a restart once no centroid moves more than this in one update.
+    ``guard``: after a fit, check that the codes cluster, and better than the raw features,
+    else warn and fall back to the untrained head (:mod:`napari_stego.guard`).
     """
 
     n_iter: int = 200
@@ -30,6 +32,7 @@ class ClusterConfig:
     n_init: int = 10
     max_points: int = 500_000
     tol: float = 1e-5
+    guard: bool = True
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

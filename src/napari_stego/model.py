@@ -6,6 +6,7 @@ training -> spherical k-means on the codes -> per-pixel probabilities (-> CRF).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .appearance import AppearanceConfig, stores_with_appearance, with_appearance
 from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig, assign, spherical_kmeans
 from .device import resolve_device
@@ -38,6 +40,7 @@ from .tiling import TileConfig
 from .train import TrainConfig, train_head
 
 Progress = Callable[[str, int, int], None]
+_log = logging.getLogger("napari_stego")
 FORMAT_VERSION = 1
 
 
@@ -144,18 +147,29 @@ class StegoModel:
         net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
         net = upsampled(net, int(features.upsample)).to(dev)
 
+        colour_channels = 0
         if legacy:
             maps = extract_all(net, imgs, features, dev, progress, cancel, tiles=tiles)
             n_images = len(imgs)
+            if train.appearance.weight != 0:  # the cells' colours ride along for the target
+                maps = with_appearance(maps, imgs, net.stride, features)
+                colour_channels = 3
         else:
-            maps = _stores(net, sources, features, tiles, cache, dev, data_hash, progress, cancel)
+            maps, stats = _stores(net, sources, features, tiles, cache, dev, data_hash,
+                                  progress, cancel)
             n_images = sum(src.n_planes for src in sources)
+            if train.appearance.weight != 0:
+                in_ram = stores_with_appearance(maps, sources, stats, net.stride, features)
+                if in_ram is not None:
+                    maps, colour_channels = in_ram, 3
         # 224 px of backbone input, as the reference's crops
         window = train.window or max(224 // (net.stride * net.upsample), 1)
         train_maps = training_maps(maps, window, tiles, seed=seed)
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel,
-                            on_loss=on_loss)
+                            on_loss=on_loss, appearance_channels=colour_channels)
+        if colour_channels:
+            train_maps = [m[:-colour_channels] for m in train_maps]
         # "cluster": computing the codes, then one step per k-means restart
         total = 1 + max(cluster.n_init, 1)
         if progress is not None:
@@ -167,14 +181,24 @@ class StegoModel:
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster,
                                      on_restart=restart)
         train = replace(train, loss=result.loss)  # record the shifts actually used
+        if result.appearance_report:  # and the appearance weight
+            train = replace(train, appearance=replace(
+                train.appearance, weight=result.appearance_report["weight"]))
+        head, centroids, guard = _guarded(result.head, train_maps, centroids, dev, cluster,
+                                          seed) if cluster.guard else (result.head, centroids, {})
+        if head is not result.head:  # the guard fell back: shares of the kept head's codes
+            codes = _cluster_codes(head, train_maps, dev, cluster.max_points, seed)
         # what a user can judge a fit by: how the codes split, how the loss went
         shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,
+                    appearance=result.appearance_report or dict(
+                        weight=0.0, rule="not used (off, or features over 512 MB)"),
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
                     cluster_shares=[round(float(v), 4) for v in shares / max(len(codes), 1)],
-                    loss_curve=_thin(result.losses, 100))
-        return cls(net, result.head, centroids, feature_config=features, train_config=train,
+                    loss_curve=_thin(result.losses, 100),
+                    guard=guard, warnings=[guard["warning"]] if guard.get("warning") else [])
+        return cls(net, head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, tile_config=tiles, device=dev, info=info)
 
     # --------------------------------------------------------------- prediction
@@ -496,7 +520,7 @@ def _stores(net, sources, features, tiles, cache, device, data_hash, progress, c
         offset += n
     if progress is not None:
         progress("features", total, total)
-    return [store for store, _ in opened]
+    return [store for store, _ in opened], [stats for _, stats in opened]
 
 
 @torch.inference_mode()
@@ -519,11 +543,35 @@ def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: 
     return torch.cat(out)
 
 
+def _guarded(head: SegmentationHead, maps, centroids: torch.Tensor, device,
+             cluster: ClusterConfig, seed: int):
+    """The usefulness guard (:mod:`napari_stego.guard`): ``(head, centroids, report)``, the
+    untrained PCA head and its centroids when the trained codes collapsed or are worse."""
+    from .guard import check_codes, warning_text
+    from .head import init_from_features
+    from .knn import sample_vectors
+
+    report = check_codes(head, maps, centroids, seed=seed, device=device)
+    if not report["fallback"]:
+        return head, centroids, report
+    report["warning"] = warning_text(report)
+    _log.warning("napari-stego fit: %s", report["warning"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        plain = SegmentationHead(head.in_dim, head.code_dim, float(head.dropout.p))
+    plain = init_from_features(plain, sample_vectors(maps, 20_000, gen)).to(device).eval()
+    codes = _cluster_codes(plain, maps, device, cluster.max_points, seed)
+    return plain, spherical_kmeans(codes, centroids.shape[0], seed=seed, config=cluster), report
+
+
 def _train_config(d: dict) -> TrainConfig:
     from .modelfile import strict
 
     d = dict(d)
     d["loss"] = strict(LossConfig, d["loss"])
+    if isinstance(d.get("appearance"), dict):
+        d["appearance"] = strict(AppearanceConfig, d["appearance"])
     if d.get("auto_shifts") is not None:
         d["auto_shifts"] = strict(AutoShiftConfig, d["auto_shifts"])
     return strict(TrainConfig, d)

@@ -67,13 +67,15 @@ class PairSamples:
 @torch.no_grad()
 def sample_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
                        window: int, batch_size: int, feature_samples: int, n_batches: int,
-                       gen: torch.Generator) -> list[PairSamples]:
-    """Point features of the self, KNN and random pairs, drawn as training draws them."""
+                       gen: torch.Generator, transform=None) -> list[PairSamples]:
+    """Point features of the self, KNN and random pairs, drawn as training draws them
+    (``transform``: applied to each sampled tensor, e.g. the appearance teacher)."""
     out = []
+    t = transform or (lambda x: x)
     for _ in range(n_batches):
         pts = draw_pair_points(maps, units, table, batch_size, window, feature_samples, gen)
         neg = pts.anchor2[negative_permutation(batch_size, gen)]  # another window at these points
-        out.append(PairSamples(pts.anchor1, pts.partner, neg))
+        out.append(PairSamples(t(pts.anchor1), t(pts.partner), t(neg)))
     return out
 
 
@@ -124,7 +126,8 @@ def choose_shifts(corrs: dict[str, torch.Tensor], attract: dict[str, float],
 
 def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
                 n_clusters: int | None, window: int, batch_size: int, feature_samples: int,
-                pointwise: bool, config: AutoShiftConfig, seed: int = 0) -> tuple[tuple[float, float, float], dict]:
+                pointwise: bool, config: AutoShiftConfig, seed: int = 0,
+                transform=None) -> tuple[tuple[float, float, float], dict]:
     """Shifts for training on ``maps``, and a report of what they were derived from.
 
     Returns:
@@ -132,12 +135,14 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
     """
     gen = torch.Generator().manual_seed(seed + 1)
     samples = sample_pair_points(maps, units, table, window=window, batch_size=batch_size,
-                                 feature_samples=feature_samples, n_batches=config.n_batches, gen=gen)
+                                 feature_samples=feature_samples, n_batches=config.n_batches, gen=gen,
+                                 transform=transform)
     fixed = {"self": config.self_attract, "knn": config.knn_attract, "rand": config.rand_attract}
     if any(v is None for v in fixed.values()):
         if n_clusters is None:
             raise ValueError("automatic attraction fractions need n_clusters")
-        rates = same_cluster_rates(samples, feature_centroids(maps, n_clusters, seed))
+        proxy = maps if transform is None else [transform(m[None].float())[0] for m in maps]
+        rates = same_cluster_rates(samples, feature_centroids(proxy, n_clusters, seed))
         fixed = {t: rates[t] if fixed[t] is None else fixed[t] for t in TERMS}
     shifts = choose_shifts(pair_correlations(samples, pointwise), fixed, config)
     return shifts, {"attract": {t: round(v, 4) for t, v in fixed.items()}}

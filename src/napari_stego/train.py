@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from .appearance import AppearanceConfig, AppearanceTeacher, appearance_weight, median_distance
 from .errors import Cancelled
 from .head import SegmentationHead, init_from_features
 from .knn import (
@@ -49,6 +50,8 @@ class TrainConfig:
     reference.
     ``steps``: 500, the length measured on the four benchmark datasets (docs/benchmarks.md:
     1000 steps cost ISBI 6 points after the CRF; the paper trains longer).
+    ``appearance``: how much of the correlation target comes from the cells' colours
+    (:mod:`napari_stego.appearance`); used when the maps carry colour channels.
     """
 
     steps: int = 500
@@ -63,6 +66,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     auto_shifts: AutoShiftConfig | None = field(default_factory=AutoShiftConfig)
     init: str = "pca"
+    appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
 
 
 @dataclass
@@ -74,6 +78,7 @@ class TrainResult:
     losses: list[float]
     loss: LossConfig
     shift_report: dict = field(default_factory=dict)
+    appearance_report: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -119,7 +124,8 @@ def _sample_step(maps: Sequence[torch.Tensor] | PackedMaps, units: Sequence[Unit
 def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig(), *, stride: int = 8,
                device: torch.device | str = "cpu", seed: int = 0, n_clusters: int | None = None,
                progress: Progress | None = None, cancel=None,
-               on_loss: Callable[[int, float], None] | None = None) -> TrainResult:
+               on_loss: Callable[[int, float], None] | None = None,
+               appearance_channels: int = 0) -> TrainResult:
     """Fit a :class:`SegmentationHead` on feature maps.
 
     Args:
@@ -137,6 +143,9 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         cancel: anything with ``is_set()``; checked every step (raises :class:`Cancelled`).
         on_loss: called as ``on_loss(step, total_loss)`` for every step, in bursts of
             :data:`LOSS_READ_EVERY` steps (for live display).
+        appearance_channels: the last this many channels of every map are the cells' colours
+            (:func:`~napari_stego.appearance.appearance_map`, 3 channels), not features: the
+            head never sees them; ``config.appearance`` says how much of the target they make.
 
     The maps are packed once onto ``device`` (:func:`~napari_stego.knn.pack_maps`, float16 on
     a GPU); each step's windows, partners, points and negatives are drawn there by a generator
@@ -153,17 +162,23 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     if progress is not None:
         progress("knn", 0, knn_steps)
     units = make_units([tuple(m.shape[-2:]) for m in maps], config.crop_ratio)
-    table = knn_table(unit_descriptors(maps, units), config.n_neighbors)
+    dim = maps[0].shape[0] - appearance_channels
+    feats_only = [m[:dim] for m in maps] if appearance_channels else list(maps)
+    table = knn_table(unit_descriptors(feats_only, units), config.n_neighbors)
     if progress is not None:
         progress("knn", 1, knn_steps)
     gen = torch.Generator().manual_seed(seed)
+    teacher, app_report = _appearance_teacher(maps, dim, appearance_channels, config,
+                                              n_clusters, seed)
+    if teacher is None and appearance_channels:  # nothing to blend: train on features only
+        maps = feats_only
     loss_config = config.loss
     report: dict = {}
     if config.auto_shifts is not None:
         (s_self, s_knn, s_rand), report = auto_shifts(
             maps, units, table, n_clusters=n_clusters, window=window, batch_size=config.batch_size,
             feature_samples=loss_config.feature_samples, pointwise=loss_config.pointwise,
-            config=config.auto_shifts, seed=seed)
+            config=config.auto_shifts, seed=seed, transform=teacher)
         loss_config = replace(loss_config, self_shift=s_self, knn_shift=s_knn, rand_shift=s_rand)
         _log.info("automatic shifts self %.4f knn %.4f rand %.4f (attracted fractions %s)",
                   s_self, s_knn, s_rand, report["attract"])
@@ -174,9 +189,9 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     losses: list[float] = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        head = SegmentationHead(maps[0].shape[0], config.code_dim, config.dropout)
+        head = SegmentationHead(dim, config.code_dim, config.dropout)
         if config.init == "pca":
-            init_from_features(head, sample_vectors(maps, 20_000, gen))
+            init_from_features(head, sample_vectors(feats_only, 20_000, gen))
         elif config.init != "random":
             raise ValueError(f"TrainConfig.init must be 'pca' or 'random', got {config.init!r}")
         head = head.to(device)
@@ -201,13 +216,16 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
                 raise Cancelled(f"training cancelled at step {step}")
             points = _sample_step(packed, None, None, config.batch_size, window, loss_config,
                                   step_gen)
-            f_a, f_pos = points.anchor, points.partner
+            x_a, x_pos = points.anchor, points.partner
+            f_a, f_pos = x_a[:, :dim], x_pos[:, :dim]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 code_a = head(f_a)
                 code_pos = head(f_pos)
             # the reference also drops feature channels of the target signal
             teacher_a = F.dropout2d(f_a, config.dropout, training=True)
             teacher_pos = F.dropout2d(f_pos, config.dropout, training=True)
+            if teacher is not None:
+                teacher_a, teacher_pos = teacher(x_a, teacher_a), teacher(x_pos, teacher_pos)
             loss = points.loss(teacher_a, teacher_pos, code_a.float(), code_pos.float(), loss_config)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -218,4 +236,21 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             if progress is not None:
                 progress("train", step + 1, config.steps)
     head.eval()
-    return TrainResult(head=head, losses=losses, loss=loss_config, shift_report=report)
+    return TrainResult(head=head, losses=losses, loss=loss_config, shift_report=report,
+                       appearance_report=app_report)
+
+
+def _appearance_teacher(maps, dim: int, channels: int, config: TrainConfig,
+                        n_clusters: int | None, seed: int):
+    """The :class:`~napari_stego.appearance.AppearanceTeacher` of a fit (``None`` when the
+    maps carry no colours or the weight is 0) and the report of the weight rule."""
+    if not channels:
+        return None, {}
+    colours = [m[dim:].float() for m in maps]
+    w, report = appearance_weight(colours, n_clusters, config.appearance, seed)
+    _log.info("appearance weight %.3f (%s)", w, report)
+    if w <= 0:
+        return None, report
+    sigma = median_distance(colours, seed)
+    report["sigma"] = round(sigma, 4)
+    return AppearanceTeacher(dim, w, sigma, config.appearance.n_fourier, seed), report

@@ -218,6 +218,11 @@ class FitWidget(Container, JobMixin):
             self.store.set(model, f"fitted on {names} ({n_images} {plural})")
             self.status.value = f"fitted on {n_images} {plural}, K = {model.n_clusters}"
             self._draw_summary()
+            for warning in model.info.get("warnings", []):
+                from napari.utils.notifications import show_warning
+
+                self.status.value += " (warning: see notification)"
+                show_warning(f"STEGO fit: {warning}")
             show_info(f"STEGO fitted: {model!r}. Apply it with the 'Segment' widget "
                       "(Layers > Segment > Segment with STEGO).")
 

@@ -1,0 +1,226 @@
+"""Appearance in the distilled signal: what a scientist sees (stain, colour, brightness).
+
+STEGO distils the backbone's feature correlations; their strongest directions are often not
+the ones a stain or a brightness level defines (blood smears, two-channel fluorescence,
+solar images). This module adds an *appearance affinity* to the correlation target:
+
+* **Descriptors**: the mean colour of every feature cell, in the normalised [0, 1] units of
+  the intensity mapping the backbone and the CRF see (:func:`appearance_map`).
+* **Affinity**: a Gaussian kernel of the colour distance, ``exp(-|a - a'|^2 / 2 sigma^2)``,
+  written as a dot product of random Fourier features (Rahimi & Recht, 2007), so that the
+  blended target ``(1 - w) * feature_corr + w * appearance_affinity`` is the cosine
+  correlation of one concatenated teacher vector ``[sqrt(1 - w) f/|f|, sqrt(w) z(a)]`` and
+  the loss's spatial centring and the automatic shifts apply to it unchanged
+  (:class:`AppearanceTeacher`). ``sigma`` is the median distance between cells' colours
+  (the median heuristic). The head still sees only the backbone features, so prediction is
+  unchanged; only what the head is trained to reproduce changes.
+* **Weight rule** (no labels): ``w = max_weight * s`` where ``s`` says how much better
+  k-means with K clusters splits the cells' colours than it splits a Gaussian cloud with the
+  same mean and covariance (:func:`appearance_weight`):
+  ``s = clip((R2 - R2_gauss) / (1 - R2_gauss), 0, 1)``, ``R2`` the between-cluster fraction
+  of the colour variance. Colours that fall into separate groups (stains, bright vs dark
+  classes) give ``s`` near 1; colour noise or textures of one mean colour give a Gaussian-
+  like cloud and ``s`` near 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import StegoError
+
+
+@dataclass(frozen=True)
+class AppearanceConfig:
+    """How much of the correlation target comes from appearance.
+
+    ``weight``: ``None`` chooses it from the data (:func:`appearance_weight`); a number in
+    [0, 1] fixes it; 0 (the default) turns appearance off: on the six visible benchmark sets
+    the rule won 9 points on one blood-smear set and lost 5 on the other and 1-4 on CamVid and
+    ISBI (one seed, docs/benchmarks.md run 6), so it is opt-in. ``max_weight``: the weight
+    when the colours split perfectly. ``n_fourier``: random Fourier features of the Gaussian
+    kernel. ``max_points``: cells the rule clusters.
+    """
+
+    weight: float | None = 0.0
+    max_weight: float = 0.5
+    n_fourier: int = 256
+    max_points: int = 20_000
+
+    def __post_init__(self):
+        for name in ("weight", "max_weight"):
+            v = getattr(self, name)
+            if v is None and name == "weight":
+                continue
+            if not isinstance(v, (int, float, np.number)) or not 0.0 <= float(v) <= 1.0:
+                raise StegoError(f"AppearanceConfig.{name} must be a number in [0, 1], got {v!r}")
+
+
+def appearance_map(rgb: np.ndarray, grid: tuple[int, int], stride: int,
+                   work: tuple[int, int]) -> torch.Tensor:
+    """Mean colour of every feature cell: ``(3, h, w)`` float32 in [0, 1].
+
+    Args:
+        rgb: the image as the backbone sees it before its normalisation, ``(H, W, 3)`` in
+            [0, 1] (:func:`napari_stego.io.to_rgb`).
+        grid: the feature grid ``(h, w)``.
+        stride: image pixels per cell of the work image.
+        work: the size the image is resized to for the backbone
+            (:func:`~napari_stego.features.work_size`).
+    """
+    t = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
+    if tuple(t.shape[-2:]) != tuple(work):
+        t = F.interpolate(t, size=tuple(work), mode="bilinear", align_corners=False)
+    h, w = grid
+    ph, pw = max(h * stride - t.shape[-2], 0), max(w * stride - t.shape[-1], 0)
+    if ph or pw:  # the backbone pads the same way (replicate, bottom and right)
+        t = F.pad(t, (0, pw, 0, ph), mode="replicate")
+    t = t[..., : h * stride, : w * stride]
+    return F.avg_pool2d(t, stride)[0]
+
+
+def _sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> np.ndarray:
+    cells = [m.shape[-2] * m.shape[-1] for m in maps]
+    total = sum(cells)
+    parts = []
+    for m, c in zip(maps, cells):
+        k = max(1, round(n * c / total)) if total > n else c
+        idx = torch.randperm(c, generator=gen)[: min(k, c)]
+        parts.append(m.flatten(1)[:, idx].T.float())
+    return torch.cat(parts).numpy().astype(np.float64)
+
+
+def _r2(x: np.ndarray, k: int, seed: int, n_init: int = 3) -> float:
+    """Best between-cluster fraction of the variance of ``x (N, C)`` over k-means restarts."""
+    from scipy.cluster.vq import kmeans2
+
+    total = float(((x - x.mean(0)) ** 2).sum())
+    if total <= 1e-12:
+        return 0.0
+    best = math.inf
+    for run in range(n_init):
+        centres, labels = kmeans2(x, k, minit="++", seed=seed * n_init + run)
+        best = min(best, float(((x - centres[labels]) ** 2).sum()))
+    return 1.0 - best / total
+
+
+def appearance_weight(maps: Sequence[torch.Tensor], n_clusters: int | None,
+                      config: AppearanceConfig = AppearanceConfig(),
+                      seed: int = 0) -> tuple[float, dict]:
+    """The appearance weight of a fit and a report of how it was chosen (see module doc).
+
+    Args:
+        maps: appearance maps ``(3, h, w)`` (:func:`appearance_map`).
+        n_clusters: ``K`` of the fit (``None`` or < 2: 2).
+
+    Returns:
+        ``(w, report)``; the report holds ``r2``, ``r2_gauss``, ``separability`` and
+        ``weight``.
+    """
+    if config.weight is not None:
+        return float(config.weight), dict(weight=float(config.weight), rule="fixed")
+    gen = torch.Generator().manual_seed(seed)
+    x = _sample(maps, config.max_points, gen)
+    k = max(int(n_clusters or 2), 2)
+    if len(x) <= k:
+        return 0.0, dict(weight=0.0, rule="too few cells")
+    r2 = _r2(x, k, seed)
+    # the same k-means on a Gaussian cloud with the colours' mean and covariance
+    rng = np.random.default_rng(seed)
+    vals, vecs = np.linalg.eigh(np.cov(x.T) + 1e-12 * np.eye(x.shape[1]))
+    gauss = x.mean(0) + (rng.standard_normal(x.shape) * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    r2_gauss = _r2(gauss, k, seed)
+    sep = float(np.clip((r2 - r2_gauss) / max(1.0 - r2_gauss, 1e-6), 0.0, 1.0))
+    w = round(config.max_weight * sep, 4)
+    return w, dict(weight=w, rule="auto", r2=round(r2, 4), r2_gauss=round(r2_gauss, 4),
+                   separability=round(sep, 4), k=k)
+
+
+def median_distance(maps: Sequence[torch.Tensor], seed: int = 0, n: int = 2000) -> float:
+    """Median Euclidean distance between the colours of random cell pairs (kernel width)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(_sample(maps, n, gen)).float()
+    d = torch.cdist(x, x)
+    d = d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)]
+    med = float(d.median()) if d.numel() else 0.0
+    return med if med > 1e-6 else 1.0
+
+
+class AppearanceTeacher:
+    """Turns training points ``(B, D + 3, ...)`` (features, then the cell colours) into the
+    teacher vectors whose cosine correlation is the blended target (see module doc).
+
+    ``features(x)`` is what the head sees (the first ``D`` channels).
+    """
+
+    def __init__(self, dim: int, weight: float, sigma: float, n_fourier: int = 256,
+                 seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed + 7)
+        self.dim = dim
+        self.weight = float(weight)
+        self.sigma = float(sigma)
+        self.omega = torch.randn(n_fourier, 3, generator=gen) / self.sigma
+        self.phase = torch.rand(n_fourier, generator=gen) * 2 * math.pi
+        self.scale = math.sqrt(2.0 / n_fourier)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : self.dim]
+
+    def fourier(self, colours: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, ...)`` colours -> ``(B, M, ...)`` with ``z(a) . z(a') ~ exp(-|a-a'|^2/2s^2)``."""
+        omega, phase = self.omega.to(colours), self.phase.to(colours)
+        proj = torch.einsum("mc,bc...->bm...", omega, colours)
+        return self.scale * torch.cos(proj + phase.view(1, -1, *([1] * (colours.ndim - 2))))
+
+    def __call__(self, x: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher vectors of points ``x``; ``feats`` replaces ``x``'s feature part (e.g. after
+        the teacher's channel dropout)."""
+        f = self.features(x) if feats is None else feats
+        f = F.normalize(f.float(), dim=1, eps=1e-10)
+        z = self.fourier(x[:, self.dim:].float())
+        return torch.cat([math.sqrt(1.0 - self.weight) * f, math.sqrt(self.weight) * z], dim=1)
+
+
+def with_appearance(maps: Sequence[torch.Tensor], images: Sequence[np.ndarray], stride: int,
+                    config) -> list[torch.Tensor]:
+    """Feature maps ``(D, h, w)`` with each cell's colour appended: ``(D + 3, h, w)``.
+
+    ``config``: the fit's :class:`~napari_stego.features.FeatureConfig` (intensity mapping
+    and ``min_side``), so the colours are in the units the backbone and the CRF see.
+    """
+    from .features import work_size
+    from .io import to_rgb
+
+    out = []
+    for m, im in zip(maps, images):
+        colours = appearance_map(to_rgb(im, config.intensity), tuple(m.shape[-2:]), stride,
+                                 work_size(im.shape[:2], config.min_side))
+        out.append(torch.cat([m, colours.to(m.dtype)]))
+    return out
+
+
+def stores_with_appearance(stores, sources, stats, stride: int, config,
+                           budget: int = 512 * 2**20) -> list[torch.Tensor] | None:
+    """Every plane of feature stores as an in-memory ``(D + 3, h, w)`` tensor with its cells'
+    colours (mapped with the stack's own intensity statistics ``stats``), or ``None`` when
+    that would take more than ``budget`` bytes (the fit then trains on the features alone)."""
+    from .features import work_size
+
+    total = sum(s.layout.n_planes * (s.layout.dim + 3) * s.layout.height * s.layout.width * 2
+                for s in stores)
+    if total > budget:
+        return None
+    out = []
+    for store, src, st in zip(stores, sources, stats):
+        work = work_size(src.shape2d, config.min_side)
+        for plane in range(src.n_planes):
+            f = torch.from_numpy(np.asarray(store.read(plane)))
+            colours = appearance_map(st.apply(src.block(plane)), tuple(f.shape[-2:]), stride, work)
+            out.append(torch.cat([f, colours.to(f.dtype)]))
+    return out
