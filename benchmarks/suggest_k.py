@@ -1,0 +1,121 @@
+"""Suggest K on labelled datasets: does the label-free rule find the labelled number of classes?
+
+Usage:
+    python benchmarks/suggest_k.py --data ../shared/data                  # every dataset in it
+    python benchmarks/suggest_k.py --data ../shared/data/wbc_cellavision --max-images 10
+
+``--data`` is one dataset folder (``images/*.png``, ``meta.json`` with ``num_classes``) or a
+folder of them. Only the images are read, never the label maps: per dataset a model is fitted
+with K = ``num_classes`` (``StegoModel.fit(images, K, backbone=...)``, the package defaults
+otherwise) on a seeded subset of the images, then ``suggest_for_model`` scores K = 2..12 on the
+same images. ``num_classes`` is only compared with the suggestion afterwards. Prints one JSON
+object: per dataset the labelled K, the suggested K (or "no clear K" when
+``KScores.unclear`` says so), whether it is within +-1 of the labelled K, and the curves
+(silhouette and stability per K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.io import imread
+
+from napari_stego import StegoModel
+from napari_stego.backbones import create_backbone
+from napari_stego.choose_k import suggest_for_model
+
+# subsets meant to keep the six datasets under ~15 minutes on 2 cores
+DEFAULT_MAX_IMAGES = dict(camvid11=24, isbi2012_em_membrane=24, wbc_jiangxi_tecom=30,
+                          outex_texture_mosaics=24, wbc_cellavision=24,
+                          fluo_nuclei_coelho2009=6)
+
+
+def dataset_dirs(root: Path) -> list[Path]:
+    """``root`` itself when it is a dataset, else its sub-folders that are."""
+    if (root / "meta.json").exists():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / "meta.json").exists())
+    if not found:
+        raise SystemExit(f"no dataset (a folder with meta.json) in {root}")
+    return found
+
+
+def load_images(root: Path, max_images: int | None, seed: int = 0) -> list[np.ndarray]:
+    """The images of ``root`` (a seeded random subset of ``max_images``; the same choice as
+    ``benchmarks/quality.py`` makes for the same number). Label maps are not read."""
+    names = sorted(p.name for p in (root / "images").glob("*.png"))
+    if max_images and len(names) > max_images:
+        names = sorted(np.random.default_rng(seed).choice(names, max_images, replace=False))
+    return [imread(root / "images" / n) for n in names]
+
+
+def run_dataset(root: Path, args, backbone) -> dict:
+    meta = json.loads((root / "meta.json").read_text())
+    true_k = int(meta["num_classes"])
+    max_images = args.max_images if args.max_images is not None else \
+        DEFAULT_MAX_IMAGES.get(root.name)
+    images = load_images(root, max_images, args.seed)
+    t0 = time.perf_counter()
+    model = StegoModel.fit(images, true_k, backbone=backbone, steps=args.steps, seed=args.seed)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = suggest_for_model(model, images, range(args.k_min, args.k_max + 1), seed=args.seed)
+    suggest_s = time.perf_counter() - t0
+    unclear = scores.unclear
+    out = dict(n_images=len(images), labelled_k=true_k,
+               suggested_k="no clear K" if unclear else scores.best,
+               best_of_curve=scores.best,
+               within_1=(not unclear) and abs(scores.best - true_k) <= 1,
+               unclear=unclear or None,
+               curve={r.k: dict(silhouette=round(r.silhouette, 4),
+                                stability=round(r.stability, 4),
+                                smallest=round(r.smallest, 4)) for r in scores.rows},
+               seconds=dict(fit=round(fit_s, 1), suggest=round(suggest_s, 1)))
+    print(f"{root.name}: labelled K {true_k}, suggested {out['suggested_k']} "
+          f"(curve's best {scores.best}), {fit_s:.0f} s fit, {suggest_s:.0f} s suggest",
+          flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, type=Path,
+                        help="a dataset folder or a folder of dataset folders")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the package's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the image subset, the fit and the K scoring")
+    parser.add_argument("--k-min", type=int, default=2)
+    parser.add_argument("--k-max", type=int, default=12)
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="random subset of this many images per dataset (default: "
+                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_IMAGES.items())
+                             + ", all of the others)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    backbone = create_backbone(args.backbone)
+    result = dict(backbone=args.backbone, steps=args.steps, seed=args.seed,
+                  k_values=[args.k_min, args.k_max], torch_threads=torch.get_num_threads(),
+                  datasets={})
+    t0 = time.perf_counter()
+    for root in dataset_dirs(args.data):
+        result["datasets"][root.name] = run_dataset(root, args, backbone)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    ds = result["datasets"].values()
+    result["within_1"] = sum(d["within_1"] for d in ds)
+    result["no_clear_k"] = sum(d["unclear"] is not None for d in ds)
+    result["n_datasets"] = len(result["datasets"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
