@@ -303,8 +303,10 @@ def test_thin_images_are_not_blown_up(fitted):
     assert work_size((100, 120), 448) == (448, 538)  # ordinary small images: as before
     # an up-sampled image (processed whole) stays within about one default tile's pixels;
     # a strip too long for that is not up-sampled at all, and so tiled like any big image
-    assert max(work_size((300, 1900), 448)) <= 2048
-    assert work_size((300, 3000), 448) == (300, 3000)
+    for shape in ((300, 1900), (60, 500), (100, 4000), (2, 2000)):
+        h, w = work_size(shape, 448)
+        assert h * w <= 448 * 4096, shape
+    assert work_size((300, 5000), 448) == (300, 5000)
     rng = np.random.default_rng(0)
     for shape in ((1, 300), (2, 2000), (300, 1)):
         image = rng.integers(0, 255, shape, dtype=np.uint8)

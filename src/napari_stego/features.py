@@ -106,9 +106,10 @@ def _upsample(rgb: torch.Tensor, min_side: int) -> torch.Tensor:
 
 
 # longest side an up-sampled image may reach: with ``min_side`` 448 an up-sampled image has
-# at most 448 x 2048 px, fewer than one default tile (1024 + 2 x 128 px a side), because it
-# goes through the backbone whole; longer thin strips are not up-sampled but tiled
-MAX_UPSAMPLED_SIDE = 2048
+# at most 448 x 4096 px (1.8 Mpx, about one default tile of 1280 x 1280 px), because it goes
+# through the backbone whole; longer thin strips are not up-sampled but tiled. Images up to
+# about 9 times longer than wide still reach ``min_side`` (so their KNN crops hold a window)
+MAX_UPSAMPLED_SIDE = 4096
 
 
 def work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
