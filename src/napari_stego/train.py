@@ -199,8 +199,10 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         if progress is not None:
             progress("knn", knn_steps, knn_steps)
         opt = torch.optim.Adam(head.parameters(), lr=config.lr)
+        # float16 on a GPU (half the memory, gathers as fast); float32 on a CPU, where
+        # gathering float16 and converting every step costs more than the copy's memory
         packed = pack_maps(maps, units, table, device,
-                           torch.float16 if device.type == "cuda" else None)
+                           torch.float16 if device.type == "cuda" else torch.float32)
         step_gen = torch.Generator(device=device).manual_seed(seed)
         step_losses = torch.zeros(config.steps, device=device)
 
