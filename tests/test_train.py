@@ -162,3 +162,13 @@ def test_training_loop_reads_the_host_at_most_once_every_ten_steps(monkeypatch):
         assert len(result.losses) == steps
         reads.append(count[0])
     assert (reads[1] - reads[0]) / 40 <= 0.1, reads
+
+
+def test_cpu_fits_pack_float32_maps_only_up_to_the_cap(monkeypatch):
+    from napari_stego import train
+
+    small = maps()
+    assert train._packed_dtype(small, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(train, "CPU_FLOAT32_PACK_MB", 0)  # any real set of maps is over it
+    assert train._packed_dtype(small, torch.device("cpu")) == torch.float16
+    assert len(train_head(small, SMALL, n_clusters=2).losses) == SMALL.steps
