@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .cluster import ClusterConfig, spherical_kmeans
-from .knn import Unit, draw_pair_points, sample_vectors
+from .knn import Unit, draw_pair_points, pack_maps, sample_vectors
 from .loss import centre_correlation, correlation, negative_permutation
 
 TERMS = ("self", "knn", "rand")
@@ -72,8 +72,9 @@ def sample_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], tabl
     (``transform``: applied to each sampled tensor, e.g. the appearance teacher)."""
     out = []
     t = transform or (lambda x: x)
+    packed = pack_maps(maps, units, table)  # once, not once per batch
     for _ in range(n_batches):
-        pts = draw_pair_points(maps, units, table, batch_size, window, feature_samples, gen)
+        pts = draw_pair_points(packed, None, None, batch_size, window, feature_samples, gen)
         neg = pts.anchor2[negative_permutation(batch_size, gen)]  # another window at these points
         out.append(PairSamples(t(pts.anchor1), t(pts.partner), t(neg)))
     return out
