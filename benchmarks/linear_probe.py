@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality import DEFAULT_MAX_IMAGES, dataset_dirs, load_dataset
+from quality import dataset_dirs, open_dataset
 
 from napari_stego.backbones import create_backbone
 from napari_stego.features import FeatureConfig, extract_features, work_size
@@ -66,11 +66,8 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int = 
 
 
 def run_dataset(root: Path, args, backbone) -> dict:
-    meta = json.loads((root / "meta.json").read_text())
+    meta, images, labels = open_dataset(root, args.max_images)
     n_classes = int(meta["num_classes"])
-    max_images = args.max_images if args.max_images is not None else \
-        DEFAULT_MAX_IMAGES.get(root.name)
-    images, labels = load_dataset(root, max_images)
     config = FeatureConfig()
     t0 = time.perf_counter()
     maps = [extract_features(backbone, im, config).float() for im in images]

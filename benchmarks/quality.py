@@ -73,13 +73,28 @@ def dataset_dirs(root: Path) -> list[Path]:
     return found
 
 
-def load_dataset(root: Path, max_images: int | None, seed: int = 0):
-    """Images and label maps of ``root`` (a seeded random subset of ``max_images``)."""
+def subset_names(root: Path, max_images: int | None, seed: int = 0) -> list[str]:
+    """File names of ``root``'s images: all, or a seeded random subset of ``max_images``."""
     names = sorted(p.name for p in (root / "images").glob("*.png"))
     if max_images and len(names) > max_images:
         names = sorted(np.random.default_rng(seed).choice(names, max_images, replace=False))
+    return names
+
+
+def load_dataset(root: Path, max_images: int | None, seed: int = 0):
+    """Images and label maps of ``root`` (a seeded random subset of ``max_images``)."""
+    names = subset_names(root, max_images, seed)
     return ([imread(root / "images" / n) for n in names],
             [imread(root / "labels" / n) for n in names])
+
+
+def open_dataset(root: Path, max_images: int | None, defaults: dict = DEFAULT_MAX_IMAGES):
+    """``(meta, images, labels)`` of ``root``: ``max_images`` of them, or the subset
+    ``defaults`` names for it (all when it names none)."""
+    meta = json.loads((root / "meta.json").read_text())
+    images, labels = load_dataset(root, max_images if max_images is not None
+                                  else defaults.get(root.name))
+    return meta, images, labels
 
 
 def score(preds, labels, n_clusters: int, n_classes: int, per_image: bool) -> dict:
@@ -152,11 +167,8 @@ def features_kmeans(maps, images, n_clusters: int, seed: int, stride: int,
 
 
 def run_dataset(root: Path, args, backbone) -> dict:
-    meta = json.loads((root / "meta.json").read_text())
+    meta, images, labels = open_dataset(root, args.max_images)
     n_classes = int(meta["num_classes"])
-    max_images = args.max_images if args.max_images is not None else \
-        DEFAULT_MAX_IMAGES.get(root.name)
-    images, labels = load_dataset(root, max_images)
     per_image = root.name in args.per_image
     out = dict(n_images=len(images), of=int(meta.get("num_images", len(images))),
                n_clusters=n_classes, per_image=per_image, runs={m: [] for m in METHODS},

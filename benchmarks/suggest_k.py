@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from skimage.io import imread
 
+from quality import dataset_dirs, subset_names
+
 from napari_stego import StegoModel
 from napari_stego.backbones import create_backbone
 from napari_stego.choose_k import suggest_for_model
@@ -35,23 +37,10 @@ DEFAULT_MAX_IMAGES = dict(camvid11=24, isbi2012_em_membrane=24, wbc_jiangxi_teco
                           fluo_nuclei_coelho2009=6)
 
 
-def dataset_dirs(root: Path) -> list[Path]:
-    """``root`` itself when it is a dataset, else its sub-folders that are."""
-    if (root / "meta.json").exists():
-        return [root]
-    found = sorted(p for p in root.iterdir() if (p / "meta.json").exists())
-    if not found:
-        raise SystemExit(f"no dataset (a folder with meta.json) in {root}")
-    return found
-
-
 def load_images(root: Path, max_images: int | None, seed: int = 0) -> list[np.ndarray]:
-    """The images of ``root`` (a seeded random subset of ``max_images``; the same choice as
-    ``benchmarks/quality.py`` makes for the same number). Label maps are not read."""
-    names = sorted(p.name for p in (root / "images").glob("*.png"))
-    if max_images and len(names) > max_images:
-        names = sorted(np.random.default_rng(seed).choice(names, max_images, replace=False))
-    return [imread(root / "images" / n) for n in names]
+    """The images of ``root`` (the subset ``benchmarks/quality.py`` picks for the same number
+    and seed). Label maps are not read."""
+    return [imread(root / "images" / n) for n in subset_names(root, max_images, seed)]
 
 
 def run_dataset(root: Path, args, backbone) -> dict:
