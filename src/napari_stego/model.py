@@ -184,10 +184,9 @@ class StegoModel:
         if result.appearance_report:  # and the appearance weight
             train = replace(train, appearance=replace(
                 train.appearance, weight=result.appearance_report["weight"]))
-        head, centroids, guard = _guarded(result.head, train_maps, centroids, dev, cluster,
-                                          seed) if cluster.guard else (result.head, centroids, {})
-        if head is not result.head:  # the guard fell back: shares of the kept head's codes
-            codes = _cluster_codes(head, train_maps, dev, cluster.max_points, seed)
+        head, codes, centroids, guard = _guarded(
+            result.head, codes, train_maps, centroids, dev, cluster, seed) \
+            if cluster.guard else (result.head, codes, centroids, {})
         # what a user can judge a fit by: how the codes split, how the loss went
         shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
@@ -543,17 +542,18 @@ def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: 
     return torch.cat(out)
 
 
-def _guarded(head: SegmentationHead, maps, centroids: torch.Tensor, device,
+def _guarded(head: SegmentationHead, codes: torch.Tensor, maps, centroids: torch.Tensor, device,
              cluster: ClusterConfig, seed: int):
-    """The usefulness guard (:mod:`napari_stego.guard`): ``(head, centroids, report)``, the
-    untrained PCA head and its centroids when the trained codes collapsed or are worse."""
+    """The usefulness guard (:mod:`napari_stego.guard`): ``(head, codes, centroids, report)``
+    as given, or the untrained PCA head with its clustered codes and centroids when the
+    trained codes collapsed or are worse."""
     from .guard import check_codes, warning_text
     from .head import init_from_features
     from .knn import sample_vectors
 
     report = check_codes(head, maps, centroids, seed=seed, device=device)
     if not report["fallback"]:
-        return head, centroids, report
+        return head, codes, centroids, report
     report["warning"] = warning_text(report)
     _log.warning("napari-stego fit: %s", report["warning"])
     gen = torch.Generator().manual_seed(seed)
@@ -562,7 +562,8 @@ def _guarded(head: SegmentationHead, maps, centroids: torch.Tensor, device,
         plain = SegmentationHead(head.in_dim, head.code_dim, float(head.dropout.p))
     plain = init_from_features(plain, sample_vectors(maps, 20_000, gen)).to(device).eval()
     codes = _cluster_codes(plain, maps, device, cluster.max_points, seed)
-    return plain, spherical_kmeans(codes, centroids.shape[0], seed=seed, config=cluster), report
+    return plain, codes, spherical_kmeans(codes, centroids.shape[0], seed=seed,
+                                          config=cluster), report
 
 
 def _train_config(d: dict) -> TrainConfig:
