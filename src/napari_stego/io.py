@@ -188,7 +188,8 @@ def guess_axes(shape: tuple[int, ...], rgb: bool | None = None) -> str:
     """The axes of an array whose axes were not named.
 
     ``(Y, X)``; ``(Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``), or at most
-    8 and much shorter than the others (:func:`is_channel_axis`), else ``(Z, Y, X)``; ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
+    8 and much shorter than the others (:func:`is_channel_axis`), else ``(Z, Y, X)``;
+    ``(Z, Y, X, C)`` when the last side is 3 or 4 (or ``rgb=True``). A
     ``(C, Y, X)`` image, a 4D array without a colour axis last, or anything with more axes
     needs ``axes=`` (napari layers know whether they are RGB: pass ``rgb=layer.rgb``).
 
