@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import META_KEY
+
 SUFFIXES = (".tif", ".tiff")
-META_KEY = "napari_stego"
 
 
 def napari_get_reader(path):

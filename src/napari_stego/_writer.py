@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-META_KEY = "napari_stego"
+from .io import META_KEY
 
 
 def _dtype_for(data) -> np.dtype:

@@ -60,14 +60,13 @@ import numpy as np
 
 from . import __version__
 from .errors import Cancelled, StegoError
+from .io import META_KEY
 from .outputs import (BLOCKED, REDO, VALID, check_model_out, check_output,
                       remove_model_partials)
 from .tiffcheck import claimed_size_problem, plane_size_problem
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
-
-META_KEY = "napari_stego"
 WORK_DIR = ".napari-stego-work"
 TIFF_SUFFIXES = (".tif", ".tiff")
 FORMATS = ("tif", "zarr")

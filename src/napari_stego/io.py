@@ -18,6 +18,9 @@ import numpy as np
 
 from .errors import StegoError
 
+# the key of napari-stego's own metadata in TIFF descriptions, zarr attributes and model files
+META_KEY = "napari_stego"
+
 
 @dataclass(frozen=True)
 class IntensityConfig:

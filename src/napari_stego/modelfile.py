@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .errors import StegoError
+from .io import META_KEY
 
-META_KEY = "napari_stego"
 _REQUIRED = dict(format_version=int, backbone=str, weights_source=str,
                  weights_fingerprint=str, in_dim=int, code_dim=int, n_clusters=int,
                  feature_config=dict, train_config=dict, cluster_config=dict,

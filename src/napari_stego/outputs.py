@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-META_KEY = "napari_stego"
+from .io import META_KEY
+
 WRITTEN_BY = "napari-stego segment"
 
 # states of an output name; see :func:`check_output`
