@@ -448,3 +448,34 @@ def test_an_unguarded_script_can_predict_with_the_crf_on_a_big_image(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("start") == 1, run.stdout  # the script ran once
     assert "labels (1100, 48)" in run.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
+def test_tensor_probabilities_stay_tensors_and_give_the_numpy_result(backend):
+    """Probabilities chained from a prediction come as a tensor on the model's device; the
+    CRF refines them there and hands back a tensor, the same values as the numpy path."""
+    if backend == "pydensecrf":
+        pytest.importorskip("pydensecrf.densecrf")
+    image = IMAGES["coffee"][:80, :96]
+    probs = colour_probs(image, k=3)
+    expected = dense_crf(image, probs, backend=backend)
+    q = dense_crf(image, torch.from_numpy(probs.astype(np.float64)), backend=backend)
+    assert isinstance(q, torch.Tensor) and q.dtype == torch.float32 and q.device.type == "cpu"
+    np.testing.assert_allclose(q.numpy(), expected, atol=1e-6)
+    with pytest.raises(StegoError, match="spatial shape"):
+        dense_crf(image, torch.from_numpy(probs[:, :-1]), backend=backend)
+    bad = torch.from_numpy(probs.copy())
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(StegoError, match="NaN"):
+        dense_crf(image, bad, backend=backend)
+
+
+def test_crf_transfers_to_and_from_the_device_are_exact_on_the_cpu():
+    from napari_stego._crf_torch import to_device, to_host
+
+    probs = colour_probs(IMAGES["camera"][:40, :40], k=3)
+    t = to_device(probs, torch.device("cpu"))
+    assert t.dtype == torch.float32
+    np.testing.assert_array_equal(to_host(t), probs)
+    rgb = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    np.testing.assert_array_equal(to_device(rgb, "cpu").numpy(), rgb.astype(np.float32))

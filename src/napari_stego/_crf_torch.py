@@ -146,7 +146,7 @@ def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
     c, h, w = probs.shape
     n = h * w
     with torch.inference_mode():
-        unary = torch.from_numpy(probs).to(device).reshape(c, n).clamp(1e-5, 1.0).log_().neg_()
+        unary = to_device(probs, device).reshape(c, n).clamp(1e-5, 1.0).log_().neg_()
         neg_unary = (-unary.T).contiguous()  # (N, C): energies point-major, softmax class-major
         kernels = []
         if cfg.pos_w > 0:
@@ -155,7 +155,7 @@ def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
             from ._permutohedral import Permutohedral
 
             x, y = _grid(h, w, *origin, device)
-            colour = torch.from_numpy(rgb.reshape(n, 3)).to(device).float() / cfg.bi_rgb_std
+            colour = to_device(rgb.reshape(n, 3), device) / cfg.bi_rgb_std
             feats = torch.cat([(x / cfg.bi_xy_std)[:, None], (y / cfg.bi_xy_std)[:, None], colour], 1)
             del x, y, colour
             kernels.append(_LatticeKernel(Permutohedral(feats), cfg.bi_w, device))
@@ -168,4 +168,40 @@ def _run_torch(rgb: np.ndarray, probs: np.ndarray, cfg: CRFConfig, device,
             for kernel in kernels:
                 kernel.add_message(qt, energy)
             q = torch.softmax(energy.T, 0)
-        return q.reshape(c, h, w).cpu().numpy()
+        q = q.reshape(c, h, w)
+        return q if isinstance(probs, torch.Tensor) else to_host(q)
+
+
+def to_device(arr, device):
+    """A numpy array or tensor as float32 on ``device``.
+
+    A tensor already there is used as it is (probabilities chained from a prediction on the
+    same GPU never visit the host). A numpy array bound for a CUDA device crosses the bus as
+    float16 (uint8 stays uint8) from page-locked memory, then is widened there: half the bytes
+    of float32, and a pinned copy is not staged through a pageable buffer by the driver.
+    """
+    import torch
+
+    if isinstance(arr, torch.Tensor):
+        return arr.to(device).float()
+    t = torch.from_numpy(arr)
+    if torch.device(device).type != "cuda":
+        return t.to(device).float()
+    if t.dtype == torch.float32 or t.dtype == torch.float64:
+        t = t.half()
+    return t.pin_memory().to(device, non_blocking=True).float()
+
+
+def to_host(q):
+    """CRF marginals ``(K, H, W)`` on any device -> float32 numpy. From a GPU they come back
+    as float16 through page-locked memory (half the bytes): the argmax can then differ only
+    where two marginals agree to float16's precision (about 1e-3), where the label is a coin
+    toss anyway."""
+    import torch
+
+    if q.device.type != "cuda":
+        return q.numpy() if q.dtype == torch.float32 else q.float().numpy()
+    host = torch.empty(q.shape, dtype=torch.float16, pin_memory=True)
+    host.copy_(q.half(), non_blocking=True)
+    torch.cuda.current_stream(q.device).synchronize()
+    return host.float().numpy()

@@ -238,8 +238,10 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
         The image the probabilities belong to: uint8 RGB is used as it is; grey, RGBA,
         multi-channel, 16-bit and float images are mapped to 0-255 RGB the way the features
         map them (:func:`crf_image`, ``config.intensity``).
-    probs : (K, H, W) float ndarray
-        Class probabilities at the image's resolution.
+    probs : (K, H, W) float ndarray or torch.Tensor
+        Class probabilities at the image's resolution. A tensor (e.g. from a prediction on
+        the GPU) stays on its device with the torch backend: no host round trip, and the
+        result is a tensor there too.
     config : CRFConfig, optional
         The CRF parameters (default: the reference STEGO CRF); the keyword parameters below
         override single fields.
@@ -261,8 +263,10 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
 
     Returns
     -------
-    Q : (K, H, W) float32 ndarray
+    Q : (K, H, W) float32 ndarray (a float32 tensor on ``probs``' device when ``probs`` is one)
         Approximate marginals (they sum to 1 over ``K``); ``Q.argmax(0)`` gives the labels.
+        From a CUDA device a numpy result crosses back as float16 (see
+        :func:`napari_stego._crf_torch.to_host`).
 
     Raises
     ------
@@ -276,12 +280,45 @@ def dense_crf(image, probs, *, config: CRFConfig | None = None, backend: str | N
     """
     cfg = _config(config, dict(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std,
                                bi_w=bi_w, bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std))
-    backend = _backend(backend, device)
     arr = _check_image(image)
-    p = _check_probs(probs, arr.shape[:2])
     rgb = crf_image(arr, cfg.intensity if intensity is None else intensity)
+    if _is_tensor(probs):
+        hint = device if device is not None or backend not in (None, "auto") else probs.device
+        backend = _backend(backend, hint)
+        p = _check_probs_tensor(probs, arr.shape[:2])
+        if backend == "pydensecrf":
+            q = _run_pydensecrf(rgb, _owned(p.cpu().numpy(), np.float32), cfg)
+            return __import__("torch").from_numpy(q).to(probs.device)
+        dev = p.device if device is None else _torch_device(device)
+        return _run_torch(rgb, p, cfg, dev, tuple(origin))
+    backend = _backend(backend, device)
+    p = _check_probs(probs, arr.shape[:2])
     dev = _torch_device(device) if backend == "torch" else None
     return _run(backend, rgb, p, cfg, dev, tuple(origin))
+
+
+def _is_tensor(x) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _check_probs_tensor(probs, shape):
+    """The checks of :func:`_check_probs` for a tensor, without leaving its device (one
+    device read for the finiteness check)."""
+    if probs.ndim != 3 or probs.shape[0] < 1:
+        raise StegoError(f"probs must be (C, H, W) class probabilities, got shape "
+                         f"{tuple(probs.shape)}")
+    if not probs.is_floating_point():
+        raise StegoError(f"probs must be float probabilities, got dtype {probs.dtype}")
+    if tuple(probs.shape[1:]) != tuple(shape):
+        raise StegoError(
+            f"probs have spatial shape {tuple(probs.shape[1:])} but the image is "
+            f"{tuple(shape)}: up-sample the probabilities to the image size first")
+    if not bool(probs.isfinite().all()):
+        raise StegoError("probs contain NaN or inf: pass finite probabilities in [0, 1]")
+    return probs.detach().float()
 
 
 def default_halo(config: CRFConfig | None = None) -> int:

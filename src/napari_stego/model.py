@@ -237,9 +237,12 @@ class StegoModel:
         """Cluster probabilities ``(K, H, W)`` float32 of an image of ``size`` ``(H, W)`` from
         its backbone features ``(D, h, w)`` (from :meth:`features` or a feature cache), so
         refitting on the same images need not run the backbone again."""
-        probs = cluster_probabilities(self.upsampled_code(feats, size), self.centroids,
-                                      self.predict_config.alpha)
-        return probs[0].cpu().numpy().astype(np.float32)
+        return self._proba(feats, size).cpu().numpy().astype(np.float32)
+
+    def _proba(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """:meth:`proba_from_features` as a ``(K, H, W)`` tensor on the model's device."""
+        return cluster_probabilities(self.upsampled_code(feats, size), self.centroids,
+                                     self.predict_config.alpha)[0]
 
     @torch.inference_mode()
     def upsampled_code(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -266,15 +269,23 @@ class StegoModel:
                 ``IntensityConfig.channels`` does not map to RGB, an unsupported dtype.
         """
         image = _one_image(image)
+        dtype = np.uint8 if self.n_clusters <= 256 else np.uint16
         if not crf and not self._single_tile(image):
             return self._lazy_one(image)[0].compute(scheduler="threads")
+        if crf and self._single_tile(image) and self.device.type == "cuda":
+            from .crf import default_backend, dense_crf
+
+            if default_backend(self.device) == "torch":  # probabilities stay on the GPU
+                with torch.inference_mode():
+                    q = dense_crf(image, self._proba(self.features(image), image.shape[:2]))
+                    return q.argmax(0).to(torch.uint8 if dtype == np.uint8 else torch.int32) \
+                        .cpu().numpy().astype(dtype)
         probs = self.predict_proba(image)
         if crf:
             from .crf import dense_crf, dense_crf_tiled
 
             probs = dense_crf(image, probs) if self._single_tile(image) else \
                 dense_crf_tiled(image, probs)
-        dtype = np.uint8 if self.n_clusters <= 256 else np.uint16
         return probs.argmax(0).astype(dtype)
 
     def _single_tile(self, image: np.ndarray) -> bool:
