@@ -182,3 +182,40 @@ def test_appearance_is_off_by_default(offline_backbone):
                            features=FeatureConfig(min_side=224))
     assert model.train_config.appearance.weight == 0.0
     assert model.info["appearance"]["weight"] == 0.0
+
+
+def _two_partitions(seed, n=6, size=96):
+    """Images whose colour classes are one random partition, and feature maps (stride 8)
+    that are grouped by another, independent one."""
+    rng = np.random.default_rng(seed)
+    images, feats = [], []
+    for _ in range(n):
+        images.append(np.clip(COLOURS[blob_labels(rng, size)] +
+                              0.05 * rng.standard_normal((size, size, 3)), 0, 1))
+        other = blob_labels(rng, size)[4::8, 4::8]  # (12, 12) cells
+        centres = np.eye(16)[:3] * 3.0
+        f = centres[other] + 0.3 * rng.standard_normal((*other.shape, 16))
+        feats.append(torch.from_numpy(f.transpose(2, 0, 1)).float())
+    return images, feats
+
+
+def test_gate_closes_when_the_features_group_more_clearly_than_the_colours():
+    """Street scenes: colours form groups, but the backbone's own groups are clearer (and
+    are what the classes follow); the appearance must then stay out of the target."""
+    images, feats = _two_partitions(0)
+    w_colour_only, _ = appearance_weight(maps_of(images), 3, AUTO, seed=0)
+    assert w_colour_only > 0.35
+    w, report = appearance_weight(maps_of(images), 3, AUTO, seed=0, features=feats)
+    assert report["feature_separability"] > report["separability"]
+    assert report["gate"] == 0.0 and w == 0.0, report
+
+
+def test_gate_opens_when_the_colours_group_and_the_features_do_not():
+    """Stained classes: clear colour groups, features without a dominant grouping."""
+    images, _ = _two_partitions(1)
+    rng = np.random.default_rng(1)
+    feats = [torch.from_numpy(gaussian_filter(rng.standard_normal((16, 12, 12)), (0, 1, 1)))
+             .float() for _ in images]
+    w, report = appearance_weight(maps_of(images), 3, AUTO, seed=0, features=feats)
+    assert report["gate"] == 1.0, report
+    assert w == pytest.approx(report["separability"], abs=1e-3) and w > 0.35

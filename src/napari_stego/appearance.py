@@ -35,6 +35,9 @@ import torch.nn.functional as F
 
 from .errors import StegoError
 
+FEATURE_DIMS = 3  # principal directions of the features the gate compares with the colours
+GATE_WIDTH = 0.1  # the gate opens over this much more separability of the colours
+
 
 @dataclass(frozen=True)
 class AppearanceConfig:
@@ -49,7 +52,7 @@ class AppearanceConfig:
     """
 
     weight: float | None = 0.0
-    max_weight: float = 0.5
+    max_weight: float = 1.0
     n_fourier: int = 256
     max_points: int = 20_000
 
@@ -85,15 +88,22 @@ def appearance_map(rgb: np.ndarray, grid: tuple[int, int], stride: int,
     return F.avg_pool2d(t, stride)[0]
 
 
-def _sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator) -> np.ndarray:
+def _sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator,
+            also: Sequence[torch.Tensor] | None = None):
+    """About ``n`` random cells of ``maps`` (spread over the maps by their sizes) as an
+    ``(n, C)`` float64 array; with ``also`` (maps of the same grids) the same cells of those
+    too: ``(x, y)``."""
     cells = [m.shape[-2] * m.shape[-1] for m in maps]
     total = sum(cells)
-    parts = []
-    for m, c in zip(maps, cells):
+    parts, others = [], []
+    for i, (m, c) in enumerate(zip(maps, cells)):
         k = max(1, round(n * c / total)) if total > n else c
         idx = torch.randperm(c, generator=gen)[: min(k, c)]
         parts.append(m.flatten(1)[:, idx].T.float())
-    return torch.cat(parts).numpy().astype(np.float64)
+        if also is not None:
+            others.append(also[i].flatten(1)[:, idx].T.float())
+    x = torch.cat(parts).numpy().astype(np.float64)
+    return x if also is None else (x, torch.cat(others).numpy().astype(np.float64))
 
 
 def _r2(x: np.ndarray, k: int, seed: int, n_init: int = 3) -> float:
@@ -110,36 +120,66 @@ def _r2(x: np.ndarray, k: int, seed: int, n_init: int = 3) -> float:
     return 1.0 - best / total
 
 
+def separability(x: np.ndarray, k: int, seed: int = 0) -> tuple[float, float, float]:
+    """How much better k-means with ``k`` clusters splits the points ``x (N, C)`` than it
+    splits a Gaussian cloud with their mean and covariance: ``(s, R2, R2_gauss)`` with
+    ``s = clip((R2 - R2_gauss) / (1 - R2_gauss), 0, 1)`` and ``R2`` the between-cluster
+    fraction of the variance (see the module doc)."""
+    r2 = _r2(x, k, seed)
+    rng = np.random.default_rng(seed)
+    vals, vecs = np.linalg.eigh(np.cov(x.T) + 1e-12 * np.eye(x.shape[1]))
+    gauss = x.mean(0) + (rng.standard_normal(x.shape) * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    r2_gauss = _r2(gauss, k, seed)
+    return float(np.clip((r2 - r2_gauss) / max(1.0 - r2_gauss, 1e-6), 0.0, 1.0)), r2, r2_gauss
+
+
+def _feature_separability(f: np.ndarray, k: int, seed: int) -> float:
+    """:func:`separability` of unit feature vectors ``f (N, D)`` in their first
+    :data:`FEATURE_DIMS` principal directions (as many dimensions as the colours have)."""
+    u = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    u = u - u.mean(0)
+    _, _, vt = np.linalg.svd(u, full_matrices=False)
+    return separability(u @ vt[:FEATURE_DIMS].T, k, seed)[0]
+
+
 def appearance_weight(maps: Sequence[torch.Tensor], n_clusters: int | None,
                       config: AppearanceConfig = AppearanceConfig(),
-                      seed: int = 0) -> tuple[float, dict]:
+                      seed: int = 0,
+                      features: Sequence[torch.Tensor] | None = None) -> tuple[float, dict]:
     """The appearance weight of a fit and a report of how it was chosen (see module doc).
 
     Args:
         maps: appearance maps ``(3, h, w)`` (:func:`appearance_map`).
         n_clusters: ``K`` of the fit (``None`` or < 2: 2).
+        features: the backbone feature maps ``(D, h, w)`` of the same cells; with them the
+            weight is also gated by how much more clearly the colours fall into groups than
+            the features' leading directions do (``gate``; without them the gate is 1).
 
     Returns:
-        ``(w, report)``; the report holds ``r2``, ``r2_gauss``, ``separability`` and
-        ``weight``.
+        ``(w, report)``; the report holds ``separability`` (of the colours),
+        ``feature_separability``, ``gate``, ``r2``, ``r2_gauss`` and ``weight``.
     """
     if config.weight is not None:
         return float(config.weight), dict(weight=float(config.weight), rule="fixed")
     gen = torch.Generator().manual_seed(seed)
-    x = _sample(maps, config.max_points, gen)
+    if features is None:
+        x, f = _sample(maps, config.max_points, gen), None
+    else:
+        x, f = _sample(maps, config.max_points, gen, also=features)
     k = max(int(n_clusters or 2), 2)
     if len(x) <= k:
         return 0.0, dict(weight=0.0, rule="too few cells")
-    r2 = _r2(x, k, seed)
-    # the same k-means on a Gaussian cloud with the colours' mean and covariance
-    rng = np.random.default_rng(seed)
-    vals, vecs = np.linalg.eigh(np.cov(x.T) + 1e-12 * np.eye(x.shape[1]))
-    gauss = x.mean(0) + (rng.standard_normal(x.shape) * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-    r2_gauss = _r2(gauss, k, seed)
-    sep = float(np.clip((r2 - r2_gauss) / max(1.0 - r2_gauss, 1e-6), 0.0, 1.0))
-    w = round(config.max_weight * sep, 4)
-    return w, dict(weight=w, rule="auto", r2=round(r2, 4), r2_gauss=round(r2_gauss, 4),
-                   separability=round(sep, 4), k=k)
+    sep, r2, r2_gauss = separability(x, k, seed)
+    report = dict(rule="auto", r2=round(r2, 4), r2_gauss=round(r2_gauss, 4),
+                  separability=round(sep, 4), k=k)
+    gate = 1.0
+    if f is not None:
+        sep_f = _feature_separability(f, k, seed)
+        gate = float(np.clip((sep - sep_f) / GATE_WIDTH, 0.0, 1.0))
+        report.update(feature_separability=round(sep_f, 4), gate=round(gate, 4))
+    w = round(config.max_weight * sep * gate, 4)
+    report["weight"] = w
+    return w, report
 
 
 def median_distance(maps: Sequence[torch.Tensor], seed: int = 0, n: int = 2000) -> float:

@@ -259,7 +259,8 @@ def _appearance_teacher(maps, dim: int, channels: int, config: TrainConfig,
     if not channels:
         return None, {}
     colours = [m[dim:].float() for m in maps]
-    w, report = appearance_weight(colours, n_clusters, config.appearance, seed)
+    w, report = appearance_weight(colours, n_clusters, config.appearance, seed,
+                                  features=[m[:dim] for m in maps])
     _log.info("appearance weight %.3f (%s)", w, report)
     if w <= 0:
         return None, report
