@@ -20,7 +20,13 @@ solar images). This module adds an *appearance affinity* to the correlation targ
   ``s = clip((R2 - R2_gauss) / (1 - R2_gauss), 0, 1)``, ``R2`` the between-cluster fraction
   of the colour variance. Colours that fall into separate groups (stains, bright vs dark
   classes) give ``s`` near 1; colour noise or textures of one mean colour give a Gaussian-
-  like cloud and ``s`` near 0.
+  like cloud and ``s`` near 0. Grouped colours are not enough, though: street scenes' colours
+  group as clearly as a blood smear's, and there colour misleads. So the weight is gated by
+  whether the colours group *more clearly than the backbone's own leading directions do*:
+  ``s_f`` is the same measure on the unit features' first three principal components (as many
+  dimensions as the colours), and ``w = max_weight * s * clip((s - s_f) / 0.1, 0, 1)``. Where
+  the features already fall into clear groups (street scenes, texture mosaics) the target
+  stays theirs; where they do not and the colours do (stains), appearance enters.
 """
 
 from __future__ import annotations
