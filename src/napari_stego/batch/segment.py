@@ -14,7 +14,7 @@ from .plan import _plan
 from .reports import BatchReport, Log, Progress
 from .schedule import _dispatch, _local_dask, _Pool, _Tally
 from .tasks import _Settings
-from .writes import FORMATS, WORK_DIR, _grid_tiles, _remove
+from .writes import FORMATS, WORK_DIR, _remove
 
 
 def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
@@ -92,7 +92,7 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
         total = sum(j.layout.n_planes for j in busy)
         planes = _Tally("segment", progress, total - sum(len(j.todo) for j in busy), total)
         planes.report()
-        total = sum(j.layout.n_planes * len(_grid_tiles(j.grid)) for j in busy if j.grid)
+        total = sum(j.layout.n_planes * j.grid.n_tiles for j in busy if j.grid)
         tiles = _Tally("tiles", progress, total - sum(len(t) for j in busy
                                                       for t in j.tiles.values()), total)
         if total:
