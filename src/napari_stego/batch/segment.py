@@ -28,7 +28,7 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
     (``cells_01.ome.tif`` -> ``out/cells_01.tif``), the same spatial shape and the input's
     leading axes, uint8 (uint16 for more than 256 clusters), with JSON metadata recording
     the model (path, SHA-256, backbone, K), the settings, the input's signature and the
-    package version. Re-running skips finished outputs; see the module docstring.
+    package version. Re-running skips finished outputs; see the package docstring.
 
     Args:
         model: a ``.stego`` file or a :class:`~napari_stego.model.StegoModel`.
@@ -49,7 +49,7 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
         device: ``"auto"``/``None`` (CUDA > MPS > CPU, per worker) or a device name.
         progress: ``progress("segment", planes_done, planes_total)``; when some planes are
             bigger than one tile of the model's ``TileConfig`` (they are predicted tile by
-            tile, see the module docstring) also ``progress("tiles", done, total)``.
+            tile, see the package docstring) also ``progress("tiles", done, total)``.
         log: receives one line per problem or notice (failed / skipped inputs, stale
             outputs recomputed).
         cancel: anything with ``is_set()``; running planes (tiles) finish, the rest is
