@@ -17,6 +17,8 @@ import pytest
 import tifffile
 
 from napari_stego import StegoError, StegoModel, batch, segment_files
+from napari_stego.batch import inputs as batch_inputs
+from napari_stego.batch import tasks, writes
 from napari_stego.errors import Cancelled
 
 
@@ -55,12 +57,12 @@ def _partials(folder: Path) -> list[Path]:
 
 
 class _Counter:
-    """Wraps ``batch._predict_plane`` to count (and optionally interrupt) predictions."""
+    """Wraps ``tasks._predict_plane`` to count (and optionally interrupt) predictions."""
 
     def __init__(self, monkeypatch, interrupt_at: int | None = None):
         self.calls = 0
         self.lock = threading.Lock()
-        real = batch._predict_plane
+        real = tasks._predict_plane
 
         def counted(model, plane, settings):
             with self.lock:
@@ -70,7 +72,7 @@ class _Counter:
                 raise KeyboardInterrupt  # as if the job were stopped here
             return real(model, plane, settings)
 
-        monkeypatch.setattr(batch, "_predict_plane", counted)
+        monkeypatch.setattr(tasks, "_predict_plane", counted)
 
 
 # ------------------------------------------------------------------------- outputs
@@ -366,7 +368,8 @@ def test_localcluster_gives_the_local_labels(fitted, tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         remote = segment_files(model_path, data, tmp_path / "dask", scheduler=client)
-        loads = client.run(lambda: __import__("napari_stego.batch").batch._MODEL_LOADS)
+        loads = client.run(
+            lambda: __import__("napari_stego.batch.models").batch.models._MODEL_LOADS)
         # dask work inside a plane (a tiled predictor) stays on the worker's own thread
         inner = client.run(lambda: __import__("dask").config.get("scheduler", None))
         address = cluster.scheduler_address
@@ -450,14 +453,14 @@ def _expected_tiles(model, shape2d) -> list[tuple[tuple[int, int], tuple[int, in
 
 
 class _TileSpy:
-    """Wraps ``batch._predict_tile``: records the tile cores predicted (and optionally stops
+    """Wraps ``tasks._predict_tile``: records the tile cores predicted (and optionally stops
     the job, as if killed, at call ``interrupt_at``)."""
 
     def __init__(self, monkeypatch, interrupt_at: int | None = None):
         self.cores: list[tuple] = []
         self.interrupt_at = interrupt_at
         self.lock = threading.Lock()
-        real = batch._predict_tile
+        real = tasks._predict_tile
 
         def spy(pred, tile, window, crf_intensity, settings):
             with self.lock:
@@ -467,14 +470,14 @@ class _TileSpy:
                 raise KeyboardInterrupt
             return real(pred, tile, window, crf_intensity, settings)
 
-        monkeypatch.setattr(batch, "_predict_tile", spy)
+        monkeypatch.setattr(tasks, "_predict_tile", spy)
 
 
 def test_big_planes_are_predicted_tile_by_tile(tiled, tmp_path, monkeypatch):
     model, whole, path, big = tiled
     spy = _TileSpy(monkeypatch)
     reads: list[tuple[int, ...]] = []
-    real_getitem = batch._PlaneArray.__getitem__
+    real_getitem = batch_inputs._PlaneArray.__getitem__
 
     def getitem(self, key):
         block = real_getitem(self, key)
@@ -484,8 +487,8 @@ def test_big_planes_are_predicted_tile_by_tile(tiled, tmp_path, monkeypatch):
     def whole_plane(*args):
         raise AssertionError("a big plane was read whole by a plane task")
 
-    monkeypatch.setattr(batch._PlaneArray, "__getitem__", getitem)
-    monkeypatch.setattr(batch, "_read_plane", whole_plane)
+    monkeypatch.setattr(batch_inputs._PlaneArray, "__getitem__", getitem)
+    monkeypatch.setattr(tasks, "_read_plane", whole_plane)
     seen: list[tuple] = []
     out = tmp_path / "out"
     inputs = [big / "camera.tif", big / "astronaut.tif"]
@@ -638,16 +641,16 @@ def test_tile_parts_stitch_into_tiff_tiles_of_another_size(tmp_path, monkeypatch
         for iy, (y0, y1) in enumerate(grid[0]):
             for ix, (x0, x1) in enumerate(grid[1]):
                 core = plane[y0:y1, x0:x1]
-                batch._save_tile_part(batch._tile_part_path(tmp_path, flat, (iy, ix)), core,
-                                      None, batch._pixel_range(core))
-    assert batch._tiff_tile_side(grid[0], 250) == 256  # 100 px is no TIFF tile size
-    assert batch._tiff_tile_side(((0, 1024), (1024, 3000)), 3000) == 1024
-    monkeypatch.setattr(batch, "_tiff_tile_side", lambda cores, length: 48)
-    layout = batch._Layout((2, 250, 130), "QYX", "|u1", (1, 2), None, (0,))
-    task = batch._AssembleTask(batch._Settings(), layout, 5, (), "", None, {}, str(tmp_path),
+                writes._save_tile_part(writes._tile_part_path(tmp_path, flat, (iy, ix)), core,
+                                       None, batch_inputs._pixel_range(core))
+    assert writes._tiff_tile_side(grid[0], 250) == 256  # 100 px is no TIFF tile size
+    assert writes._tiff_tile_side(((0, 1024), (1024, 3000)), 3000) == 1024
+    monkeypatch.setattr(writes, "_tiff_tile_side", lambda cores, length: 48)
+    layout = batch_inputs._Layout((2, 250, 130), "QYX", "|u1", (1, 2), None, (0,))
+    task = tasks._AssembleTask(tasks._Settings(), layout, 5, (), "", None, {}, str(tmp_path),
                                grid)
-    out = batch._write_tiled(tmp_path / "out.tif", task, (2, 250, 130), np.dtype(np.uint8),
-                             {"complete": True}, ["labels"])
+    out = writes._write_tiled(tmp_path / "out.tif", task, (2, 250, 130), np.dtype(np.uint8),
+                              {"complete": True}, ["labels"])
     with tifffile.TiffFile(out) as tif:
         assert tif.pages[0].tile == (48, 48)
         np.testing.assert_array_equal(tif.asarray(), planes)

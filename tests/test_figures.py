@@ -6,7 +6,7 @@ import numpy as np
 import tifffile
 from imageio.v3 import imread
 
-from napari_stego.batch import evaluate_folders
+from napari_stego.evaluate import evaluate_folders
 from napari_stego.figures import confusion_figure, find_class_names
 
 

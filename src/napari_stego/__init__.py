@@ -18,7 +18,7 @@ _EXPORTS = {
     "Cancelled": "errors",
     "segment_files": "batch",
     "fit_files": "batch",
-    "evaluate_folders": "batch",
+    "evaluate_folders": "evaluate",
     "BatchReport": "batch",
     "suggest_n_clusters": "choose_k",
 }

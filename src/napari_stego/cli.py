@@ -1,8 +1,8 @@
 """The ``napari-stego`` command.
 
 Each sub-command parses its arguments, then makes one keyword call into the core
-(:mod:`napari_stego.batch` for fit / segment / evaluate); heavy imports (torch, timm) happen
-after parsing.
+(:mod:`napari_stego.batch` for fit / segment, :mod:`napari_stego.evaluate` for evaluate);
+heavy imports (torch, timm) happen after parsing.
 
 Exit codes scripts can rely on:
 
@@ -107,7 +107,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Hungarian-matched scores of a folder of predictions against ground truth."""
-    from .batch import evaluate_folders
+    from .evaluate import evaluate_folders
 
     result = evaluate_folders(args.pred_dir, args.gt_dir, n_classes=args.n_classes,
                               ignore_index=args.ignore_index, out=args.out,

@@ -18,7 +18,7 @@ Two backends compute the same thing:
   Labels agree with pydensecrf on more than 99.5 % of pixels.
 
 :func:`dense_crf` refines one image; :func:`dense_crf_tiled` refines a big image tile by tile
-with a halo; :func:`crf_labels` refines a whole stack lazily (dask), slice by slice.
+with a halo.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import numpy as np
 
 from ._crf_torch import _POS_CACHE, _run_torch  # noqa: F401  (_POS_CACHE: benchmarks/crf.py)
 from .errors import Cancelled, StegoError
-from .io import IntensityConfig, to_uint8_rgb
+from .intensity import IntensityConfig, to_uint8_rgb
+from .tiling import PlaneGrid
 
 Progress = Callable[[str, int, int], None]
 
@@ -152,10 +153,10 @@ def crf_image(image, intensity=None) -> np.ndarray:
     """The ``(H, W, 3)`` uint8 image the CRF's colour kernel sees.
 
     ``(H, W, 3)`` uint8 images are used as they are. Anything else goes through the
-    features' mapping: ``intensity`` is an :class:`~napari_stego.io.IntensityConfig` (default:
-    the image's own robust percentiles, :func:`napari_stego.io.to_uint8_rgb`) or a fitted
+    features' mapping: ``intensity`` is an :class:`~napari_stego.intensity.IntensityConfig` (default:
+    the image's own robust percentiles, :func:`napari_stego.intensity.to_uint8_rgb`) or a fitted
     mapping with an ``apply(block) -> (H, W, 3) float in [0, 1]`` method (e.g. the stack-wide
-    statistics of :func:`napari_stego.io.fit_intensity`, so that every slice and tile sees
+    statistics of :func:`napari_stego.intensity.fit_intensity`, so that every slice and tile sees
     the same colours as the features did).
     """
     arr = np.asarray(image)
@@ -327,19 +328,6 @@ def default_halo(config: CRFConfig | None = None) -> int:
     return max(16, math.ceil(2 * max(cfg.bi_xy_std, cfg.pos_xy_std)))
 
 
-def _tiles(h: int, w: int, tile: int, halo: int):
-    """(read window, write window, crop of the write window in the read one) per tile."""
-    out = []
-    for y in range(0, h, tile):
-        for x in range(0, w, tile):
-            y1, x1 = min(y + tile, h), min(x + tile, w)
-            ry0, rx0 = max(0, y - halo), max(0, x - halo)
-            ry1, rx1 = min(h, y1 + halo), min(w, x1 + halo)
-            out.append(((ry0, ry1, rx0, rx1), (y, y1, x, x1),
-                        (slice(y - ry0, y1 - ry0), slice(x - rx0, x1 - rx0))))
-    return out
-
-
 def _tile_job(args):
     backend, rgb, probs, cfg, device, origin = args
     return _run(backend, rgb, probs, cfg, device, origin)
@@ -391,17 +379,17 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
         raise StegoError(f"halo must be >= 0 pixels, got {halo!r}")
     rgb = crf_image(arr, cfg.intensity if intensity is None else intensity)
     dev = _torch_device(device) if backend == "torch" else None
-    h, w = arr.shape[:2]
-    tiles = _tiles(h, w, int(tile), halo)
+    tiles = PlaneGrid.blocks(arr.shape[:2], int(tile), halo).tiles()
     out = np.empty(p.shape, np.float32)
 
     def jobs():
-        for (ry0, ry1, rx0, rx1), _, _ in tiles:
-            yield (backend, rgb[ry0:ry1, rx0:rx1], p[:, ry0:ry1, rx0:rx1], cfg, dev, (ry0, rx0))
+        for t in tiles:
+            yield (backend, rgb[t.read], p[(slice(None), *t.read)], cfg, dev,
+                   (t.y.read[0], t.x.read[0]))
 
     def store(i, q):
-        _, (y0, y1, x0, x1), crop = tiles[i]
-        out[:, y0:y1, x0:x1] = q[:, crop[0], crop[1]]
+        t = tiles[i]
+        out[(slice(None), *t.core)] = q[(slice(None), *t.crop)]
         if progress is not None:
             progress("crf", i + 1, len(tiles))
 
@@ -435,79 +423,3 @@ def _workers(workers, n_tiles):
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise StegoError(f"workers must be a positive integer, got {workers!r}")
     return max(1, min(int(workers), n_tiles))
-
-
-def _tile_labels(rgb, probs, window, crop, backend, cfg, device, dtype):
-    """Labels of one tile: CRF of the read window, argmax, crop to the write window."""
-    ry0, ry1, rx0, rx1 = window
-    q = _run(backend, np.ascontiguousarray(rgb[ry0:ry1, rx0:rx1]), _check_probs(probs), cfg,
-             device, (ry0, rx0))
-    return q.argmax(0).astype(dtype)[crop]
-
-
-def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
-               config: CRFConfig | None = None, backend: str | None = None, device=None,
-               intensity=None, **params):
-    """CRF-refined labels of an image or a stack, lazily: a dask array, tile by tile.
-
-    Each 2D slice is cut into ``tile`` x ``tile`` blocks, each refined with a ``halo`` as in
-    :func:`dense_crf_tiled` (same tiles, same result), one dask task per block; a task reads
-    only its window of ``probs``, so a lazily predicted probability stack is never held in
-    memory whole. The colour image of a slice is mapped once per slice.
-
-    Parameters
-    ----------
-    image : (..., H, W) or (..., H, W, C) array or dask array
-        One image or a stack (planes, time points, ...) with the same leading axes as
-        ``probs``.
-    probs : (..., K, H, W) array or dask array
-        Class probabilities per slice.
-    tile, halo, config, backend, device, **params
-        As for :func:`dense_crf_tiled`.
-    intensity : IntensityStats, optional
-        One intensity mapping for every slice (e.g. :func:`napari_stego.io.fit_intensity` of
-        the stack, as the features use); default: each slice's own percentiles.
-
-    Returns
-    -------
-    labels : (..., H, W) dask array of uint8 (uint16 for more than 256 classes)
-        ``argmax`` of the refined marginals; nothing is computed until asked for (napari
-        computes the slice it shows). Tasks run on dask's scheduler: threads suit the torch
-        backend; for pydensecrf, ``labels.compute(scheduler="processes")`` uses all cores (in a
-        script guarded by ``if __name__ == "__main__":``, as every process pool needs).
-    """
-    import dask
-    import dask.array as da
-
-    cfg = _config(config, params)
-    backend = _backend(backend, device)
-    probs_d = da.asarray(probs)
-    image_d = da.asarray(image)
-    lead = probs_d.ndim - 3
-    if lead < 0:
-        raise StegoError(f"probs must be (..., K, H, W), got shape {probs_d.shape}")
-    k, h, w = probs_d.shape[-3:]
-    if image_d.ndim not in (lead + 2, lead + 3) or image_d.shape[:lead + 2] != (*probs_d.shape[:lead], h, w):
-        raise StegoError(
-            f"image shape {image_d.shape} does not match probs shape {probs_d.shape}: "
-            "expected (..., H, W) or (..., H, W, C) with the same leading axes and H, W"
-        )
-    if int(tile) < 1:
-        raise StegoError(f"tile must be a positive number of pixels, got {tile!r}")
-    halo = default_halo(cfg) if halo is None else int(halo)
-    dtype = np.uint8 if k <= 256 else np.uint16
-    dev = _torch_device(device) if backend == "torch" else None
-    mapping = cfg.intensity if intensity is None else intensity
-    tiles = _tiles(h, w, int(tile), halo)
-    n_cols = len(range(0, w, int(tile)))
-    slices = []
-    for index in np.ndindex(*probs_d.shape[:lead]):
-        rgb = dask.delayed(crf_image, pure=True)(image_d[index], mapping)
-        blocks = []
-        for window, (y0, y1, x0, x1), crop in tiles:
-            ry0, ry1, rx0, rx1 = window
-            labels = dask.delayed(_tile_labels, pure=True)(
-                rgb, probs_d[index][:, ry0:ry1, rx0:rx1], window, crop, backend, cfg, dev, dtype)
-            blocks.append(da.from_delayed(labels, shape=(y1 - y0, x1 - x0), dtype=dtype))
-        slices.append(da.block([blocks[i:i + n_cols] for i in range(0, len(blocks), n_cols)]))
-    return da.stack(slices).reshape(probs_d.shape[:lead] + (h, w))

@@ -10,18 +10,19 @@ from qtpy.QtCore import Qt
 from qtpy.QtGui import QBrush, QColor, QFont
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
-from ..errors import Cancelled, StegoError
+from ..errors import StegoError
+from ..evaluate import evaluate_arrays
+from ..io import META_KEY
 from ._common import (
-    META_KEY,
     JobMixin,
     finish_layout,
     insert_after,
     notify_error,
-    output_layer,
     run_buttons,
     text,
     warm_imports,
 )
+from ._layers import output_layer
 
 if TYPE_CHECKING:
     import napari
@@ -37,57 +38,6 @@ def _offset(layer) -> int:
     """Label value - cluster id of a layer (1 for napari-stego's layers, else 0)."""
     meta = layer.metadata.get(META_KEY)
     return int(meta.get("label_offset", 0)) if isinstance(meta, dict) else 0
-
-
-def evaluate_arrays(pred, gt, *, pred_offset: int, gt_zero_unlabelled: bool, n_clusters=None,
-                    progress=None, cancel=None) -> dict:
-    """Hungarian-matched scores of cluster labels against ground truth, slice by slice.
-
-    Parameters
-    ----------
-    pred : (..., H, W) integer array (numpy or dask); value - ``pred_offset`` is the cluster
-        id, values below ``pred_offset`` (0 for napari-stego layers: not segmented) are left
-        out.
-    gt : (..., H, W) integer array of the same shape; with ``gt_zero_unlabelled`` 0 means
-        "no label" and class ids are value - 1.
-
-    Returns
-    -------
-    dict of :func:`napari_stego.metrics.hungarian_scores` plus ``confusion``
-    ``(n_clusters, n_classes)``, ``pixels`` (pixels counted), ``class_values`` and
-    ``cluster_values`` (the label values of each row / column).
-    """
-    from ..metrics import confusion_matrix, hungarian_scores
-
-    if tuple(pred.shape) != tuple(gt.shape):
-        raise StegoError(f"ground truth shape {tuple(gt.shape)} differs from the clusters' shape "
-                         f"{tuple(pred.shape)}: choose layers of the same image")
-    lead = tuple(pred.shape[:-2])
-    indices = list(np.ndindex(*lead)) if lead else [()]
-    gt_off = 1 if gt_zero_unlabelled else 0
-    conf = np.zeros((max(int(n_clusters or 1), 1), 1), np.int64)
-    for i, idx in enumerate(indices):  # one pass, slice by slice (lazy stacks stay lazy)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("evaluation cancelled")
-        p = np.asarray(pred[idx]).astype(np.int64).ravel() - pred_offset
-        g = np.asarray(gt[idx]).astype(np.int64).ravel() - gt_off
-        keep = (p >= 0) & (g >= 0)
-        if keep.any():
-            p, g = p[keep], g[keep]
-            k, c = max(conf.shape[0], int(p.max()) + 1), max(conf.shape[1], int(g.max()) + 1)
-            if (k, c) != conf.shape:
-                conf = np.pad(conf, ((0, k - conf.shape[0]), (0, c - conf.shape[1])))
-            conf += confusion_matrix(p, g, k, c)
-        if progress is not None:
-            progress("evaluate", i + 1, len(indices))
-    if conf.sum() == 0:
-        raise StegoError("no pixel has both a cluster and a ground-truth label: segment the "
-                         "image first, and check that the ground truth is not all 0")
-    scores = hungarian_scores(conf)
-    scores.update(confusion=conf, pixels=int(conf.sum()),
-                  class_values=np.arange(conf.shape[1]) + gt_off,
-                  cluster_values=np.arange(conf.shape[0]) + pred_offset)
-    return scores
 
 
 class ConfusionTable(QTableWidget):

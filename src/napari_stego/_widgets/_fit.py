@@ -11,7 +11,6 @@ from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from ..errors import StegoError
 from ._common import (
     JobMixin,
-    LayerPicker,
     collapsible,
     finish_layout,
     insert_after,
@@ -23,6 +22,7 @@ from ._common import (
     text,
     warm_imports,
 )
+from ._layers import LayerPicker
 
 if TYPE_CHECKING:
     import napari

@@ -9,20 +9,18 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushBu
 from ..errors import Cancelled, StegoError
 from ._common import (
     LABEL_OFFSET,
-    LayerPicker,
     SharedModelMixin,
     collapsible,
     finish_layout,
     insert_after,
-    labels_dtype,
     model_store,
     model_summary,
     notify_error,
-    output_layer,
     run_buttons,
     text,
     warm_imports,
 )
+from ._layers import LayerPicker, labels_dtype, output_layer
 
 if TYPE_CHECKING:
     import napari
