@@ -108,7 +108,7 @@ def features(device: torch.device, size: int, tile: int | None, repeat: int) -> 
     tiles = TileConfig() if tile is None else TileConfig(tile=tile)
     config = FeatureConfig()
     t, halo = tile_halo(tiles, backbone)
-    n_batch = batch_size(tiles, device)
+    n_batch = batch_size(tiles, device, backbone)
     with tempfile.TemporaryDirectory(prefix="stego-gpu-suite-") as tmp:
         source = open_image(synthetic_tiff(Path(tmp) / "bench.tif", size))
         shapes = [j.shape for j in _plane_jobs(0, source, backbone, config, tiles)]

@@ -295,3 +295,27 @@ def test_training_crops_of_big_maps(tmp_path):
                                   values[m.plane, :, m.y + 3:m.y + 10, m.x + 5:m.x + 9])
     crop = crop_window(m, Unit(0, 0, 0, 64, 64), 28, torch.Generator().manual_seed(0))
     assert crop.shape == (8, 28, 28) and crop.dtype == torch.float16
+
+
+def test_default_tiles_are_sized_for_the_backbone(offline_backbone):
+    """A ViT's default core is 64 patches (its attention runs over the read tile's tokens);
+    a CNN's is 1024 px. An explicit tile is used as given. CUDA batches hold about the
+    pixels of eight 1152 px read tiles."""
+    from napari_stego.backbones import create_backbone, upsampled
+    from napari_stego.features import batch_size, default_tile, tile_halo
+
+    vit = create_backbone("dino_vits8", pretrained=False)
+    assert default_tile(vit) == 512
+    assert tile_halo(TileConfig(), vit) == (512, 64)
+    assert tile_halo(TileConfig(tile=1024), vit) == (1024, 64)
+    assert tile_halo(TileConfig(), offline_backbone) == (1024, 128)
+    # an up-sampled ViT reads half as many image pixels: the same tokens per tile
+    assert tile_halo(TileConfig(), upsampled(vit, 2)) == (256, 32)
+    cuda = torch.device("cuda")
+    assert batch_size(TileConfig(), cuda, vit) == 8 * 1152 ** 2 // 640 ** 2 == 25
+    assert batch_size(TileConfig(), cuda, offline_backbone) == 8
+    assert batch_size(TileConfig(batch_size=3), cuda, vit) == 3
+    assert batch_size(TileConfig(), torch.device("cpu"), vit) == 1
+    assert TileConfig().tile is None
+    with pytest.raises(StegoError, match="tile"):
+        TileConfig(tile=0)

@@ -194,21 +194,45 @@ def default_halo(backbone: Backbone) -> int:
     return 8 * backbone.stride if backbone.spec.family == "vit" else 128 // backbone.upsample
 
 
+def default_tile(backbone: Backbone) -> int:
+    """Core pixels the backbone sees when ``TileConfig.tile`` is ``None``: 1024 for a CNN; 64
+    patches for a ViT (512 px for ViT-S/8, 1024 for /16, 896 for /14). A ViT attends over
+    all the tokens of its read tile, so its time per pixel grows with the tokens: ViT-S/8 at
+    1024 px cores (1152 px read, 20,736 tokens) ran at a fifth of its 224 px rate on an
+    H200; 512 px cores (640 px read, 6,400 tokens) cost about half as much per image pixel,
+    halo included (docs/benchmarks.md)."""
+    if backbone.spec.family == "vit":
+        return 64 * backbone.stride * backbone.upsample
+    return 1024
+
+
 def tile_halo(tiles: TileConfig, backbone: Backbone) -> tuple[int, int]:
     """``(tile, halo)`` image pixels for ``backbone``, aligned to its ``pad_to``.
 
-    ``tiles.tile`` is the core size the backbone sees, so an up-sampled backbone
-    (:func:`~napari_stego.backbones.upsampled`) reads ``upsample`` times smaller cores of
-    the image and a tile costs the same memory."""
-    tile = TileConfig(tile=max(tiles.tile // backbone.upsample, 1), halo=tiles.halo)
+    ``tiles.tile`` is the core size the backbone sees (``None``: :func:`default_tile`), so
+    an up-sampled backbone (:func:`~napari_stego.backbones.upsampled`) reads ``upsample``
+    times smaller cores of the image and a tile costs the same memory."""
+    core = default_tile(backbone) if tiles.tile is None else tiles.tile
+    tile = TileConfig(tile=max(core // backbone.upsample, 1), halo=tiles.halo)
     return effective(tile, backbone.spec.pad_to, default_halo(backbone))
 
 
-def batch_size(tiles: TileConfig, device: torch.device) -> int:
-    """Tiles per backbone call: ``tiles.batch_size``, else 8 on CUDA and 1 elsewhere."""
+BATCH_PIXELS = 8 * 1152 ** 2  # read pixels per backbone call on CUDA when not set
+
+
+def batch_size(tiles: TileConfig, device: torch.device, backbone: Backbone | None = None) -> int:
+    """Tiles per backbone call: ``tiles.batch_size``, else 1 on the CPU, and on CUDA as many
+    read tiles of ``backbone`` as hold :data:`BATCH_PIXELS` pixels (at least 8, at most 64;
+    8 without a backbone)."""
     if tiles.batch_size is not None:
         return tiles.batch_size
-    return 8 if torch.device(device).type == "cuda" else 1
+    if torch.device(device).type != "cuda":
+        return 1
+    if backbone is None:
+        return 8
+    tile, halo = tile_halo(tiles, backbone)
+    read = (tile + 2 * halo) * backbone.upsample
+    return int(min(64, max(8, BATCH_PIXELS // read ** 2)))
 
 
 def plane_grid(shape2d: tuple[int, int], backbone: Backbone, config: FeatureConfig,
@@ -470,7 +494,7 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
     stride = backbone.stride
     _, halo = tile_halo(tiles, backbone)
     grid_cells = feature_grid(source.shape2d, backbone, config)
-    n_batch = batch_size(tiles, device)
+    n_batch = batch_size(tiles, device, backbone)
     runner = _Runner(backbone, device, config, n_batch)
     batches = list(iter_batches(jobs, lambda j: j.shape, n_batch))
     taper = tiles.blend == "taper"

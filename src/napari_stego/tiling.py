@@ -30,7 +30,10 @@ BLENDS = ("crop", "taper")
 class TileConfig:
     """How big images are tiled for the backbone, and how big feature maps feed training.
 
-    ``tile``: core side in pixels, rounded up to a multiple of the backbone's ``pad_to``.
+    ``tile``: core side in pixels, rounded up to a multiple of the backbone's ``pad_to``;
+    ``None`` picks the backbone's default (:func:`napari_stego.features.default_tile`: 1024 px
+    for the EfficientNet, 64 patches for a ViT, so that global attention runs over ~6,400
+    tokens per read tile instead of ~21,000).
     ``halo``: context pixels read on each side of a core (also rounded up); ``None`` picks
     the backbone's default (128 px for the EfficientNet, whose stride-32 features see far;
     8 patches for a ViT).
@@ -38,8 +41,9 @@ class TileConfig:
     with linear ramps over the ``2 * halo`` overlap (smoother, but needs a buffer one tile row
     high and as wide as the image).
     ``batch_size``: tiles per backbone call (halved automatically when the GPU runs out of
-    memory); ``None``: 8 on CUDA, 1 elsewhere (the CPU gains nothing from batches and a
-    1280 px tile already takes about 0.6 GB there).
+    memory); ``None``: 1 on the CPU (it gains nothing from batches and a 1280 px tile
+    already takes about 0.6 GB there), on CUDA as many tiles as hold the pixels of eight
+    1152 px read tiles (8 for 1024 px cores, 25 for a ViT-S/8's 512 px cores), at least 8.
     ``train_crop``: feature cells per side of the crops a big feature map is cut into for
     training (the crops are the "images" of KNN mining); ``None``: twice the training window,
     rounded up to the cache's chunk.
@@ -54,7 +58,7 @@ class TileConfig:
     once, so each feature value of the crops costs ~10 bytes at the peak.
     """
 
-    tile: int = 1024
+    tile: int | None = None
     halo: int | None = None
     blend: str = "crop"
     batch_size: int | None = None
@@ -65,7 +69,7 @@ class TileConfig:
     def __post_init__(self):
         for name in ("tile", "batch_size", "max_train_crops"):
             value = getattr(self, name)
-            if value is None and name in ("batch_size", "max_train_crops"):
+            if value is None:
                 continue
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise StegoError(f"TileConfig.{name} must be a positive integer, got {value!r}")
@@ -129,11 +133,13 @@ class Tile:
                 slice(self.x.core[0] - self.x.read[0], self.x.core[1] - self.x.read[0]))
 
 
-def effective(config: TileConfig, align: int, default_halo: int = 128) -> tuple[int, int]:
-    """``(tile, halo)`` in pixels after rounding up to multiples of ``align`` (``halo=None``
-    becomes ``default_halo``)."""
+def effective(config: TileConfig, align: int, default_halo: int = 128,
+              default_tile: int = 1024) -> tuple[int, int]:
+    """``(tile, halo)`` in pixels after rounding up to multiples of ``align`` (``None``
+    becomes ``default_tile`` / ``default_halo``)."""
     halo = default_halo if config.halo is None else config.halo
-    return round_up(config.tile, align), round_up(halo, align)
+    tile = default_tile if config.tile is None else config.tile
+    return round_up(tile, align), round_up(halo, align)
 
 
 def cover_1d(length: int, tile: int, halo: int, align: int = 1) -> list[Span]:

@@ -107,9 +107,10 @@ class FitWidget(Container, JobMixin):
         from ..tiling import TileConfig
 
         self.tile_size = SpinBox(
-            label="tile size (px)", value=TileConfig().tile, min=64, max=16_384, step=64,
+            label="tile size (px)", value=0, min=0, max=16_384, step=64,
             tooltip="Images larger than this go through the backbone tile by tile (with a "
                     "halo, so tiles join seamlessly); smaller images are processed whole. "
+                    "0: the backbone's default (1024 px; 64 patches for a ViT). "
                     "Lower it if the GPU / RAM runs out. Stored in the model and used when "
                     "segmenting.")
         self.upsample = ComboBox(
@@ -187,7 +188,7 @@ class FitWidget(Container, JobMixin):
         device, seed = self.device.value, int(self.seed.value)
         from ..tiling import TileConfig
 
-        tiles = TileConfig(tile=int(self.tile_size.value))
+        tiles = TileConfig(tile=int(self.tile_size.value) or None)
         from ..features import FeatureConfig
 
         features = FeatureConfig(upsample=int(self.upsample.value))
