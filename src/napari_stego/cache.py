@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,9 @@ class FeatureStore:
     """The features of all planes of one source: ``(N, D, h, w)`` float16 in zarr.
 
     Open one with :meth:`open`. ``read``/``write`` take a plane and cell slices; ``done``
-    flags say which planes are complete. Thread-safe for one writer thread plus readers of
+    flags say which planes are complete. Writes from several threads are safe (a write
+    holds the locks of the zarr chunks it touches, so two tiles sharing a chunk do not
+    undo each other's read-modify-write); ``mark_done`` is for one thread; reads are for
     complete planes.
     """
 
@@ -125,6 +128,8 @@ class FeatureStore:
         self.features = group["features"]
         self.done_flags = group["done"]
         self._done = np.asarray(self.done_flags[:], dtype=bool)
+        self._chunk_locks: dict[tuple[int, int, int], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     # --------------------------------------------------------------------------- opening
     @classmethod
@@ -214,8 +219,26 @@ class FeatureStore:
         self.done_flags[:] = self._done.astype(np.uint8)
 
     def write(self, plane: int, ys: slice, xs: slice, feats: np.ndarray) -> None:
-        """Store ``(D, h, w)`` features at cells ``ys, xs`` of ``plane``."""
-        self.features[plane, :, ys, xs] = np.asarray(feats, dtype=np.float16)
+        """Store ``(D, h, w)`` features at cells ``ys, xs`` of ``plane`` (thread-safe)."""
+        locks = self._locks(plane, ys, xs)
+        for lock in locks:  # always in the same (sorted) order: no deadlock
+            lock.acquire()
+        try:
+            self.features[plane, :, ys, xs] = np.asarray(feats, dtype=np.float16)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _locks(self, plane: int, ys: slice, xs: slice) -> list[threading.Lock]:
+        """The locks of the chunks that cells ``ys, xs`` of ``plane`` touch, sorted."""
+        *_, height, width = self.features.shape
+        cy, cx = self.features.chunks[-2:]
+        y0, y1, _ = ys.indices(height)
+        x0, x1, _ = xs.indices(width)
+        keys = [(plane, a, b) for a in range(y0 // cy, max(y0, y1 - 1) // cy + 1)
+                for b in range(x0 // cx, max(x0, x1 - 1) // cx + 1)]
+        with self._locks_guard:
+            return [self._chunk_locks.setdefault(k, threading.Lock()) for k in keys]
 
     def read(self, plane: int, ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
         """``(D, h, w)`` float16 features of cells ``ys, xs`` of ``plane``."""

@@ -464,7 +464,7 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
                    tiles: TileConfig, device: torch.device | str = "cpu", *,
                    stats: IntensityStats | None = None, planes: Sequence[int] | None = None,
                    progress: Progress | None = None, cancel=None,
-                   readers: int | None = None) -> int:
+                   readers: int | None = None, writers: int | None = None) -> int:
     """Compute the features of the planes of ``source`` into ``sink``, tile by tile.
 
     Args:
@@ -480,6 +480,8 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
             the sink.
         readers: threads reading and normalising tiles ahead of the device (default: half
             the CPU cores, 2 to 4).
+        writers: threads writing the tiles of one batch into ``sink`` (default: a quarter of
+            the CPU cores, 1 to 4; 1 with batches of one tile).
 
     Returns:
         the number of backbone calls made.
@@ -505,11 +507,17 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
     errors: list[BaseException] = []
     done_count = [0]
 
+    def tapered(job: _Job) -> bool:
+        t = job.tile
+        return t is not None and taper and halo > 0 and (t.y.read != t.y.core
+                                                         or t.x.read != t.x.core)
+
     def store(job: _Job, feats: np.ndarray) -> None:
+        """Write one tile's features (the taper buffer's tiles in order, in this thread)."""
         t = job.tile
         if t is None:
             sink.write(job.plane, slice(None), slice(None), feats)
-        elif taper and halo > 0 and (t.y.read != t.y.core or t.x.read != t.x.core):
+        elif tapered(job):
             tp = tapers.get(job.plane)
             if tp is None:
                 tp = tapers[job.plane] = _TaperPlane(sink, job.plane, grid_cells, backbone.dim,
@@ -525,12 +533,22 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
             x0, x1 = cells(t.x.core, stride)
             sink.write(job.plane, slice(y0, y1), slice(x0, x1),
                        feats[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0])
+
+    def finish(job: _Job) -> None:
         if job.last:
             tp = tapers.pop(job.plane, None)
             if tp is not None:
                 tp.flush(grid_cells[0])
             sink.mark_done(job.plane)
         done_count[0] += 1
+
+    # the tiles of one batch are written by several threads at once (disjoint chunks of the
+    # store; the copies and file writes release the GIL); a plane is marked complete only
+    # after every write of its batch, and batches are written one after the other
+    if writers is None:
+        writers = 1 if n_batch == 1 else min(4, max(1, (os.cpu_count() or 2) // 4))
+    wpool = ThreadPoolExecutor(writers, thread_name_prefix="napari-stego-writer") \
+        if writers > 1 else None
 
     def writer() -> None:
         while True:
@@ -542,8 +560,16 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
             try:
                 batch, pending = item
                 feats = pending.result()
+                free = [k for k, job in enumerate(batch) if not tapered(job)]
+                if wpool is not None and len(free) > 1:
+                    list(wpool.map(lambda k: store(batch[k], feats[k]), free))
+                else:
+                    for k in free:
+                        store(batch[k], feats[k])
                 for k, job in enumerate(batch):
-                    store(job, feats[k])
+                    if tapered(job):
+                        store(job, feats[k])
+                    finish(job)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -591,6 +617,8 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
         pool.shutdown(wait=True, cancel_futures=True)
         write_q.put(None)
         wthread.join()
+        if wpool is not None:
+            wpool.shutdown(wait=True)
     if errors:
         raise errors[0]
     return runner.calls
