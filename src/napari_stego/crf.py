@@ -33,6 +33,7 @@ import numpy as np
 from ._crf_torch import _POS_CACHE, _run_torch  # noqa: F401  (_POS_CACHE: benchmarks/crf.py)
 from .errors import Cancelled, StegoError
 from .io import IntensityConfig, to_uint8_rgb
+from .labels import labels_dtype
 
 Progress = Callable[[str, int, int], None]
 
@@ -433,7 +434,7 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
 
     Returns
     -------
-    labels : (..., H, W) dask array of uint8 (uint16 for more than 256 classes)
+    labels : (..., H, W) dask array of 0-based indices (:func:`~napari_stego.labels.labels_dtype`)
         ``argmax`` of the refined marginals; nothing is computed until asked for (napari
         computes the slice it shows). Tasks run on dask's scheduler: threads suit the torch
         backend; for pydensecrf, ``labels.compute(scheduler="processes")`` uses all cores (in a
@@ -458,7 +459,7 @@ def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
     if int(tile) < 1:
         raise StegoError(f"tile must be a positive number of pixels, got {tile!r}")
     halo = default_halo(cfg) if halo is None else int(halo)
-    dtype = np.uint8 if k <= 256 else np.uint16
+    dtype = labels_dtype(k)
     dev = _torch_device(device) if backend == "torch" else None
     mapping = cfg.intensity if intensity is None else intensity
     tiles = _tiles(h, w, int(tile), halo)

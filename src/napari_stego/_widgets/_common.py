@@ -24,6 +24,7 @@ from psygnal import Signal as PSignal
 from qtpy.QtCore import QObject, Signal
 
 from ..errors import Cancelled, StegoError, WeightsMissing
+from ..labels import LABEL_OFFSET, labels_dtype  # noqa: F401  (the widgets' convention)
 
 if TYPE_CHECKING:
     import napari
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("napari_stego")
 
 META_KEY = "napari_stego"  # layer.metadata key of everything napari-stego made
-LABEL_OFFSET = 1  # label value = cluster id + 1, so 0 stays "not segmented (yet)"
 
 
 # ----------------------------------------------------------------------- imports
@@ -412,6 +412,25 @@ def _data(layer):
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+layer_data = _data
+
+
+def layer_geometry(layer, ndim: int) -> tuple[str, list[float], str | None]:
+    """``(axes, scale, unit)`` of the ``ndim`` displayed (non-RGB) axes of an Image layer,
+    for the labels made from it: its axis labels when they are letters (else ``YX``,
+    ``ZYX``, ``TZYX``), its scale, and its unit (``None`` for pixels)."""
+    names = [str(a).upper() for a in getattr(layer, "axis_labels", ())][-ndim:]
+    if not (len(names) == ndim and all(len(a) == 1 and a in "TZQINYX" for a in names)
+            and len(set(names)) == ndim and names[-2:] == ["Y", "X"]):
+        names = list({2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "TZQIN"[:ndim - 2] + "YX"))
+    scale = [float(s) for s in tuple(layer.scale)[-ndim:]]
+    units = [str(u) for u in (getattr(layer, "units", None) or ())]
+    unit = next((u for u in reversed(units) if u not in ("pixel", "")), None)
+    if unit in ("micrometer", "micron", "um"):
+        unit = "µm"
+    return "".join(names), scale, unit
+
+
 def current_index(viewer, layer, lead: tuple[int, ...]) -> tuple[int, ...]:
     ndim = layer.ndim
     point = np.asarray(viewer.dims.point)[-ndim:]
@@ -555,10 +574,6 @@ def output_layer(viewer, key: str, kind: str, name: str, shape: tuple, dtype, me
     add = viewer.add_labels if kind == "labels" else viewer.add_image
     return add(np.zeros(shape, dtype), name=name, metadata={META_KEY: meta},
                **spatial_kwargs(like), **kwargs)
-
-
-def labels_dtype(n_clusters: int):
-    return np.uint8 if n_clusters + LABEL_OFFSET <= 255 else np.uint16
 
 
 def write_slice(layer, idx: tuple[int, ...], values: np.ndarray) -> None:
