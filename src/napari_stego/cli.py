@@ -187,6 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .model import StegoModel
     from .samples import immunohistochemistry
+    from .segment import save_segmentation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,17 +195,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tiles = [image[y:y + 256, x:x + 256] for y in (0, 128, 256) for x in (0, 128, 256)]
     model = StegoModel.fit(tiles, args.n_clusters, backbone="efficientnet_lite0", steps=args.steps,
                            device=args.device, seed=args.seed, progress=_progress_printer(args.quiet))
-    labels = model.predict(image, crf=args.crf)
     model_path = model.save(out / "ihc.stego")
-    labels_path = out / "ihc_labels.tif"
-    tifffile.imwrite(labels_path, labels, compression="zlib",
-                     metadata={"napari_stego": repr(model)})
-    overlay = label2rgb(labels.astype(np.int32), image=image, alpha=0.35, bg_label=-1)
+    labels_path = save_segmentation(
+        model, image, out / "ihc_labels.tif", axes="YXC", crf=args.crf or None,
+        crf_backend=args.crf_backend, name="ihc clusters",
+        extra={"model": {"path": str(model_path), "backbone": model.backbone.spec.name,
+                         "n_clusters": model.n_clusters}, "written_by": "napari-stego demo"})
+    labels = tifffile.imread(labels_path)  # ids 1..K
+    overlay = label2rgb(labels.astype(np.int32), image=image, alpha=0.35, bg_label=0)
     overlay_path = out / "ihc_overlay.png"
     imsave(overlay_path, (np.clip(overlay, 0, 1) * 255).astype(np.uint8), check_contrast=False)
     print(f"model:   {model_path}\nlabels:  {labels_path}\noverlay: {overlay_path}")
-    counts = np.bincount(labels.ravel(), minlength=model.n_clusters) / labels.size * 100
-    print("cluster areas: " + ", ".join(f"{k}: {c:.1f}%" for k, c in enumerate(counts)))
+    counts = np.bincount(labels.ravel(), minlength=model.n_clusters + 1)[1:] / labels.size * 100
+    print("cluster areas: " + ", ".join(f"{k}: {c:.1f}%" for k, c in enumerate(counts, 1)))
     return 0
 
 
@@ -268,6 +271,9 @@ class _Formatter(argparse.HelpFormatter):
 
 
 _DEVICE_HELP = "auto (CUDA > MPS > CPU), cpu, cuda:N or mps"
+_CRF_BACKEND_HELP = ("CRF backend: pydensecrf (the reference C++ code, needs pydensecrf2), "
+                     "torch (GPU or CPU, no compiler) or auto (torch on a CUDA GPU, else "
+                     "pydensecrf when installed, else torch)")
 _SEED_HELP = "random seed: the same seed and data on the same CPU give the same result"
 _WEIGHTS_HELP = ("backbone weights file (.pth / .safetensors), if the one the model was fitted "
                  "with is not on this machine")
@@ -413,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=150, help="training steps")
     demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
     demo.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
-    demo.add_argument("--crf", action="store_true", help="refine with the dense CRF "
-                      "(needs pydensecrf2)")
+    demo.add_argument("--crf", action="store_true", help="refine with the dense CRF")
+    demo.add_argument("--crf-backend", choices=["auto", "torch", "pydensecrf"], default="auto",
+                      help=_CRF_BACKEND_HELP)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 

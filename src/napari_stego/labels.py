@@ -233,7 +233,8 @@ def save_labels(path, labels, *, n_clusters: int, axes: str | None = None,
         raise StegoError(f"axes {axes!r} do not fit labels of shape {shape}")
     data = to_ids(labels, n_clusters) if indices else labels
     dtype = labels_dtype(n_clusters)
-    meta = dict(written_by="napari-stego", complete=True, **(extra or {}))
+    meta = dict(written_by="napari-stego", complete=True)
+    meta.update(extra or {})
     meta.update(label_metadata(n_clusters, axes, scale, unit, crf, name))
     if len(shape) > 2:
         pages = (np.asarray(data[idx]).astype(dtype, copy=False)
