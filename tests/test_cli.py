@@ -75,7 +75,8 @@ def test_fit_segment_evaluate_round_trip(tmp_path, capsys):
     assert "3 written" in printed and str(out) in printed
     assert tifffile.imread(out / "tex0.tif").shape == (64, 64)
     stack = tifffile.imread(out / "stack.tif")
-    assert stack.shape == (3, 64, 64) and stack.dtype == np.uint8 and stack.max() < 3
+    assert stack.shape == (3, 64, 64) and stack.dtype == np.uint8
+    assert stack.min() >= 1 and stack.max() <= 3  # cluster ids 1..K
 
     assert main(["segment", str(model), str(data), "--out", str(out)]) == 0  # resumed
     assert "3 already done" in capsys.readouterr().out

@@ -45,11 +45,16 @@ def _jsonable(value):
     return str(value)
 
 
-def _axes(meta: dict, ndim: int) -> str:
+def _named(meta: dict, ndim: int) -> bool:
+    """Whether the layer's axis labels are axis letters (napari's default is ``-1``...)."""
     labels = [str(a).upper() for a in (meta.get("axis_labels") or ())]
-    if len(labels) == ndim and all(len(a) == 1 and a.isalpha() for a in labels) \
-            and len(set(labels)) == ndim:
-        return "".join(labels)
+    return len(labels) == ndim and all(len(a) == 1 and a.isalpha() for a in labels) \
+        and len(set(labels)) == ndim
+
+
+def _axes(meta: dict, ndim: int) -> str:
+    if _named(meta, ndim):
+        return "".join(str(a).upper() for a in meta["axis_labels"])
     return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "")
 
 
@@ -93,10 +98,14 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
         int(np.asarray(data.max())) <= k else _dtype_for(data)
     shape = tuple(data.shape)
     ours["layer_name"] = meta.get("name", Path(path).stem)
-    ours["axes"] = _axes(meta, len(shape))
+    own = ours.get("axes")  # what napari-stego recorded, when the layer names no axes
+    axes = _axes(meta, len(shape))
+    if not _named(meta, len(shape)) and isinstance(own, str) and len(own) == len(shape):
+        axes = own
+    ours["axes"] = axes
     if meta.get("scale") is not None:
         ours["scale"] = [float(s) for s in meta["scale"]]
-    ours["unit"] = _unit(meta)
+    ours["unit"] = _unit(meta) or ours.get("unit")
     colormap = _colormap(meta.get("colormap"))
     if colormap is not None:
         ours["colormap"] = colormap

@@ -79,8 +79,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     report = fit_files(args.images, args.out, n_clusters=args.n_clusters, backbone=args.backbone,
                        weights=args.weights, steps=args.steps, device=args.device,
-                       seed=args.seed, upsample=args.upsample,
-                       progress=_progress_printer(args.quiet),
+                       seed=args.seed, upsample=args.upsample, channels=args.channels,
+                       tile=args.tile_size, progress=_progress_printer(args.quiet),
                        log=_logger(args.quiet))
     if not args.quiet:
         print(f"model: {report.model} (fitted on {report.n_images} images)")
@@ -95,7 +95,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .batch import segment_files
 
     report = segment_files(args.model, args.images, args.out, crf=args.crf,
-                           probabilities=args.probabilities, format=args.format,
+                           crf_backend=args.crf_backend, probabilities=args.probabilities, format=args.format,
                            overwrite=args.overwrite, scheduler=args.scheduler,
                            workers=args.workers, weights=args.weights, device=args.device,
                            progress=_progress_printer(args.quiet), log=_logger(args.quiet))
@@ -327,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--upsample", type=int, default=1, metavar="N",
                      help="run the backbone on images up-sampled N times (2 or 4): features "
                           "every stride/N pixels for thin structures, N^2 times the compute")
+    fit.add_argument("--channels", default=None, metavar="A,B,C|pca",
+                     help="how multichannel images (2-4 fluorescence channels, a C axis) become "
+                          "the backbone's RGB: three channel indices (0,1,1 for two channels) "
+                          "or pca; stored in the model, so `segment` maps them the same way "
+                          "(default: grey, RGB and RGBA only)")
+    fit.add_argument("--tile-size", type=int, default=None, metavar="PX",
+                     help="tile side in pixels for big images (default 1024); stored in the "
+                          "model and used by `segment`")
     fit.add_argument("--device", default="auto", help=_DEVICE_HELP)
     fit.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     fit.add_argument("--quiet", action="store_true", help="no progress bars or notes")
@@ -335,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg = _sub(sub, "segment", "segment TIFF files with a model (resumable; local or "
                "dask.distributed)",
                description="Write one labels file per input (same base name, same spatial "
-               "shape; uint8, or uint16 for K > 256). Re-running skips finished outputs and "
+               "shape and axes, the input's pixel size; cluster ids 1..K, 0 = no data; "
+               "uint8, or uint16 for K > 255). Re-running skips finished outputs and "
                "resumes stacks plane by plane.",
                examples="  napari-stego segment cells.stego images/ --out labels/\n"
                "  napari-stego segment cells.stego 'data/*.tif' --out labels/ --crf "
@@ -346,12 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("images", nargs="+", help="TIFF files, globs or folders")
     seg.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
     seg.add_argument("--crf", action="store_true", help="refine with the dense CRF "
-                     "(needs pydensecrf2)")
+                     "(reference settings; stored in the outputs' metadata)")
+    seg.add_argument("--crf-backend", choices=["auto", "torch", "pydensecrf"], default="auto",
+                     help=_CRF_BACKEND_HELP)
     seg.add_argument("--probabilities", action="store_true",
                      help="also write <name>_proba (float32 K x H x W per plane)")
-    seg.add_argument("--format", choices=["tif", "zarr"], default="tif",
-                     help="output files: tif (zlib-compressed TIFF) or zarr (a <name>.zarr "
-                          "folder, chunked by tile; for big planes)")
+    seg.add_argument("--format", choices=["tif", "zarr", "ome-zarr"], default="tif",
+                     help="output files: tif (zlib-compressed ImageJ TIFF with axes and pixel "
+                          "size), zarr (a <name>.zarr folder, chunked by tile; for big "
+                          "planes) or ome-zarr (a <name>.ome.zarr OME-NGFF image with axes, "
+                          "scale and a multiscale pyramid for big planes; needs ome-zarr)")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute and replace outputs that exist")
     seg.add_argument("--scheduler", default="threads",
@@ -444,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # counts that must be positive integers where a sub-command takes them
 _POSITIVE = {"steps": "--steps", "n_clusters": "--n-clusters", "workers": "--workers",
+             "tile_size": "--tile-size",
              "seeds": "--seeds", "max_points": "--max-points", "n_classes": "--n-classes",
              "upsample": "--upsample"}
 

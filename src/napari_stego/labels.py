@@ -176,6 +176,17 @@ def _imagej_unit(unit: str | None) -> str | None:
     return None if unit is None else ("micron" if unit in ("µm", "um", "micrometer") else unit)
 
 
+def with_axes(meta: dict, shape: tuple[int, ...]) -> dict:
+    """``meta`` fitted to an output of ``shape``: a probabilities output (one axis more
+    than its labels) gets a ``C`` (cluster) axis before ``YX``, of scale 1."""
+    axes, scale = meta.get("axes"), meta.get("scale")
+    if isinstance(axes, str) and len(axes) == len(shape) - 1 and isinstance(scale, list) \
+            and len(scale) == len(axes):
+        meta = dict(meta, axes=axes[:-2] + "C" + axes[-2:],
+                    scale=[*scale[:-2], 1.0, *scale[-2:]])
+    return meta
+
+
 def tiff_kwargs(shape: tuple[int, ...], dtype, meta: dict) -> dict:
     """Keyword arguments of ``tifffile.imwrite`` for a labels / probabilities output whose
     :func:`label_metadata` is in ``meta`` (its ``axes`` may name a ``C`` axis: clusters).
@@ -183,6 +194,7 @@ def tiff_kwargs(shape: tuple[int, ...], dtype, meta: dict) -> dict:
     An ImageJ hyperstack when the axes are in ImageJ's ``TZCYX`` order and the dtype is
     one ImageJ reads; else a tifffile shaped TIFF with the axes. Both carry the X / Y pixel
     size as resolution tags and ``meta`` as JSON."""
+    meta = with_axes(meta, shape)
     axes = meta.get("axes") or ""
     if len(axes) != len(shape):  # no usable axes: tifffile's own
         axes = ""

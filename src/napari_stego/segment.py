@@ -45,13 +45,14 @@ class Segmentation:
         crf: a :class:`~napari_stego.crf.CRFConfig` (or ``True`` for the defaults) to refine
             every plane, else ``None``.
         crf_backend: ``None`` / ``"auto"``, ``"torch"`` or ``"pydensecrf"``.
-        stats: the intensity mapping of the features (default: measured on the whole
-            stack now).
+        stats, crf_stats: the intensity mappings of the features and of the CRF (default:
+            measured on the whole stack now).
         cache: as for ``StegoModel.predict_lazy``.
     """
 
     def __init__(self, model, data, *, axes: str | None = None, rgb: bool | None = None,
-                 crf=None, crf_backend: str | None = None, stats=None, cache=None,
+                 crf=None, crf_backend: str | None = None, stats=None, crf_stats=None,
+                 cache=None,
                  data_hash: str = "auto", progress: Progress | None = None,
                  cancel=None) -> None:
         from .lazy import predict_dask
@@ -66,13 +67,22 @@ class Segmentation:
             crf = CRFConfig()
         self.crf = crf or None
         self.crf_backend = None if crf_backend in (None, "auto") else crf_backend
-        self.crf_stats = None
-        if self.crf is not None:
+        self.crf_stats = crf_stats
+        if self.crf is not None and crf_stats is None:
             same = self.crf.intensity == model.feature_config.intensity
             self.crf_stats = self.stats if same else fit_intensity(self.source,
                                                                    self.crf.intensity)
         store = None
-        if cache not in (None, False):
+        if cache in (None, False) and model.tile_config.blend == "taper":
+            # tapered tiles blend the assembled feature map: compute it (as predict does)
+            from .features import TensorSink, extract_source, feature_grid
+
+            h, w = feature_grid(self.source.shape2d, model.backbone, model.feature_config)
+            store = TensorSink(self.source.n_planes, model.backbone.dim, h, w)
+            extract_source(model.backbone, self.source, store, model.feature_config,
+                           model.tile_config, model.device, stats=self.stats,
+                           progress=progress, cancel=cancel)
+        elif cache not in (None, False):
             from .features import ensure_features
 
             store, _ = ensure_features(model.backbone, self.source, model.feature_config,
