@@ -10,7 +10,7 @@ Writes a synthetic uint16 TIFF (``--size`` pixels square), then measures
 * ``bare``: the backbone's forward pass alone on random tensors already on the device, at the
   pipeline's read-tile size and batch size (same autocast), in megapixels of backbone input
   per second;
-* ``end_to_end``: :func:`napari_stego.features.ensure_features` from the TIFF path to a
+* ``end_to_end``: :func:`napari_stego.feature_cache.ensure_features` from the TIFF path to a
   complete zarr feature cache on disk (opening, intensity statistics, data fingerprint,
   reading tiles, normalising, host-to-device copies, forward, float16 copies back, zarr
   writes), in megapixels of *image* per second;
@@ -137,11 +137,11 @@ def main(argv=None) -> dict:
 
     from napari_stego.backbones import create_backbone
     from napari_stego.device import resolve_device
+    from napari_stego.feature_cache import ensure_features
     from napari_stego.features import (
         FeatureConfig,
         _plane_jobs,
         batch_size,
-        ensure_features,
         tile_halo,
     )
     from napari_stego.io import open_image

@@ -46,7 +46,8 @@ from napari_stego import StegoModel
 from napari_stego.backbones import create_backbone
 from napari_stego.crf import has_pydensecrf
 from napari_stego.device import resolve_device
-from napari_stego.features import FeatureConfig, _plane_jobs, batch_size, ensure_features, tile_halo
+from napari_stego.feature_cache import ensure_features
+from napari_stego.features import FeatureConfig, _plane_jobs, batch_size, tile_halo
 from napari_stego.io import open_image
 from napari_stego.samples import texture_mosaics
 from napari_stego.tiling import TileConfig

@@ -13,7 +13,6 @@ from napari_stego import crf as crf_mod
 from napari_stego.crf import (
     CRFConfig,
     crf_image,
-    crf_labels,
     default_backend,
     dense_crf,
     dense_crf_tiled,
@@ -291,34 +290,6 @@ def test_a_window_refined_with_its_origin_matches_that_tile_of_the_tiled_crf():
     np.testing.assert_array_equal(q[:, 24:, 24:], tiled[:, 64:, 64:])
     shifted = dense_crf(image[window], probs[(slice(None), *window)], backend="torch")
     assert not np.array_equal(shifted[:, 24:, 24:], tiled[:, 64:, 64:])  # the lattice moved
-
-
-def test_crf_labels_is_lazy_and_slice_by_slice():
-    import dask.array as da
-
-    grey = np.stack([IMAGES["camera"][:48, :40], IMAGES["em"][:48, :40] if "em" in IMAGES
-                     else IMAGES["camera"][48:96, :40]])
-    probs = np.stack([colour_probs(g, k=3) for g in grey])
-    labels = crf_labels(da.from_array(grey, chunks=(1, 48, 40)), probs, backend="torch")
-    assert isinstance(labels, da.Array) and labels.shape == (2, 48, 40)
-    assert labels.dtype == np.uint8
-    out = labels.compute()
-    for i in range(2):
-        np.testing.assert_array_equal(out[i], dense_crf(grey[i], probs[i], backend="torch").argmax(0))
-    with pytest.raises(StegoError, match="does not match"):
-        crf_labels(grey[:, :40], probs, backend="torch")
-
-
-def test_crf_labels_tiles_a_big_slice_like_dense_crf_tiled():
-    import dask.array as da
-
-    image = _mosaic(128)
-    probs = colour_probs(image, k=3)
-    lazy_probs = da.from_array(probs, chunks=(3, 64, 64))
-    labels = crf_labels(image, lazy_probs, tile=64, halo=24, backend="torch")
-    assert labels.shape == (128, 128) and labels.numblocks == (2, 2)
-    expected = dense_crf_tiled(image, probs, tile=64, halo=24, backend="torch").argmax(0)
-    np.testing.assert_array_equal(labels.compute(), expected)
 
 
 # ---------------------------------------------------------------------- the lattice

@@ -11,22 +11,20 @@ from skimage import data
 
 from napari_stego.cache import FeatureStore, cache_key
 from napari_stego.errors import Cancelled, StegoError
+from napari_stego.feature_cache import ensure_features, estimate_cache_bytes
 from napari_stego.features import (
     FeatureConfig,
-    LazyMap,
     TensorSink,
     backbone_input,
-    ensure_features,
-    estimate_cache_bytes,
     extract_features,
     extract_source,
     feature_grid,
     _Runner,
-    training_maps,
 )
 from napari_stego.io import ImageSource, IntensityConfig, open_image
 from napari_stego.knn import Unit, crop_window
 from napari_stego.tiling import TileConfig
+from napari_stego.train_crops import LazyMap, training_maps
 
 SMALL = TileConfig(tile=96, halo=32)  # 3 tiles per 160 x 200 plane
 CFG = FeatureConfig(min_side=64)  # no up-sampling of the 160 px planes

@@ -20,7 +20,7 @@ from napari_stego._widgets import (  # noqa: E402
     SegmentWidget,
     model_store,
 )
-from napari_stego._widgets._common import layer_source  # noqa: E402
+from napari_stego._widgets._layers import layer_source  # noqa: E402
 from napari_stego.errors import StegoError  # noqa: E402
 
 pytestmark = pytest.mark.gui
@@ -188,7 +188,7 @@ def test_cancel_fit_keeps_nothing_and_the_gui_responsive(viewer, qtbot):
 
 
 def test_user_mistakes_become_notifications(viewer, qtbot, monkeypatch):
-    from napari_stego._widgets import _common
+    from napari_stego._widgets import _layers
 
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
@@ -202,7 +202,7 @@ def test_user_mistakes_become_notifications(viewer, qtbot, monkeypatch):
     fit.picker.layers.value = [viewer.layers["tex"]]
     fit.picker.as_channels.value = True
     with pytest.raises(StegoError, match="2 or 3 grey layers"):
-        _common.channel_source([viewer.layers["tex"]])
+        _layers.channel_source([viewer.layers["tex"]])
 
     fit.backbone.value = "dino_vits8"  # weights missing offline -> how to get them
     fit.weights.value = "/nonexistent/dino.pth"
@@ -327,7 +327,7 @@ def test_evaluate_arrays_counts_and_refuses_mismatches():
 def test_similarity_helpers_on_a_known_grid():
     import torch
 
-    from napari_stego._widgets._similarity import (
+    from napari_stego.similarity import (
         descriptor,
         grid_cell,
         nearest,

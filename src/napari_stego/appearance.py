@@ -68,7 +68,7 @@ def appearance_map(rgb: np.ndarray, grid: tuple[int, int], stride: int,
 
     Args:
         rgb: the image as the backbone sees it before its normalisation, ``(H, W, 3)`` in
-            [0, 1] (:func:`napari_stego.io.to_rgb`).
+            [0, 1] (:func:`napari_stego.intensity.to_rgb`).
         grid: the feature grid ``(h, w)``.
         stride: image pixels per cell of the work image.
         work: the size the image is resized to for the backbone
@@ -195,7 +195,7 @@ def with_appearance(maps: Sequence[torch.Tensor], images: Sequence[np.ndarray], 
     and ``min_side``), so the colours are in the units the backbone and the CRF see.
     """
     from .features import work_size
-    from .io import to_rgb
+    from .intensity import to_rgb
 
     out = []
     for m, im in zip(maps, images):

@@ -18,7 +18,7 @@ Two backends compute the same thing:
   Labels agree with pydensecrf on more than 99.5 % of pixels.
 
 :func:`dense_crf` refines one image; :func:`dense_crf_tiled` refines a big image tile by tile
-with a halo; :func:`crf_labels` refines a whole stack lazily (dask), slice by slice.
+with a halo.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import numpy as np
 
 from ._crf_torch import _POS_CACHE, _run_torch  # noqa: F401  (_POS_CACHE: benchmarks/crf.py)
 from .errors import Cancelled, StegoError
-from .io import IntensityConfig, to_uint8_rgb
-from .labels import labels_dtype
+from .intensity import IntensityConfig, to_uint8_rgb
 
 Progress = Callable[[str, int, int], None]
 
@@ -153,10 +152,10 @@ def crf_image(image, intensity=None) -> np.ndarray:
     """The ``(H, W, 3)`` uint8 image the CRF's colour kernel sees.
 
     ``(H, W, 3)`` uint8 images are used as they are. Anything else goes through the
-    features' mapping: ``intensity`` is an :class:`~napari_stego.io.IntensityConfig` (default:
-    the image's own robust percentiles, :func:`napari_stego.io.to_uint8_rgb`) or a fitted
+    features' mapping: ``intensity`` is an :class:`~napari_stego.intensity.IntensityConfig` (default:
+    the image's own robust percentiles, :func:`napari_stego.intensity.to_uint8_rgb`) or a fitted
     mapping with an ``apply(block) -> (H, W, 3) float in [0, 1]`` method (e.g. the stack-wide
-    statistics of :func:`napari_stego.io.fit_intensity`, so that every slice and tile sees
+    statistics of :func:`napari_stego.intensity.fit_intensity`, so that every slice and tile sees
     the same colours as the features did).
     """
     arr = np.asarray(image)
@@ -399,79 +398,3 @@ def _workers(workers, n_tiles):
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise StegoError(f"workers must be a positive integer, got {workers!r}")
     return max(1, min(int(workers), n_tiles))
-
-
-def _tile_labels(rgb, probs, window, crop, backend, cfg, device, dtype):
-    """Labels of one tile: CRF of the read window, argmax, crop to the write window."""
-    ry0, ry1, rx0, rx1 = window
-    q = _run(backend, np.ascontiguousarray(rgb[ry0:ry1, rx0:rx1]), _check_probs(probs), cfg,
-             device, (ry0, rx0))
-    return q.argmax(0).astype(dtype)[crop]
-
-
-def crf_labels(image, probs, *, tile: int = 1024, halo: int | None = None,
-               config: CRFConfig | None = None, backend: str | None = None, device=None,
-               intensity=None, **params):
-    """CRF-refined labels of an image or a stack, lazily: a dask array, tile by tile.
-
-    Each 2D slice is cut into ``tile`` x ``tile`` blocks, each refined with a ``halo`` as in
-    :func:`dense_crf_tiled` (same tiles, same result), one dask task per block; a task reads
-    only its window of ``probs``, so a lazily predicted probability stack is never held in
-    memory whole. The colour image of a slice is mapped once per slice.
-
-    Parameters
-    ----------
-    image : (..., H, W) or (..., H, W, C) array or dask array
-        One image or a stack (planes, time points, ...) with the same leading axes as
-        ``probs``.
-    probs : (..., K, H, W) array or dask array
-        Class probabilities per slice.
-    tile, halo, config, backend, device, **params
-        As for :func:`dense_crf_tiled`.
-    intensity : IntensityStats, optional
-        One intensity mapping for every slice (e.g. :func:`napari_stego.io.fit_intensity` of
-        the stack, as the features use); default: each slice's own percentiles.
-
-    Returns
-    -------
-    labels : (..., H, W) dask array of 0-based indices (:func:`~napari_stego.labels.labels_dtype`)
-        ``argmax`` of the refined marginals; nothing is computed until asked for (napari
-        computes the slice it shows). Tasks run on dask's scheduler: threads suit the torch
-        backend; for pydensecrf, ``labels.compute(scheduler="processes")`` uses all cores (in a
-        script guarded by ``if __name__ == "__main__":``, as every process pool needs).
-    """
-    import dask
-    import dask.array as da
-
-    cfg = _config(config, params)
-    backend = _backend(backend, device)
-    probs_d = da.asarray(probs)
-    image_d = da.asarray(image)
-    lead = probs_d.ndim - 3
-    if lead < 0:
-        raise StegoError(f"probs must be (..., K, H, W), got shape {probs_d.shape}")
-    k, h, w = probs_d.shape[-3:]
-    if image_d.ndim not in (lead + 2, lead + 3) or image_d.shape[:lead + 2] != (*probs_d.shape[:lead], h, w):
-        raise StegoError(
-            f"image shape {image_d.shape} does not match probs shape {probs_d.shape}: "
-            "expected (..., H, W) or (..., H, W, C) with the same leading axes and H, W"
-        )
-    if int(tile) < 1:
-        raise StegoError(f"tile must be a positive number of pixels, got {tile!r}")
-    halo = default_halo(cfg) if halo is None else int(halo)
-    dtype = labels_dtype(k)
-    dev = _torch_device(device) if backend == "torch" else None
-    mapping = cfg.intensity if intensity is None else intensity
-    tiles = _tiles(h, w, int(tile), halo)
-    n_cols = len(range(0, w, int(tile)))
-    slices = []
-    for index in np.ndindex(*probs_d.shape[:lead]):
-        rgb = dask.delayed(crf_image, pure=True)(image_d[index], mapping)
-        blocks = []
-        for window, (y0, y1, x0, x1), crop in tiles:
-            ry0, ry1, rx0, rx1 = window
-            labels = dask.delayed(_tile_labels, pure=True)(
-                rgb, probs_d[index][:, ry0:ry1, rx0:rx1], window, crop, backend, cfg, dev, dtype)
-            blocks.append(da.from_delayed(labels, shape=(y1 - y0, x1 - x0), dtype=dtype))
-        slices.append(da.block([blocks[i:i + n_cols] for i in range(0, len(blocks), n_cols)]))
-    return da.stack(slices).reshape(probs_d.shape[:lead] + (h, w))

@@ -14,11 +14,10 @@ tiles of equal shape go to the device in batches (bf16 autocast on CUDA; the bat
 when the GPU runs out of memory; features come back through pinned memory while the next batch
 runs), and a writer thread stores the features in a
 :class:`~napari_stego.cache.FeatureStore` (zarr, float16) plane by plane, so an interrupted
-run resumes where it stopped. :func:`feature_store` opens (or finds) that store by a hash of
-everything that determines the features.
-
-:func:`training_maps` cuts stored feature maps into crops that act as the "images" of KNN
-mining and training, held in RAM or read from the store as they are drawn.
+run resumes where it stopped. :func:`~napari_stego.feature_cache.feature_store` opens (or
+finds) that store by a hash of everything that determines the features;
+:func:`~napari_stego.train_crops.training_maps` cuts stored feature maps into the crops that
+training draws from.
 """
 
 from __future__ import annotations
@@ -39,14 +38,14 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .errors import Cancelled, StegoError
-from .io import ImageSource, IntensityConfig, IntensityStats, fit_intensity, to_rgb
+from .intensity import IntensityConfig, IntensityStats, fit_intensity, to_rgb
+from .io import ImageSource
 from .tiling import (
     Tile,
     TileConfig,
     cells,
     effective,
     iter_batches,
-    round_up,
     tile_grid,
     tile_weights,
 )
@@ -442,7 +441,7 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
         source: the image or stack (read lazily, one tile at a time).
         sink: a :class:`~napari_stego.cache.FeatureStore` or :class:`TensorSink` of
             ``(N, D, h, w)`` with ``(h, w)`` = :func:`feature_grid`.
-        stats: the intensity mapping (default: :func:`~napari_stego.io.fit_intensity` of the
+        stats: the intensity mapping (default: :func:`~napari_stego.intensity.fit_intensity` of the
             whole source, so every tile and plane is mapped alike).
         planes: planes to compute (default: those the sink lacks).
         progress: ``progress("features", tiles_done, tiles_total)``.
@@ -564,248 +563,3 @@ def extract_source(backbone: Backbone, source: ImageSource, sink, config: Featur
     if errors:
         raise errors[0]
     return runner.calls
-
-
-# ------------------------------------------------------------------------- cache stores
-
-
-def source_signature(backbone: Backbone, source: ImageSource, stats: IntensityStats,
-                     config: FeatureConfig, tiles: TileConfig, data_hash: str = "auto") -> dict:
-    """Everything that determines a source's features (the cache key's input)."""
-    from . import __version__
-    from .cache import CACHE_FORMAT, weights_fingerprint
-    from .io import data_fingerprint
-
-    tile, halo = tile_halo(tiles, backbone)
-    return dict(
-        cache_format=CACHE_FORMAT,
-        package_version=__version__,
-        data=data_fingerprint(source, data_hash),
-        shape=list(source.shape),
-        axes=source.axes,
-        dtype=source.dtype.str,
-        intensity=stats.to_dict(),
-        backbone=backbone.spec.name,
-        weights=weights_fingerprint(backbone),
-        features=dict(min_side=config.min_side, autocast=config.autocast,
-                      upsample=backbone.upsample),
-        tiles=dict(tile=tile, halo=halo, blend=tiles.blend),
-    )
-
-
-def store_layout(backbone: Backbone, source: ImageSource, config: FeatureConfig,
-                 tiles: TileConfig):
-    """The :class:`~napari_stego.cache.StoreLayout` of a source's features.
-
-    Chunks are half a tile's cells (so tile cores write whole chunks and training windows
-    read few bytes).
-    """
-    from .cache import StoreLayout
-
-    h, w = feature_grid(source.shape2d, backbone, config)
-    tile, _ = tile_halo(tiles, backbone)
-    tc = tile // backbone.stride
-    chunk = tc // 2 if tc % 2 == 0 and tc >= 32 else tc
-    return StoreLayout(source.n_planes, backbone.dim, h, w, chunk)
-
-
-def estimate_cache_bytes(backbone: Backbone, source: ImageSource, config: FeatureConfig = FeatureConfig(),
-                         tiles: TileConfig = TileConfig()) -> int:
-    """Disk bytes the features of ``source`` take in the cache (float16)."""
-    return store_layout(backbone, source, config, tiles).nbytes
-
-
-def feature_store(backbone: Backbone, source: ImageSource, config: FeatureConfig,
-                  tiles: TileConfig, cache, *, stats: IntensityStats | None = None,
-                  data_hash: str = "auto"):
-    """Open (or find) the :class:`~napari_stego.cache.FeatureStore` of a source.
-
-    Args:
-        cache: a folder; ``True`` (:func:`~napari_stego.cache.default_cache_dir`); ``False``
-            (in memory); ``None``: in memory up to ``MEMORY_CACHE_BYTES`` of features, else
-            the default folder (with a log message), so big data never fills the RAM.
-
-    Returns:
-        ``(store, stats)``. Nothing is computed; see :func:`ensure_features`.
-
-    Raises:
-        StegoError: the disk would fill (the message gives the size and what to do).
-    """
-    from .cache import FeatureStore, default_cache_dir, format_bytes
-
-    stats = stats if stats is not None else fit_intensity(source, config.intensity)
-    sig = source_signature(backbone, source, stats, config, tiles, data_hash)
-    layout = store_layout(backbone, source, config, tiles)
-    if cache is None:
-        cache = layout.nbytes > MEMORY_CACHE_BYTES
-        if cache:
-            log.warning("features of %s take %s: caching them on disk in %s (pass cache=FOLDER "
-                        "to choose where, cache=False to keep them in memory)", source,
-                        format_bytes(layout.nbytes), default_cache_dir())
-    folder = default_cache_dir() if cache is True else (None if cache is False else cache)
-    store = FeatureStore.open(folder, sig, layout)
-    if store.missing():
-        log.info("features of %s: %d planes of %s cells, %s in %s", source, layout.n_planes,
-                 (layout.dim, layout.height, layout.width), format_bytes(layout.nbytes),
-                 store.path or "memory")
-    return store, stats
-
-
-def ensure_features(backbone: Backbone, source: ImageSource, config: FeatureConfig,
-                    tiles: TileConfig, cache, device, *, stats: IntensityStats | None = None,
-                    data_hash: str = "auto", progress: Progress | None = None, cancel=None):
-    """:func:`feature_store` plus :func:`extract_source` for the planes it lacks.
-
-    Returns:
-        ``(store, stats)`` with every plane complete.
-    """
-    store, stats = feature_store(backbone, source, config, tiles, cache, stats=stats,
-                                 data_hash=data_hash)
-    if store.missing():
-        extract_source(backbone, source, store, config, tiles, device, stats=stats,
-                       progress=progress, cancel=cancel)
-    elif progress is not None:
-        progress("features", 1, 1)
-    return store, stats
-
-
-# --------------------------------------------------------------------- training crops
-
-
-class _CropLRU:
-    """Recently read crops, up to ``max_bytes`` (shared by the lazy crops of one fit)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.items: collections.OrderedDict = collections.OrderedDict()
-        self.nbytes = 0
-        self.lock = threading.Lock()
-        self.reads = 0
-
-    def get(self, key, load):
-        with self.lock:
-            hit = self.items.get(key)
-            if hit is not None:
-                self.items.move_to_end(key)
-                return hit
-        value = load()
-        self.reads += 1
-        size = value.element_size() * value.nelement()
-        with self.lock:
-            if size <= self.max_bytes:
-                self.items[key] = value
-                self.nbytes += size
-                while self.nbytes > self.max_bytes:
-                    _, old = self.items.popitem(last=False)
-                    self.nbytes -= old.element_size() * old.nelement()
-        return value
-
-
-class LazyMap:
-    """A crop ``(D, h, w)`` of a stored feature map, read when sliced.
-
-    Looks like a float16 tensor to :mod:`napari_stego.knn` and :mod:`napari_stego.train`:
-    ``shape``, ``dtype`` and slicing (which returns a real tensor).
-    """
-
-    def __init__(self, store, plane: int, y: int, x: int, h: int, w: int, lru: _CropLRU) -> None:
-        self.store, self.plane, self.y, self.x = store, plane, y, x
-        self.lru = lru
-        self.shape = torch.Size((store.layout.dim, h, w))
-        self.dtype = torch.float16
-
-    def load(self) -> torch.Tensor:
-        """The whole crop as a tensor."""
-        h, w = self.shape[1:]
-        return self.lru.get((id(self.store), self.plane, self.y, self.x), lambda: torch.from_numpy(
-            self.store.read(self.plane, slice(self.y, self.y + h), slice(self.x, self.x + w))))
-
-    def __getitem__(self, key) -> torch.Tensor:
-        return self.load()[key]
-
-    def float(self) -> torch.Tensor:
-        return self.load().float()
-
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        return self.load().to(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"LazyMap(plane={self.plane}, y={self.y}, x={self.x}, shape={tuple(self.shape)})"
-
-
-def crop_size(window: int, chunk: int | None, tiles: TileConfig) -> int:
-    """Cells per side of training crops: ``tiles.train_crop``, else twice the training
-    window rounded up to the store's chunk."""
-    if tiles.train_crop is not None:
-        return int(tiles.train_crop)
-    return round_up(2 * window, chunk or 32)
-
-
-def training_maps(maps: Sequence, window: int, tiles: TileConfig = TileConfig(), *,
-                  seed: int = 0) -> list:
-    """The "images" training draws its windows from: crops of big feature maps.
-
-    Args:
-        maps: ``(D, h, w)`` tensors (in memory) and/or feature stores (every plane of each).
-        window: training window in cells (crops are about twice as large).
-        tiles: ``train_crop``, ``max_train_crops`` and ``train_ram_mb``.
-        seed: picks the crops when there are more than allowed.
-
-    Maps no bigger than twice the crop size per axis stay whole (as small images always did);
-    bigger ones are cut by :func:`~napari_stego.tiling.crop_windows`. In-memory maps that
-    stay whole are all used, as before. The other entries (crops of big maps, planes of
-    stores) are a seeded random subset: ``max_train_crops`` of them, or with ``None`` as many
-    as fit ``train_ram_mb`` of float16. Crops of tensors are views; crops of stores are read
-    into RAM when their total fits ``train_ram_mb``, else they are :class:`LazyMap` objects
-    read as windows are drawn.
-
-    Returns:
-        list of ``(D, h_i, w_i)`` tensors or :class:`LazyMap`, in map order.
-    """
-    from .tiling import crop_windows
-
-    entries, whole = [], []  # (map index, plane, y, x, h, w); kept in-memory whole maps
-    for m_idx, m in enumerate(maps):
-        if isinstance(m, torch.Tensor):
-            size = crop_size(window, None, tiles)
-            shapes = [(None, tuple(m.shape[-2:]))]
-        else:
-            size = crop_size(window, m.layout.chunk, tiles)
-            shapes = [(p, (m.layout.height, m.layout.width)) for p in range(m.layout.n_planes)]
-        for plane, (h, w) in shapes:
-            crops = crop_windows((h, w), size, keep=2 * size)
-            for y, x, ch, cw in crops:
-                e = (m_idx, plane, y, x, ch, cw)
-                (whole if plane is None and len(crops) == 1 else entries).append(e)
-    dim = {i: (m.shape[0] if isinstance(m, torch.Tensor) else m.layout.dim)
-           for i, m in enumerate(maps)}
-
-    def nbytes(e):
-        return dim[e[0]] * e[4] * e[5] * 2
-
-    budget = tiles.train_ram_mb * 2**20
-    if tiles.max_train_crops is not None:
-        cap = tiles.max_train_crops
-    elif entries:
-        cap = max(1, int(budget // (sum(map(nbytes, entries)) / len(entries))))
-    else:
-        cap = 0
-    if len(entries) > cap:
-        rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(len(entries), cap, replace=False))
-        entries = [entries[i] for i in keep]
-    stored = [e for e in entries if not isinstance(maps[e[0]], torch.Tensor)]
-    in_ram = sum(map(nbytes, stored)) <= max(budget, 0)
-    lru = _CropLRU(min(tiles.train_ram_mb, 512) * 2**20)
-    out = []
-    for m_idx, plane, y, x, h, w in sorted(whole + entries, key=lambda e: (e[0], e[1] or 0)):
-        m = maps[m_idx]
-        if isinstance(m, torch.Tensor):
-            is_whole = (y, x, h, w) == (0, 0, *m.shape[-2:])
-            out.append(m if is_whole else m[:, y:y + h, x:x + w])
-        elif in_ram:
-            out.append(torch.from_numpy(m.read(plane, slice(y, y + h), slice(x, x + w))))
-        else:
-            out.append(LazyMap(m, plane, y, x, h, w, lru))
-    return out
-

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .errors import Cancelled
 from .features import _autocast, _Job, _load_job, feature_grid, tile_halo, work_size
-from .io import ImageSource, IntensityStats
+from .intensity import IntensityStats
+from .io import ImageSource
 from .labels import labels_dtype
 from .predict import cluster_probabilities, upsample_code
 from .tiling import Tile, TileConfig, cells, cover_1d

@@ -21,24 +21,24 @@ from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig, assign, spherical_kmeans
 from .device import resolve_device
 from .errors import StegoError
+from .feature_cache import ensure_features, feature_store
 from .features import (
     FeatureConfig,
-    ensure_features,
     extract_all,
     extract_features,
-    feature_store,
     is_single_tile,
-    training_maps,
     work_size,
 )
 from .head import SegmentationHead
-from .io import ImageSource, IntensityConfig, fit_intensity, image_list, open_image
+from .intensity import IntensityConfig, fit_intensity
+from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
 from .loss import LossConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
 from .shifts import AutoShiftConfig
 from .tiling import TileConfig
 from .train import TrainConfig, train_head
+from .train_crops import training_maps
 
 Progress = Callable[[str, int, int], None]
 _log = logging.getLogger("napari_stego")

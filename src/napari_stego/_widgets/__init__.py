@@ -12,9 +12,11 @@
 The widgets of one viewer share one model: ``model_store(viewer).model``.
 """
 
-from ._common import LABEL_OFFSET, META_KEY, ModelStore, model_store
+from ..evaluate import evaluate_arrays
+from ..io import META_KEY
+from ._common import LABEL_OFFSET, ModelStore, model_store
 from ._correspondence import CorrespondenceWidget
-from ._evaluate import EvaluateWidget, evaluate_arrays
+from ._evaluate import EvaluateWidget
 from ._fit import FitWidget
 from ._segment import SegmentWidget
 

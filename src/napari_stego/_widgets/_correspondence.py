@@ -16,25 +16,23 @@ from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from qtpy.QtWidgets import QListWidget, QListWidgetItem
 
 from ..errors import Cancelled, StegoError
+from ..io import META_KEY
+from ..similarity import descriptor, nearest, query_vector, similarity_map
 from ._common import (
-    META_KEY,
     JobMixin,
     collapsible,
-    find_output,
     finish_layout,
     insert_after,
-    layer_source,
     model_store,
     model_summary,
     notify_error,
     optional_path,
-    output_layer,
     run_buttons,
     text,
     warm_imports,
 )
+from ._layers import find_output, layer_source, output_layer
 from ._fit import _spread, device_choices
-from ._similarity import descriptor, nearest, query_vector, similarity_map
 
 if TYPE_CHECKING:
     import napari

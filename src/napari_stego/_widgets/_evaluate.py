@@ -12,17 +12,17 @@ from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableW
 
 from ..errors import StegoError
 from ..evaluate import evaluate_arrays
+from ..io import META_KEY
 from ._common import (
-    META_KEY,
     JobMixin,
     finish_layout,
     insert_after,
     notify_error,
-    output_layer,
     run_buttons,
     text,
     warm_imports,
 )
+from ._layers import output_layer
 
 if TYPE_CHECKING:
     import napari

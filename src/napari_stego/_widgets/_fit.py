@@ -11,7 +11,6 @@ from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from ..errors import StegoError
 from ._common import (
     JobMixin,
-    LayerPicker,
     collapsible,
     finish_layout,
     insert_after,
@@ -23,6 +22,7 @@ from ._common import (
     text,
     warm_imports,
 )
+from ._layers import LayerPicker
 
 if TYPE_CHECKING:
     import napari
@@ -274,7 +274,7 @@ def fit_sources(plan, cancel) -> list:
     import dask.array as da
 
     from ..io import open_image
-    from ._common import layer_data, layer_geometry
+    from ._layers import layer_data, layer_geometry
 
     out: list = []
     for src, indices in plan:

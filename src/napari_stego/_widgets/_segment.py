@@ -9,22 +9,18 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushBu
 from ..errors import Cancelled, StegoError
 from ..labels import crf_metadata, label_metadata
 from ._common import (
-    LayerPicker,
     SharedModelMixin,
     collapsible,
     finish_layout,
     insert_after,
-    labels_dtype,
-    layer_data,
-    layer_geometry,
     model_store,
     model_summary,
     notify_error,
-    output_layer,
     run_buttons,
     text,
     warm_imports,
 )
+from ._layers import LayerPicker, labels_dtype, layer_data, layer_geometry, output_layer
 
 if TYPE_CHECKING:
     import napari

@@ -14,7 +14,6 @@ from magicgui.widgets import ComboBox, Container, PushButton, SpinBox
 
 from ..errors import StegoError
 from ._common import (
-    LayerPicker,
     SharedModelMixin,
     finish_layout,
     insert_after,
@@ -24,6 +23,7 @@ from ._common import (
     text,
     warm_imports,
 )
+from ._layers import LayerPicker
 from ._plots import style_axes
 
 if TYPE_CHECKING:

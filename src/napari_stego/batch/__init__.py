@@ -20,7 +20,7 @@ How a ``segment`` job runs
 3. *Tiles*: a plane bigger than one tile of the model's
    :class:`~napari_stego.tiling.TileConfig` (``features.is_single_tile`` is false) is not
    given to one worker whole. A *statistics* task measures the plane's intensity mapping
-   once (:func:`~napari_stego.io.fit_intensity`, as ``StegoModel.predict`` does), then one
+   once (:func:`~napari_stego.intensity.fit_intensity`, as ``StegoModel.predict`` does), then one
    task per tile core reads only that core plus its halo from the TIFF and predicts it with
    :class:`~napari_stego.lazy.TilePredictor` (the computation of ``StegoModel.predict`` on a
    big image, chunk for chunk: the labels are the same); with ``crf`` the core is grown by

@@ -306,7 +306,7 @@ def _predict_tile(pred, tile: tuple[int, int], window, crf_intensity, settings: 
 def _run_stats(task: _StatsTask) -> _PlaneResult:
     """Worker side: the intensity mapping of one tiled plane (``fit_intensity`` reads all its
     pixels up to 8 M values, else blocks spread over it), for all its tiles."""
-    from ..io import fit_intensity
+    from ..intensity import fit_intensity
 
     t0 = time.perf_counter()
     result = _PlaneResult(task.flat, worker=_worker_name())

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features import work_size
-from ..predict import upsample_code
+from .features import work_size
+from .predict import upsample_code
 
 
 def grid_cell(point_yx, size: tuple[int, int], fmap_hw: tuple[int, int], stride: int,
