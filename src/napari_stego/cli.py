@@ -95,8 +95,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .batch import segment_files
 
     report = segment_files(args.model, args.images, args.out, crf=args.crf,
-                           crf_backend=args.crf_backend, probabilities=args.probabilities, format=args.format,
-                           overwrite=args.overwrite, scheduler=args.scheduler,
+                           crf_backend=args.crf_backend, probabilities=args.probabilities,
+                           format=args.format, overwrite=args.overwrite, scheduler=args.scheduler,
                            workers=args.workers, weights=args.weights, device=args.device,
                            progress=_progress_printer(args.quiet), log=_logger(args.quiet))
     if not args.quiet:

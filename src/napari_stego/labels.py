@@ -38,6 +38,7 @@ LABEL_OFFSET = 1
 CONVENTION = "label = cluster index + 1 (ids 1..K); 0 = no data"
 _IMAGEJ_ORDER = "TZCYX"
 _IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+_IMAGEJ_MAX_BYTES = 2**32 - 2**25  # ImageJ TIFFs cannot be BigTIFF: bigger outputs are shaped
 
 
 def labels_dtype(n_clusters: int) -> np.dtype:
@@ -191,8 +192,9 @@ def tiff_kwargs(shape: tuple[int, ...], dtype, meta: dict) -> dict:
     """Keyword arguments of ``tifffile.imwrite`` for a labels / probabilities output whose
     :func:`label_metadata` is in ``meta`` (its ``axes`` may name a ``C`` axis: clusters).
 
-    An ImageJ hyperstack when the axes are in ImageJ's ``TZCYX`` order and the dtype is
-    one ImageJ reads; else a tifffile shaped TIFF with the axes. Both carry the X / Y pixel
+    An ImageJ hyperstack when the axes are in ImageJ's ``TZCYX`` order, the dtype is one
+    ImageJ reads and the data fits a classic TIFF (under 4 GB); else a tifffile shaped
+    (Big)TIFF with the axes. Both carry the X / Y pixel
     size as resolution tags and ``meta`` as JSON."""
     meta = with_axes(meta, shape)
     axes = meta.get("axes") or ""
@@ -204,8 +206,10 @@ def tiff_kwargs(shape: tuple[int, ...], dtype, meta: dict) -> dict:
     if (sx, sy) != (1.0, 1.0) or meta.get("unit"):
         kwargs["resolution"] = (1.0 / sx, 1.0 / sy)
     text = json.dumps(meta)
-    imagej = bool(axes) and np.dtype(dtype) in _IMAGEJ_DTYPES and all(
-        a in _IMAGEJ_ORDER for a in axes) and list(axes) == sorted(axes, key=_IMAGEJ_ORDER.index)
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    imagej = (bool(axes) and size < _IMAGEJ_MAX_BYTES and np.dtype(dtype) in _IMAGEJ_DTYPES
+              and all(a in _IMAGEJ_ORDER for a in axes)
+              and list(axes) == sorted(axes, key=_IMAGEJ_ORDER.index))
     if imagej:
         ij: dict = {"axes": axes, META_KEY: text}
         if "Z" in scale:

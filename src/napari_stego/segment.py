@@ -83,7 +83,7 @@ class Segmentation:
                            model.tile_config, model.device, stats=self.stats,
                            progress=progress, cancel=cancel)
         elif cache not in (None, False):
-            from .features import ensure_features
+            from .feature_cache import ensure_features
 
             store, _ = ensure_features(model.backbone, self.source, model.feature_config,
                                        model.tile_config, cache, model.device,

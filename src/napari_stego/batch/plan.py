@@ -21,8 +21,8 @@ from .inputs import _base_name, _inspect, _Layout, _merge_ranges, _range_reason
 from .models import _ModelRef
 from .reports import FileResult, Log
 from .tasks import _Settings
-from .writes import (EXTENSIONS, WORK_DIR, _atomic_write, _clean_partials, _core_shape, _Grid, _grid_tiles,
-                     _part_ok, _tile_part_path, _tile_part_range)
+from .writes import (EXTENSIONS, WORK_DIR, _atomic_write, _clean_partials, _core_shape, _Grid,
+                     _grid_tiles, _part_ok, _tile_part_path, _tile_part_range)
 
 
 @dataclass

@@ -101,8 +101,8 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
                          f"{', '.join(BACKENDS)}")
     if not isinstance(crf, (bool, CRFConfig)) and crf is not None:
         raise StegoError(f"crf must be True, False or a CRFConfig, got {type(crf).__name__}")
-    settings = _Settings(crf=crf is not None and crf is not False, probabilities=bool(probabilities),
-                         format=format, crf_config=crf if isinstance(crf, CRFConfig) else None,
+    settings = _Settings(crf=crf is not None and crf is not False,
+                         probabilities=bool(probabilities), format=format, crf_config=crf if isinstance(crf, CRFConfig) else None,
                          crf_backend=None if crf_backend == "auto" else crf_backend)
     pool = _Pool(scheduler, workers)
     cancelled, temporary, ref = True, None, None
