@@ -122,3 +122,27 @@ def test_config_validation():
         TileConfig(batch_size=0)
     with pytest.raises(StegoError, match="length"):
         cover_1d(0, 64, 8)
+
+
+def test_plane_grid_covers_grows_and_cuts_blocks():
+    from napari_stego.tiling import PlaneGrid, Span
+
+    grid = PlaneGrid.cover((1000, 300), 256, 64, 32)
+    assert grid.ys == tuple(cover_1d(1000, 256, 64, 32)) and grid.xs == (Span((0, 300), (0, 300)),)
+    assert grid.tiles() == tile_grid((1000, 300), 256, 64, 32) and not grid.single
+    assert grid.cores == (((0, 256), (256, 512), (512, 768), (768, 1000)), ((0, 300),))
+    assert grid.chunks == ((256, 256, 256, 232), (300,)) and grid.n_tiles == 4
+    assert grid.tile(1, 0).core_shape == (256, 300)
+    # a core grown by 40 px for the CRF: clipped to the plane, read with the grid's halo and
+    # alignment (its feature cells are the plane's)
+    win = grid.grown(1, 0, 40)
+    assert win.y == Span((216, 552), (128, 640)) and win.x == Span((0, 300), (0, 300))
+    assert all(b % 32 == 0 for b in (*win.y.read, win.y.read[0]))
+    assert grid.grown(1, 0, 0) == grid.tile(1, 0)
+    # the CRF's blocks: cut even where one read region would hold the plane, unaligned
+    blocks = PlaneGrid.blocks((100, 70), 64, 24)
+    assert blocks.cores == (((0, 64), (64, 100)), ((0, 64), (64, 70)))
+    assert blocks.tile(1, 1).y == Span((64, 100), (40, 100))
+    assert PlaneGrid.cover((100, 70), 64, 24).single
+    whole = PlaneGrid.one_piece((50, 40))
+    assert whole.whole and whole.single and whole.tile(0, 0).read == (slice(0, 50), slice(0, 40))

@@ -33,6 +33,7 @@ import numpy as np
 from ._crf_torch import _POS_CACHE, _run_torch  # noqa: F401  (_POS_CACHE: benchmarks/crf.py)
 from .errors import Cancelled, StegoError
 from .intensity import IntensityConfig, to_uint8_rgb
+from .tiling import PlaneGrid
 
 Progress = Callable[[str, int, int], None]
 
@@ -290,19 +291,6 @@ def default_halo(config: CRFConfig | None = None) -> int:
     return max(16, math.ceil(2 * max(cfg.bi_xy_std, cfg.pos_xy_std)))
 
 
-def _tiles(h: int, w: int, tile: int, halo: int):
-    """(read window, write window, crop of the write window in the read one) per tile."""
-    out = []
-    for y in range(0, h, tile):
-        for x in range(0, w, tile):
-            y1, x1 = min(y + tile, h), min(x + tile, w)
-            ry0, rx0 = max(0, y - halo), max(0, x - halo)
-            ry1, rx1 = min(h, y1 + halo), min(w, x1 + halo)
-            out.append(((ry0, ry1, rx0, rx1), (y, y1, x, x1),
-                        (slice(y - ry0, y1 - ry0), slice(x - rx0, x1 - rx0))))
-    return out
-
-
 def _tile_job(args):
     backend, rgb, probs, cfg, device, origin = args
     return _run(backend, rgb, probs, cfg, device, origin)
@@ -354,17 +342,17 @@ def dense_crf_tiled(image, probs, *, tile: int = 1024, halo: int | None = None,
         raise StegoError(f"halo must be >= 0 pixels, got {halo!r}")
     rgb = crf_image(arr, cfg.intensity if intensity is None else intensity)
     dev = _torch_device(device) if backend == "torch" else None
-    h, w = arr.shape[:2]
-    tiles = _tiles(h, w, int(tile), halo)
+    tiles = PlaneGrid.blocks(arr.shape[:2], int(tile), halo).tiles()
     out = np.empty(p.shape, np.float32)
 
     def jobs():
-        for (ry0, ry1, rx0, rx1), _, _ in tiles:
-            yield (backend, rgb[ry0:ry1, rx0:rx1], p[:, ry0:ry1, rx0:rx1], cfg, dev, (ry0, rx0))
+        for t in tiles:
+            yield (backend, rgb[t.read], p[(slice(None), *t.read)], cfg, dev,
+                   (t.y.read[0], t.x.read[0]))
 
     def store(i, q):
-        _, (y0, y1, x0, x1), crop = tiles[i]
-        out[:, y0:y1, x0:x1] = q[:, crop[0], crop[1]]
+        t = tiles[i]
+        out[(slice(None), *t.core)] = q[(slice(None), *t.crop)]
         if progress is not None:
             progress("crf", i + 1, len(tiles))
 

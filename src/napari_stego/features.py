@@ -41,12 +41,12 @@ from .errors import Cancelled, StegoError
 from .intensity import IntensityConfig, IntensityStats, fit_intensity, to_rgb
 from .io import ImageSource
 from .tiling import (
+    PlaneGrid,
     Tile,
     TileConfig,
     cells,
     effective,
     iter_batches,
-    tile_grid,
     tile_weights,
 )
 
@@ -211,14 +211,22 @@ def batch_size(tiles: TileConfig, device: torch.device) -> int:
     return 8 if torch.device(device).type == "cuda" else 1
 
 
+def plane_grid(shape2d: tuple[int, int], backbone: Backbone, config: FeatureConfig,
+               tiles: TileConfig) -> PlaneGrid:
+    """The tiles a plane of ``shape2d`` pixels goes through the backbone in: up-sampled
+    small images in one piece, else cores of :func:`tile_halo` aligned to ``pad_to``."""
+    work = work_size(shape2d, config.min_side)
+    if tuple(work) != tuple(shape2d):  # up-sampled small images: always whole
+        return PlaneGrid.one_piece(shape2d)
+    tile, halo = tile_halo(tiles, backbone)
+    return PlaneGrid.cover(shape2d, tile, halo, backbone.spec.pad_to)
+
+
 def is_single_tile(shape2d: tuple[int, int], backbone: Backbone, config: FeatureConfig,
                    tiles: TileConfig) -> bool:
     """Whether an image of ``shape2d`` pixels goes through the backbone in one piece."""
-    work = work_size(shape2d, config.min_side)
-    if tuple(work) != tuple(shape2d):  # up-sampled small images: always whole
-        return True
-    tile, halo = tile_halo(tiles, backbone)
-    return max(shape2d) <= tile + 2 * halo
+    grid = plane_grid(shape2d, backbone, config, tiles)
+    return grid.whole or grid.single
 
 
 def feature_grid(shape2d: tuple[int, int], backbone: Backbone, config: FeatureConfig) -> tuple[int, int]:
@@ -241,12 +249,11 @@ class _Job:
 def _plane_jobs(plane: int, source: ImageSource, backbone: Backbone, config: FeatureConfig,
                 tiles: TileConfig) -> list[_Job]:
     shape2d = source.shape2d
-    work = work_size(shape2d, config.min_side)
-    if tuple(work) != tuple(shape2d):
-        return [_Job(plane, None, tuple(work), True)]
-    tile, halo = tile_halo(tiles, backbone)
-    grid = tile_grid(shape2d, tile, halo, backbone.spec.pad_to)
-    return [_Job(plane, t, t.read_shape, i == len(grid) - 1) for i, t in enumerate(grid)]
+    grid = plane_grid(shape2d, backbone, config, tiles)
+    if grid.whole:
+        return [_Job(plane, None, tuple(work_size(shape2d, config.min_side)), True)]
+    parts = grid.tiles()
+    return [_Job(plane, t, t.read_shape, i == len(parts) - 1) for i, t in enumerate(parts)]
 
 
 def count_tiles(source: ImageSource, backbone: Backbone, config: FeatureConfig,

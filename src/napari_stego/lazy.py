@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
-from .features import _autocast, _Job, _load_job, feature_grid, tile_halo, work_size
+from .features import _autocast, _Job, _load_job, feature_grid, plane_grid, work_size
 from .intensity import IntensityStats
 from .io import ImageSource
 from .labels import labels_dtype
 from .predict import cluster_probabilities, upsample_code
-from .tiling import Tile, TileConfig, cells, cover_1d
+from .tiling import PlaneGrid, Tile, TileConfig, cells
 
 Progress = Callable[[str, int, int], None]
 
@@ -64,12 +64,14 @@ def _upsample_band(code: torch.Tensor, ya: int, xa: int, stride: int, rows: tupl
 class TilePredictor:
     """Probabilities of one tile core of one plane (the work of one dask chunk).
 
+    The tiles are those of ``grid`` (default: :func:`~napari_stego.features.plane_grid` of
+    the model's backbone and ``tiles``; a batch job passes the grid it planned).
     Thread-safe: device work is serialised by ``lock`` (tiles are read and normalised
     outside it, so reading overlaps computing).
     """
 
     def __init__(self, model, source: ImageSource, stats: IntensityStats, tiles: TileConfig,
-                 store=None, *, lock: threading.Lock | None = None,
+                 store=None, *, grid: PlaneGrid | None = None, lock: threading.Lock | None = None,
                  progress: Progress | None = None, total: int = 0, cancel=None) -> None:
         self.model, self.source, self.stats, self.tiles, self.store = model, source, stats, \
             tiles, store
@@ -79,21 +81,22 @@ class TilePredictor:
         self._count_lock = threading.Lock()
         cfg = model.feature_config
         self.work = work_size(source.shape2d, cfg.min_side)
-        self.whole = tuple(self.work) != tuple(source.shape2d)
-        tile, halo = tile_halo(tiles, model.backbone)
-        align = model.backbone.spec.pad_to
-        if self.whole:
-            self.ys = cover_1d(source.height, source.height, 0)
-            self.xs = cover_1d(source.width, source.width, 0)
-        else:
-            self.ys = cover_1d(source.height, tile, halo, align)
-            self.xs = cover_1d(source.width, tile, halo, align)
+        self.plane_grid = grid if grid is not None else plane_grid(
+            source.shape2d, model.backbone, cfg, tiles)
+        self.whole = self.plane_grid.whole
         self.grid = feature_grid(source.shape2d, model.backbone, cfg)
 
     @property
+    def ys(self):
+        return self.plane_grid.ys
+
+    @property
+    def xs(self):
+        return self.plane_grid.xs
+
+    @property
     def chunks_yx(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (tuple(s.core[1] - s.core[0] for s in self.ys),
-                tuple(s.core[1] - s.core[0] for s in self.xs))
+        return self.plane_grid.chunks
 
     def _features(self, plane: int, tile: Tile | None, ya: int, yb: int, xa: int,
                   xb: int) -> torch.Tensor:
@@ -123,30 +126,14 @@ class TilePredictor:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("segmentation cancelled")
         m = self.model
-        s = m.backbone.stride
-        sy, sx = self.ys[iy], self.xs[ix]
         if self.whole:
             f = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
             with self.lock:
                 code = m.head(f)
-                up = upsample_code(code, s, self.work, self.source.shape2d)
+                up = upsample_code(code, m.backbone.stride, self.work, self.source.shape2d)
                 p = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0].cpu()
         else:
-            tile = Tile((iy, ix), sy, sx)
-            c_y, c_x = cells(sy.core, s), cells(sx.core, s)
-            r_y, r_x = (cells(sy.read, s), cells(sx.read, s)) if self.store is None or \
-                not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
-            ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
-            xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
-            f = self._features(plane, tile, ya, yb, xa, xb)
-            p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
-            with self.lock:
-                code = m.head(f)
-                for q0 in range(sy.core[0], sy.core[1], BAND):
-                    q1 = min(q0 + BAND, sy.core[1])
-                    up = _upsample_band(code, ya, xa, s, (q0, q1), sx.core)
-                    band = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0]
-                    p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
+            p = self._tile_probs(plane, self.plane_grid.tile(iy, ix))
         out = p.numpy().astype(np.float32, copy=False)
         if self.progress is not None:
             with self._count_lock:
@@ -154,6 +141,35 @@ class TilePredictor:
                 done = self.done
             self.progress("segment", done, self.total)
         return out
+
+    @torch.inference_mode()
+    def window_probs(self, plane: int, tile: Tile) -> np.ndarray:
+        """``(K, h, w)`` float32 probabilities of ``tile``'s core, a tile of this grid's
+        geometry that need not be one of its tiles (e.g. a core grown for the CRF,
+        :meth:`~napari_stego.tiling.PlaneGrid.grown`). Not for ``whole`` planes."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("segmentation cancelled")
+        return self._tile_probs(plane, tile).numpy().astype(np.float32, copy=False)
+
+    def _tile_probs(self, plane: int, tile: Tile) -> torch.Tensor:
+        m = self.model
+        s = m.backbone.stride
+        sy, sx = tile.y, tile.x
+        c_y, c_x = cells(sy.core, s), cells(sx.core, s)
+        r_y, r_x = (cells(sy.read, s), cells(sx.read, s)) if self.store is None or \
+            not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
+        ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
+        xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
+        f = self._features(plane, tile, ya, yb, xa, xb)
+        p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
+        with self.lock:
+            code = m.head(f)
+            for q0 in range(sy.core[0], sy.core[1], BAND):
+                q1 = min(q0 + BAND, sy.core[1])
+                up = _upsample_band(code, ya, xa, s, (q0, q1), sx.core)
+                band = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0]
+                p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
+        return p
 
 
 def predict_dask(model, source: ImageSource, stats: IntensityStats, tiles: TileConfig,

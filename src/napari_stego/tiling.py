@@ -119,6 +119,10 @@ class Tile:
         return self.y.read[1] - self.y.read[0], self.x.read[1] - self.x.read[0]
 
     @property
+    def core_shape(self) -> tuple[int, int]:
+        return self.y.core[1] - self.y.core[0], self.x.core[1] - self.x.core[0]
+
+    @property
     def crop(self) -> tuple[slice, slice]:
         """Slices of the read region (pixels) that hold the core."""
         return (slice(self.y.core[0] - self.y.read[0], self.y.core[1] - self.y.read[0]),
@@ -147,6 +151,11 @@ def cover_1d(length: int, tile: int, halo: int, align: int = 1) -> list[Span]:
     tile, halo = round_up(max(tile, 1), align), round_up(max(halo, 0), align)
     if length <= tile + 2 * halo:
         return [Span((0, length), (0, length))]
+    return _cut_1d(length, tile, halo)
+
+
+def _cut_1d(length: int, tile: int, halo: int) -> list[Span]:
+    """Cores of ``tile`` pixels from 0, each read with ``halo`` on both sides (clipped)."""
     spans = []
     for start in range(0, length, tile):
         end = min(start + tile, length)
@@ -156,15 +165,100 @@ def cover_1d(length: int, tile: int, halo: int, align: int = 1) -> list[Span]:
 
 def tile_grid(shape: tuple[int, int], tile: int, halo: int, align: int = 1) -> list[Tile]:
     """The 2D tiles of an ``(H, W)`` image, row-major (product of two :func:`cover_1d`)."""
-    ys = cover_1d(shape[0], tile, halo, align)
-    xs = cover_1d(shape[1], tile, halo, align)
-    return [Tile((i, j), ys[i], xs[j]) for i in range(len(ys)) for j in range(len(xs))]
+    return PlaneGrid.cover(shape, tile, halo, align).tiles()
+
+
+@dataclass(frozen=True)
+class PlaneGrid:
+    """How one plane of ``shape`` ``(H, W)`` pixels is cut into tiles: the spans along Y and
+    X (each core read with its halo, clipped to the plane). Decided once, by whoever plans
+    the work (:func:`napari_stego.features.plane_grid` for the backbone, :meth:`blocks` for
+    the tiled CRF), and used as it is by feature extraction, lazy prediction, batch jobs and
+    the CRF.
+
+    ``halo`` and ``align`` are what the spans were cut with (a window grown around a core,
+    :meth:`grown`, is read the same way). ``whole``: the plane goes through the backbone in
+    one piece, up-sampled (small images); it then has one span per axis.
+    """
+
+    shape: tuple[int, int]
+    ys: tuple[Span, ...]
+    xs: tuple[Span, ...]
+    halo: int = 0
+    align: int = 1
+    whole: bool = False
+
+    @classmethod
+    def cover(cls, shape: tuple[int, int], tile: int, halo: int, align: int = 1) -> PlaneGrid:
+        """Cores of ``tile`` pixels read with ``halo``, aligned (:func:`cover_1d` per axis)."""
+        h, w = int(shape[0]), int(shape[1])
+        return cls((h, w), tuple(cover_1d(h, tile, halo, align)),
+                   tuple(cover_1d(w, tile, halo, align)), round_up(max(halo, 0), align), align)
+
+    @classmethod
+    def one_piece(cls, shape: tuple[int, int]) -> PlaneGrid:
+        """The whole plane as one tile, up-sampled (``whole=True``)."""
+        h, w = int(shape[0]), int(shape[1])
+        return cls((h, w), (Span((0, h), (0, h)),), (Span((0, w), (0, w)),), whole=True)
+
+    @classmethod
+    def blocks(cls, shape: tuple[int, int], tile: int, halo: int) -> PlaneGrid:
+        """Cores of ``tile`` pixels from the top-left, each read with ``halo``, unaligned and
+        cut even when the plane would fit one read region (the tiled CRF's blocks)."""
+        h, w = int(shape[0]), int(shape[1])
+        return cls((h, w), tuple(_cut_1d(h, tile, halo)), tuple(_cut_1d(w, tile, halo)), halo)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def single(self) -> bool:
+        """One tile covers the plane (tiled and whole-plane work are the same)."""
+        return self.n_tiles == 1
+
+    @property
+    def cores(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """The cores along Y and along X: ``(((y0, y1), ...), ((x0, x1), ...))``."""
+        return tuple(s.core for s in self.ys), tuple(s.core for s in self.xs)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Core lengths along Y and X (dask chunks of one tile core each)."""
+        return (tuple(s.core[1] - s.core[0] for s in self.ys),
+                tuple(s.core[1] - s.core[0] for s in self.xs))
+
+    def indices(self) -> list[tuple[int, int]]:
+        """Every ``(row, column)``, row-major."""
+        return [(i, j) for i in range(len(self.ys)) for j in range(len(self.xs))]
+
+    def tile(self, iy: int, ix: int) -> Tile:
+        return Tile((iy, ix), self.ys[iy], self.xs[ix])
+
+    def tiles(self) -> list[Tile]:
+        """Every tile, row-major."""
+        return [self.tile(i, j) for i, j in self.indices()]
+
+    def grown(self, iy: int, ix: int, grow: int) -> Tile:
+        """Tile ``(iy, ix)``, or with ``grow > 0`` its core grown by ``grow`` pixels (clipped
+        to the plane) and read with this grid's halo and alignment, like the grid's own
+        reads (so its feature cells are the whole plane's): the window a CRF refines."""
+        tile = self.tile(iy, ix)
+        if grow <= 0:
+            return tile
+
+        def grown(span: Span, n: int) -> Span:
+            c0, c1 = max(0, span.core[0] - grow), min(n, span.core[1] + grow)
+            return Span((c0, c1), (max(0, (c0 - self.halo) // self.align * self.align),
+                                   min(n, round_up(c1 + self.halo, self.align))))
+
+        return Tile(tile.index, grown(tile.y, self.shape[0]), grown(tile.x, self.shape[1]))
 
 
 def grid_shape(shape: tuple[int, int], tile: int, halo: int, align: int = 1) -> tuple[int, int]:
     """Number of tile rows and columns of :func:`tile_grid`."""
-    return (len(cover_1d(shape[0], tile, halo, align)),
-            len(cover_1d(shape[1], tile, halo, align)))
+    grid = PlaneGrid.cover(shape, tile, halo, align)
+    return len(grid.ys), len(grid.xs)
 
 
 def cells(span: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -259,6 +353,7 @@ def compute_overhead(shape: tuple[int, int], config: TileConfig, align: int,
 
 __all__ = [
     "BLENDS",
+    "PlaneGrid",
     "Span",
     "Tile",
     "TileConfig",

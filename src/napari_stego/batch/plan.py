@@ -17,12 +17,13 @@ from .. import __version__
 from ..errors import StegoError
 from ..labels import crf_metadata, label_metadata, labels_dtype
 from ..outputs import BLOCKED, REDO, VALID, check_output
+from ..tiling import PlaneGrid
 from .inputs import _base_name, _inspect, _Layout, _merge_ranges, _range_reason
 from .models import _ModelRef
 from .reports import FileResult, Log
 from .tasks import _Settings
-from .writes import (EXTENSIONS, WORK_DIR, _atomic_write, _clean_partials, _core_shape, _Grid,
-                     _grid_tiles, _part_ok, _tile_part_path, _tile_part_range)
+from .writes import (EXTENSIONS, WORK_DIR, _atomic_write, _clean_partials, _part_ok,
+                     _tile_part_path, _tile_part_range)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class _FileJob:
     blank: dict = field(default_factory=dict)
     assembling: bool = False
     done: bool = False
-    grid: _Grid | None = None  # the tile cores of tiled planes (None: planes predicted whole)
+    grid: PlaneGrid | None = None  # the tiles of tiled planes (None: planes predicted whole)
     tiles: dict = field(default_factory=dict)   # tiled plane -> its tiles still to predict
     left: dict = field(default_factory=dict)    # tiled plane -> its tiles not finished yet
     ranges: dict = field(default_factory=dict)  # tiled plane -> pixel range of its tiles
@@ -197,7 +198,8 @@ def _resume_parts(job: _FileJob, ref: _ModelRef, settings: _Settings, overwrite:
     """Reuse the plane (and tile) parts a killed job left, when they were made the same
     way; set ``job.todo`` to the planes with work left (and ``job.tiles`` to their tiles)."""
     stamp = {"model": ref.sha256, "settings": asdict(settings),
-             "input": job.meta["input"], "n_clusters": n_clusters, "grid": job.grid}
+             "input": job.meta["input"], "n_clusters": n_clusters,
+             "grid": None if job.grid is None else job.grid.cores}
     stamp_file = job.work / "job.json"
     old = None
     if not overwrite and stamp_file.is_file():
@@ -212,12 +214,12 @@ def _resume_parts(job: _FileJob, ref: _ModelRef, settings: _Settings, overwrite:
     for flat in job.todo:
         if job.grid is not None:
             missing = []
-            for tile in _grid_tiles(job.grid):
+            for tile in job.grid.indices():
                 part = _tile_part_path(job.work, flat, tile)
                 rng = None
                 if not fresh:
                     _clean_partials(part)
-                    rng = _tile_part_range(part, _core_shape(job.grid, tile),
+                    rng = _tile_part_range(part, job.grid.tile(*tile).core_shape,
                                            n_clusters if settings.probabilities else 0)
                 if rng is None:
                     missing.append(tile)
@@ -262,20 +264,16 @@ def _skip(job: _FileJob, reason: str, say: Log) -> None:
     say(f"skipped: {job.result.line()}")
 
 
-def _plane_grid(model, shape2d: tuple[int, int]) -> _Grid | None:
-    """The tile cores a plane of ``shape2d`` pixels is predicted in, or ``None`` when it is
-    predicted whole: it fits one tile (``features.is_single_tile``), or the model blends
-    tiles with ``"taper"`` (which needs the feature map of the whole plane).
-
-    The cores are those of :class:`~napari_stego.lazy.TilePredictor` (``tiling.cover_1d``
-    with the model's tile and halo, aligned to the backbone's ``pad_to``).
+def _plane_grid(model, shape2d: tuple[int, int]) -> PlaneGrid | None:
+    """The tiles a plane of ``shape2d`` pixels is predicted in
+    (:func:`~napari_stego.features.plane_grid`, the grid the workers'
+    :class:`~napari_stego.lazy.TilePredictor` then use), or ``None`` when it is predicted
+    whole: it fits one tile, or the model blends tiles with ``"taper"`` (which needs the
+    feature map of the whole plane).
     """
-    from ..features import is_single_tile, tile_halo
-    from ..tiling import cover_1d
+    from ..features import plane_grid
 
-    if model.tile_config.blend != "crop" or is_single_tile(
-            tuple(shape2d), model.backbone, model.feature_config, model.tile_config):
+    if model.tile_config.blend != "crop":
         return None
-    tile, halo = tile_halo(model.tile_config, model.backbone)
-    align = model.backbone.spec.pad_to
-    return tuple(tuple(s.core for s in cover_1d(int(n), tile, halo, align)) for n in shape2d)
+    grid = plane_grid(tuple(shape2d), model.backbone, model.feature_config, model.tile_config)
+    return None if grid.whole or grid.single else grid

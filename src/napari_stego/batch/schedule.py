@@ -157,9 +157,8 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
             task = _StatsTask(job.result.input, job.layout, item.flat, intensity, crf_intensity)
             running[pool.submit(_run_stats, task)] = item
         elif item.kind == "tile":
-            iy, ix = item.tile
             task = _TileTask(ref, settings, job.result.input, job.layout, item.flat, item.tile,
-                             (job.grid[0][iy], job.grid[1][ix]), item.stats,
+                             job.grid, item.stats,
                              str(_tile_part_path(job.work, item.flat, item.tile)))
             running[pool.submit(_run_tile, task)] = item
         else:
@@ -187,7 +186,7 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
                              str(job.labels_out), None if job.proba_out is None
                              else str(job.proba_out), dict(job.meta,
                                                            blank_planes=sorted(job.blank)),
-                             str(job.work), job.grid)
+                             str(job.work), None if job.grid is None else job.grid.cores)
         running[pool.submit(_run_assemble, task)] = _Item("assemble", job)
 
     def tile_over(job: _FileJob, flat: int) -> None:

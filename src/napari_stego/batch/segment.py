@@ -14,7 +14,7 @@ from .plan import _plan
 from .reports import BatchReport, Log, Progress
 from .schedule import _dispatch, _local_dask, _Pool, _Tally
 from .tasks import _Settings
-from .writes import FORMATS, WORK_DIR, _grid_tiles, _remove
+from .writes import FORMATS, WORK_DIR, _remove
 
 
 def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
@@ -30,7 +30,8 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
     :func:`~napari_stego.labels.labels_dtype` (uint8 up to K = 255). The outputs keep the
     input's axes names and physical pixel size (ImageJ / TIFF metadata, zarr attributes)
     and JSON metadata recording the model (path, SHA-256, backbone, K), the settings (the
-    CRF's included), the input's signature and the package version. Re-running skips finished outputs; see the module docstring.
+    CRF's included), the input's signature and the package version. Re-running skips
+    finished outputs; see the package docstring.
 
     Args:
         model: a ``.stego`` file or a :class:`~napari_stego.model.StegoModel`.
@@ -58,7 +59,7 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
         device: ``"auto"``/``None`` (CUDA > MPS > CPU, per worker) or a device name.
         progress: ``progress("segment", planes_done, planes_total)``; when some planes are
             bigger than one tile of the model's ``TileConfig`` (they are predicted tile by
-            tile, see the module docstring) also ``progress("tiles", done, total)``.
+            tile, see the package docstring) also ``progress("tiles", done, total)``.
         log: receives one line per problem or notice (failed / skipped inputs, stale
             outputs recomputed).
         cancel: anything with ``is_set()``; running planes (tiles) finish, the rest is
@@ -114,7 +115,7 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
         total = sum(j.layout.n_planes for j in busy)
         planes = _Tally("segment", progress, total - sum(len(j.todo) for j in busy), total)
         planes.report()
-        total = sum(j.layout.n_planes * len(_grid_tiles(j.grid)) for j in busy if j.grid)
+        total = sum(j.layout.n_planes * j.grid.n_tiles for j in busy if j.grid)
         tiles = _Tally("tiles", progress, total - sum(len(t) for j in busy
                                                       for t in j.tiles.values()), total)
         if total:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import StegoError
 from ..labels import ids_of, labels_dtype
+from ..tiling import PlaneGrid
 from .inputs import (_blank_reason, _describe, _Layout, _pixel_range, _plane_source, _PlaneArray,
                      _Range, _read_plane)
 from .models import _model_of, _ModelRef
@@ -75,7 +75,7 @@ class _TileTask:
     layout: _Layout
     flat: int
     tile: tuple[int, int]          # (row, column) in the grid
-    core: tuple[tuple[int, int], tuple[int, int]]  # the core the caller expects (a check)
+    grid: PlaneGrid                # the plane's tiles, as the job planned them
     stats: tuple                   # (IntensityStats of the features, of the CRF or None)
     part: str
 
@@ -104,7 +104,7 @@ class _AssembleTask:
     proba_out: str | None
     meta: dict
     work: str
-    grid: _Grid | None = None      # tiled planes: parts are tiles, see _tile_part_path
+    grid: _Grid | None = None      # tiled planes: PlaneGrid.cores; parts are tiles
 
 
 def _worker_name() -> str:
@@ -230,30 +230,6 @@ def _run_assemble(task: _AssembleTask) -> _PlaneResult:
     return result
 
 
-def _tile_spans(pred, tile: tuple[int, int], grow: int):
-    """``(Y, X)`` :class:`~napari_stego.tiling.Span` s of ``tile``: the predictor's own, or
-    with ``grow > 0`` its core grown by ``grow`` pixels (clipped to the plane), read with the
-    model's halo and aligned to ``pad_to`` like the predictor's own reads (so its feature
-    cells are the whole plane's)."""
-    from ..features import tile_halo
-    from ..tiling import Span, round_up
-
-    sy, sx = pred.ys[tile[0]], pred.xs[tile[1]]
-    if grow <= 0:
-        return sy, sx
-    model = pred.model
-    _, halo = tile_halo(model.tile_config, model.backbone)
-    align = model.backbone.spec.pad_to
-
-    def grown(span, n: int):
-        c0, c1 = max(0, span.core[0] - grow), min(n, span.core[1] + grow)
-        return Span((c0, c1), (max(0, (c0 - halo) // align * align),
-                               min(n, round_up(c1 + halo, align))))
-
-    h, w = pred.source.shape2d
-    return grown(sy, h), grown(sx, w)
-
-
 def _crf_halo(config=None) -> int:
     from ..crf import default_halo
 
@@ -281,19 +257,16 @@ def _predict_tile(pred, tile: tuple[int, int], window, crf_intensity, settings: 
 
     Without CRF: ``pred.probs`` of the tile, the chunk ``StegoModel.predict`` computes for it.
     With CRF: the probabilities of ``window`` (the core grown by the CRF halo, see
-    :func:`_tile_spans`), refined (:func:`_refine_window`), cropped to the core.
+    :meth:`~napari_stego.tiling.PlaneGrid.grown`), refined (:func:`_refine_window`), cropped
+    to the core.
     """
-    import copy
-
     model = pred.model
     if not settings.crf:
         probs = pred.probs(0, *tile)
     else:
-        wy, wx = window
-        grown = copy.copy(pred)  # the same predictor, on one tile: the grown window
-        grown.ys, grown.xs = [wy], [wx]
-        probs = grown.probs(0, 0, 0)
-        image = pred.source.block(0, slice(*wy.core), slice(*wx.core))
+        wy, wx = window.y, window.x
+        probs = pred.window_probs(0, window)
+        image = pred.source.block(0, *window.core)
         probs = _refine_window(image, probs, crf_intensity, (wy.core[0], wx.core[0]),
                                settings)
         sy, sx = pred.ys[tile[0]], pred.xs[tile[1]]
@@ -338,17 +311,13 @@ def _run_tile(task: _TileTask) -> _PlaneResult:
             stage = "loading the model"
             model = _model_of(task.model)
             pred = TilePredictor(model, source, task.stats[0], model.tile_config,
-                                 lock=getattr(model, "_compute_lock", None))
-            sy, sx = _tile_spans(pred, task.tile, 0)
-            if (sy.core, sx.core) != tuple(task.core):
-                raise StegoError(f"tile {task.tile} covers {sy.core} x {sx.core} on this worker, "
-                                 f"{task.core[0]} x {task.core[1]} for the job: mixed "
-                                 "napari-stego versions?")
-            window = _tile_spans(pred, task.tile, _crf_halo(task.settings.crf_settings)
-                                    if task.settings.crf else 0)
+                                 grid=task.grid, lock=getattr(model, "_compute_lock", None))
+            core = task.grid.tile(*task.tile)
+            window = task.grid.grown(*task.tile, _crf_halo(task.settings.crf_settings)
+                                     if task.settings.crf else 0)
             stage = "reading"
-            arr[slice(*window[0].read), slice(*window[1].read)]  # once; the predictor reuses it
-            result.range = _pixel_range(arr[slice(*sy.core), slice(*sx.core)])
+            arr[window.read]  # once; the predictor reuses it
+            result.range = _pixel_range(arr[core.core])
             stage = "predicting"
             labels, proba = _predict_tile(pred, task.tile, window, task.stats[1], task.settings)
         result.pixels = int(labels.size)
