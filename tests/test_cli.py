@@ -13,9 +13,18 @@ def test_demo_writes_labels_model_and_overlay(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3", "--quiet"]) == 0
     printed = capsys.readouterr().out
+    from napari_stego import DEFAULT_N_CLUSTERS
+    from napari_stego._reader import read_tiff
+
     labels = tifffile.imread(out / "ihc_labels.tif")
     assert labels.shape == (512, 512) and labels.dtype == np.uint8
-    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert labels.min() >= 1 and labels.max() <= DEFAULT_N_CLUSTERS  # ids 1..K, 0 = no data
+    # the demo's labels reopen as a Labels layer with proper metadata (was repr(model))
+    [(_, kwargs, kind)] = read_tiff(out / "ihc_labels.tif")
+    meta = kwargs["metadata"]["napari_stego"]
+    assert kind == "labels" and kwargs["name"] == "ihc clusters"
+    assert meta["label_offset"] == 1 and meta["n_clusters"] == DEFAULT_N_CLUSTERS
+    assert meta["axes"] == "YX" and meta["written_by"] == "napari-stego demo"
     assert (out / "ihc_overlay.png").stat().st_size > 0
     assert (out / "ihc.stego").exists()
     assert str(out / "ihc_labels.tif") in printed
@@ -66,7 +75,8 @@ def test_fit_segment_evaluate_round_trip(tmp_path, capsys):
     assert "3 written" in printed and str(out) in printed
     assert tifffile.imread(out / "tex0.tif").shape == (64, 64)
     stack = tifffile.imread(out / "stack.tif")
-    assert stack.shape == (3, 64, 64) and stack.dtype == np.uint8 and stack.max() < 3
+    assert stack.shape == (3, 64, 64) and stack.dtype == np.uint8
+    assert stack.min() >= 1 and stack.max() <= 3  # cluster ids 1..K
 
     assert main(["segment", str(model), str(data), "--out", str(out)]) == 0  # resumed
     assert "3 already done" in capsys.readouterr().out

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 CORE = ["backbones", "batch", "cache", "choose_k", "cli", "cluster", "crf", "device", "errors",
-        "evaluate", "features", "figures", "head", "io", "knn", "lazy", "loss", "metrics", "model",
-        "predict", "samples", "shifts", "tiling", "train"]
+        "evaluate", "features", "figures", "head", "io", "knn", "labels", "lazy", "loss",
+        "metrics", "model", "ngff", "predict", "samples", "segment", "shifts", "tiling", "train"]
 
 
 def run(code: str) -> str:

@@ -10,6 +10,7 @@ import tifffile
 
 from napari_stego._reader import napari_get_reader, read_tiff
 from napari_stego._writer import write_labels
+from napari_stego.labels import read_own_metadata
 
 
 def _layer_meta(name="tex clusters", scale=(1.0, 0.5, 0.5)):
@@ -36,7 +37,39 @@ def test_writer_picks_the_smallest_dtype_and_round_trips(tmp_path, top, dtype):
     assert kwargs["scale"] == (1.0, 0.5, 0.5)
     with tifffile.TiffFile(path) as tif:
         assert tif.pages.first.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
-        assert json.loads(tif.shaped_metadata[0]["napari_stego"])["label_offset"] == 1
+        assert read_own_metadata(tif)["label_offset"] == 1
+        # other tools see the axes and the pixel size: ImageJ hyperstack (uint8 / uint16) or
+        # tifffile's shaped TIFF, both with resolution tags
+        assert tif.series[0].axes == "ZYX"
+        assert tif.is_imagej == (dtype != np.uint32)
+        num, den = tif.pages.first.tags["XResolution"].value
+        assert num / den == pytest.approx(2.0)  # pixels per unit: 1 / 0.5
+    assert kwargs["axis_labels"] == ("Z", "Y", "X")
+
+
+def test_writer_keeps_units_and_colormap(tmp_path):
+    napari = pytest.importorskip("napari")
+    from napari.layers import Labels
+
+    from napari_stego.labels import pixel_sizes
+
+    data = np.random.default_rng(2).integers(0, 5, (2, 16, 20)).astype(np.uint8)
+    layer = Labels(data, name="seg", scale=(1.5, 0.2, 0.2), axis_labels=("Z", "Y", "X"),
+                   units=("um", "um", "um"), colormap={1: "red", 2: "blue", None: "black"})
+    state = layer._get_state()
+    [path] = write_labels(str(tmp_path / "seg.tif"), state.pop("data"), state)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej and tif.imagej_metadata["spacing"] == 1.5
+        assert pixel_sizes(tif, "ZYX") == ({"Z": 1.5, "Y": 0.2, "X": 0.2}, "µm")
+    [(back, kwargs, kind)] = read_tiff(path)
+    assert kind == "labels"
+    viewer_layer = Labels(back, **kwargs)
+    assert viewer_layer.scale.tolist() == pytest.approx([1.5, 0.2, 0.2])
+    assert tuple(viewer_layer.axis_labels) == ("Z", "Y", "X")
+    assert str(viewer_layer.units[-1]) == "micrometer"
+    np.testing.assert_allclose(viewer_layer.colormap.map(np.array([1, 2])),
+                               layer.colormap.map(np.array([1, 2])))
+    assert napari is not None
 
 
 def test_writer_2d_and_missing_suffix(tmp_path):

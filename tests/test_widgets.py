@@ -131,7 +131,7 @@ def test_fit_in_the_gui_then_segment_evaluate_save_load(viewer, qtbot, tmp_path)
     assert clusters.data.min() >= 1 and clusters.data.max() <= 3  # cluster id + 1, all done
     meta = clusters.metadata["napari_stego"]
     assert meta["model"]["backbone"] == "efficientnet_lite0" and meta["model"]["n_clusters"] == 3
-    assert meta["crf"] is False and meta["complete"] is True
+    assert meta["crf"] is None and meta["complete"] is True and meta["label_offset"] == 1
     expected = fit.model.predict(viewer.layers["tex"].data[1]) + 1
     np.testing.assert_array_equal(clusters.data[1], expected)
 

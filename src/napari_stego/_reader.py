@@ -6,18 +6,18 @@ OME-TIFFs open as multiscale layers). The channel axis comes from the metadata (
 ``DimensionOrder`` / ImageJ hyperstack axes: ``C``, or a non-RGB sample axis ``S``) and
 channels become separate layers, named from the OME channel names when present; RGB(A)
 files open as RGB. Pixel sizes (OME ``PhysicalSize*``, ImageJ spacing / resolution) become
-the layer scale. Label files written by napari-stego's writer open as Labels layers with
-their metadata back.
+the layer scale. Label files written by napari-stego (the writer, the CLI, the demo) open
+as Labels layers with their name, scale, axes, units, colormap and metadata back.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .io import META_KEY
+from .labels import pixel_sizes, read_own_metadata
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -74,9 +74,9 @@ def _read_one(path: Path) -> list[tuple]:
         series = tif.series[0]
         axes = series.axes.upper()
         shape = tuple(series.shape)
-        ours = _our_metadata(tif)
+        ours = read_own_metadata(tif)
         channel_names = _ome_channel_names(tif) if tif.is_ome else []
-        sizes = _pixel_sizes(tif, axes)
+        sizes, unit = pixel_sizes(tif, axes)
     levels = _lazy_levels(path)
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
@@ -84,15 +84,8 @@ def _read_one(path: Path) -> list[tuple]:
             name = name[: -len(suffix)]
             break
     if ours is not None:  # labels written by napari-stego: back as a Labels layer
-        layer_name = ours.get("layer_name")
-        kwargs = dict(name=layer_name if isinstance(layer_name, str) else name,
-                      metadata={META_KEY: ours})
-        scale = ours.get("scale")
-        if (isinstance(scale, list) and len(scale) == len(shape)
-                and all(isinstance(v, (int, float)) and v > 0 for v in scale)):
-            kwargs["scale"] = tuple(scale)
         data = levels[0] if len(levels) == 1 else levels
-        return [(data, kwargs, "labels")]
+        return [(data, _labels_kwargs(ours, name, axes, shape, sizes, unit), "labels")]
 
     kwargs: dict = dict(name=name, multiscale=len(levels) > 1)
     rgb = axes.endswith("S") and shape[-1] in (3, 4)
@@ -107,6 +100,8 @@ def _read_one(path: Path) -> list[tuple]:
     if any(s != 1.0 for s in scale):
         kwargs["scale"] = tuple(scale)
     kwargs["axis_labels"] = tuple(spatial)
+    if unit and "scale" in kwargs:
+        kwargs["units"] = tuple(unit if a in sizes else "pixel" for a in spatial)
     if rgb:
         kwargs["rgb"] = True
     if channel_axis is not None:
@@ -117,24 +112,6 @@ def _read_one(path: Path) -> list[tuple]:
         kwargs["blending"] = "additive"
     data = levels[0] if len(levels) == 1 else levels
     return [(data, kwargs, "image")]
-
-
-def _our_metadata(tif) -> dict | None:
-    """napari-stego's metadata stored by :mod:`napari_stego._writer`, or ``None``."""
-    try:
-        meta = tif.shaped_metadata
-    except Exception:
-        meta = None
-    if not meta:
-        return None
-    raw = meta[0].get(META_KEY) if isinstance(meta[0], dict) else None
-    if raw is None:
-        return None
-    try:
-        ours = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
-        return None
-    return ours if isinstance(ours, dict) else None  # a list, a number: not ours
 
 
 def _ome_channel_names(tif) -> list[str]:
@@ -150,29 +127,48 @@ def _ome_channel_names(tif) -> list[str]:
         return []
 
 
-def _pixel_sizes(tif, axes: str) -> dict:
-    """Axis -> physical pixel size from OME or ImageJ metadata (missing axes: 1)."""
-    sizes: dict = {}
-    try:
-        if tif.is_ome:
-            import tifffile
+def _labels_kwargs(ours: dict, name: str, axes: str, shape: tuple, sizes: dict,
+                   unit: str | None) -> dict:
+    """Labels layer keywords from napari-stego's metadata: name, scale, axes, units and
+    colormap as written (:mod:`napari_stego.labels`), falling back to the file's own."""
+    layer_name = ours.get("layer_name")
+    kwargs: dict = dict(name=layer_name if isinstance(layer_name, str) else name,
+                        metadata={META_KEY: ours})
+    own_axes = ours.get("axes")
+    if isinstance(own_axes, str) and len(own_axes) == len(shape):
+        axes = own_axes
+    if len(axes) == len(shape):
+        kwargs["axis_labels"] = tuple(axes)
+    scale = ours.get("scale")
+    if not (isinstance(scale, list) and len(scale) == len(shape)
+            and all(isinstance(v, (int, float)) and v > 0 for v in scale)):
+        scale = [sizes.get(a, 1.0) for a in axes] if len(axes) == len(shape) else None
+    if scale is not None and any(v != 1.0 for v in scale):
+        kwargs["scale"] = tuple(float(v) for v in scale)
+        unit = ours.get("unit") or unit
+        if isinstance(unit, str) and unit:
+            kwargs["units"] = tuple(unit for _ in scale)
+    colormap = _colormap(ours.get("colormap"))
+    if colormap is not None:
+        kwargs["colormap"] = colormap
+    return kwargs
 
-            ome = tifffile.xml2dict(tif.ome_metadata)["OME"]
-            image = ome["Image"][0] if isinstance(ome["Image"], list) else ome["Image"]
-            pixels = image["Pixels"]
-            for a in "XYZ":
-                if f"PhysicalSize{a}" in pixels:
-                    sizes[a] = float(pixels[f"PhysicalSize{a}"])
-        elif tif.is_imagej:
-            ij = tif.imagej_metadata or {}
-            if "spacing" in ij:
-                sizes["Z"] = float(ij["spacing"])
-            page = tif.pages.first
-            for a, tag in (("X", "XResolution"), ("Y", "YResolution")):
-                if tag in page.tags:
-                    num, den = page.tags[tag].value
-                    if num:
-                        sizes[a] = den / num
+
+def _colormap(stored):
+    """A napari labels colormap from what :mod:`napari_stego._writer` stored (``None``:
+    napari's default)."""
+    if not isinstance(stored, dict):
+        return None
+    try:
+        if "direct" in stored:
+            colors = {(None if k == "None" else int(k)): v for k, v in stored["direct"].items()}
+            return colors
+        if "cyclic" in stored:
+            from napari.utils.colormaps import CyclicLabelColormap
+
+            c = stored["cyclic"]
+            return CyclicLabelColormap(colors=np.asarray(c["colors"], np.float32),
+                                       seed=float(c.get("seed", 0.5)))
     except Exception:
-        return {}
-    return {k: v for k, v in sizes.items() if np.isfinite(v) and v > 0}
+        return None
+    return None

@@ -79,8 +79,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     report = fit_files(args.images, args.out, n_clusters=args.n_clusters, backbone=args.backbone,
                        weights=args.weights, steps=args.steps, device=args.device,
-                       seed=args.seed, upsample=args.upsample,
-                       progress=_progress_printer(args.quiet),
+                       seed=args.seed, upsample=args.upsample, channels=args.channels,
+                       tile=args.tile_size, progress=_progress_printer(args.quiet),
                        log=_logger(args.quiet))
     if not args.quiet:
         print(f"model: {report.model} (fitted on {report.n_images} images)")
@@ -95,8 +95,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .batch import segment_files
 
     report = segment_files(args.model, args.images, args.out, crf=args.crf,
-                           probabilities=args.probabilities, format=args.format,
-                           overwrite=args.overwrite, scheduler=args.scheduler,
+                           crf_backend=args.crf_backend, probabilities=args.probabilities,
+                           format=args.format, overwrite=args.overwrite, scheduler=args.scheduler,
                            workers=args.workers, weights=args.weights, device=args.device,
                            progress=_progress_printer(args.quiet), log=_logger(args.quiet))
     if not args.quiet:
@@ -187,6 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .model import StegoModel
     from .samples import immunohistochemistry
+    from .segment import save_segmentation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,17 +195,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tiles = [image[y:y + 256, x:x + 256] for y in (0, 128, 256) for x in (0, 128, 256)]
     model = StegoModel.fit(tiles, args.n_clusters, backbone="efficientnet_lite0", steps=args.steps,
                            device=args.device, seed=args.seed, progress=_progress_printer(args.quiet))
-    labels = model.predict(image, crf=args.crf)
     model_path = model.save(out / "ihc.stego")
-    labels_path = out / "ihc_labels.tif"
-    tifffile.imwrite(labels_path, labels, compression="zlib",
-                     metadata={"napari_stego": repr(model)})
-    overlay = label2rgb(labels.astype(np.int32), image=image, alpha=0.35, bg_label=-1)
+    labels_path = save_segmentation(
+        model, image, out / "ihc_labels.tif", axes="YXC", crf=args.crf or None,
+        crf_backend=args.crf_backend, name="ihc clusters",
+        extra={"model": {"path": str(model_path), "backbone": model.backbone.spec.name,
+                         "n_clusters": model.n_clusters}, "written_by": "napari-stego demo"})
+    labels = tifffile.imread(labels_path)  # ids 1..K
+    overlay = label2rgb(labels.astype(np.int32), image=image, alpha=0.35, bg_label=0)
     overlay_path = out / "ihc_overlay.png"
     imsave(overlay_path, (np.clip(overlay, 0, 1) * 255).astype(np.uint8), check_contrast=False)
     print(f"model:   {model_path}\nlabels:  {labels_path}\noverlay: {overlay_path}")
-    counts = np.bincount(labels.ravel(), minlength=model.n_clusters) / labels.size * 100
-    print("cluster areas: " + ", ".join(f"{k}: {c:.1f}%" for k, c in enumerate(counts)))
+    counts = np.bincount(labels.ravel(), minlength=model.n_clusters + 1)[1:] / labels.size * 100
+    print("cluster areas: " + ", ".join(f"{k}: {c:.1f}%" for k, c in enumerate(counts, 1)))
     return 0
 
 
@@ -268,6 +271,9 @@ class _Formatter(argparse.HelpFormatter):
 
 
 _DEVICE_HELP = "auto (CUDA > MPS > CPU), cpu, cuda:N or mps"
+_CRF_BACKEND_HELP = ("CRF backend: pydensecrf (the reference C++ code, needs pydensecrf2), "
+                     "torch (GPU or CPU, no compiler) or auto (torch on a CUDA GPU, else "
+                     "pydensecrf when installed, else torch)")
 _SEED_HELP = "random seed: the same seed and data on the same CPU give the same result"
 _WEIGHTS_HELP = ("backbone weights file (.pth / .safetensors), if the one the model was fitted "
                  "with is not on this machine")
@@ -321,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--upsample", type=int, default=1, metavar="N",
                      help="run the backbone on images up-sampled N times (2 or 4): features "
                           "every stride/N pixels for thin structures, N^2 times the compute")
+    fit.add_argument("--channels", default=None, metavar="A,B,C|pca",
+                     help="how multichannel images (2-4 fluorescence channels, a C axis) become "
+                          "the backbone's RGB: three channel indices (0,1,1 for two channels) "
+                          "or pca; stored in the model, so `segment` maps them the same way "
+                          "(default: grey, RGB and RGBA only)")
+    fit.add_argument("--tile-size", type=int, default=None, metavar="PX",
+                     help="tile side in pixels for big images (default 1024); stored in the "
+                          "model and used by `segment`")
     fit.add_argument("--device", default="auto", help=_DEVICE_HELP)
     fit.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     fit.add_argument("--quiet", action="store_true", help="no progress bars or notes")
@@ -329,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg = _sub(sub, "segment", "segment TIFF files with a model (resumable; local or "
                "dask.distributed)",
                description="Write one labels file per input (same base name, same spatial "
-               "shape; uint8, or uint16 for K > 256). Re-running skips finished outputs and "
+               "shape and axes, the input's pixel size; cluster ids 1..K, 0 = no data; "
+               "uint8, or uint16 for K > 255). Re-running skips finished outputs and "
                "resumes stacks plane by plane.",
                examples="  napari-stego segment cells.stego images/ --out labels/\n"
                "  napari-stego segment cells.stego 'data/*.tif' --out labels/ --crf "
@@ -340,12 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("images", nargs="+", help="TIFF files, globs or folders")
     seg.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
     seg.add_argument("--crf", action="store_true", help="refine with the dense CRF "
-                     "(needs pydensecrf2)")
+                     "(reference settings; stored in the outputs' metadata)")
+    seg.add_argument("--crf-backend", choices=["auto", "torch", "pydensecrf"], default="auto",
+                     help=_CRF_BACKEND_HELP)
     seg.add_argument("--probabilities", action="store_true",
                      help="also write <name>_proba (float32 K x H x W per plane)")
-    seg.add_argument("--format", choices=["tif", "zarr"], default="tif",
-                     help="output files: tif (zlib-compressed TIFF) or zarr (a <name>.zarr "
-                          "folder, chunked by tile; for big planes)")
+    seg.add_argument("--format", choices=["tif", "zarr", "ome-zarr"], default="tif",
+                     help="output files: tif (zlib-compressed ImageJ TIFF with axes and pixel "
+                          "size), zarr (a <name>.zarr folder, chunked by tile; for big "
+                          "planes) or ome-zarr (a <name>.ome.zarr OME-NGFF image with axes, "
+                          "scale and a multiscale pyramid for big planes; needs ome-zarr)")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute and replace outputs that exist")
     seg.add_argument("--scheduler", default="threads",
@@ -413,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=150, help="training steps")
     demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
     demo.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
-    demo.add_argument("--crf", action="store_true", help="refine with the dense CRF "
-                      "(needs pydensecrf2)")
+    demo.add_argument("--crf", action="store_true", help="refine with the dense CRF")
+    demo.add_argument("--crf-backend", choices=["auto", "torch", "pydensecrf"], default="auto",
+                      help=_CRF_BACKEND_HELP)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
@@ -437,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # counts that must be positive integers where a sub-command takes them
 _POSITIVE = {"steps": "--steps", "n_clusters": "--n-clusters", "workers": "--workers",
+             "tile_size": "--tile-size",
              "seeds": "--seeds", "max_points": "--max-points", "n_classes": "--n-classes",
              "upsample": "--upsample"}
 

@@ -15,6 +15,7 @@ from .batch.inputs import TIFF_SUFFIXES, _base_name, _is_tiff, _short
 from .batch.reports import Log
 from .batch.writes import _atomic_write
 from .errors import Cancelled, StegoError
+from .io import META_KEY
 
 __all__ = ["evaluate_arrays", "evaluate_folders"]
 
@@ -23,7 +24,10 @@ def _read_labels(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".zarr":
         import zarr
 
-        return np.asarray(zarr.open_array(str(path), mode="r")[...])
+        node = zarr.open(str(path), mode="r")
+        if not hasattr(node, "shape"):  # an OME-Zarr output: level 0
+            node = node["0"]
+        return np.asarray(node[...])
     if _is_tiff(path):
         import tifffile
 
@@ -33,12 +37,34 @@ def _read_labels(path: Path) -> np.ndarray:
     return imread(str(path))
 
 
+def _label_offset(path: Path) -> int:
+    """The ``label_offset`` napari-stego recorded in a prediction (0 when none: a map of
+    0-based cluster indices, e.g. from Python or another tool)."""
+    from .labels import read_own_metadata
+
+    try:
+        if path.suffix.lower() == ".zarr":
+            import zarr
+
+            meta = dict(zarr.open(str(path), mode="r").attrs).get(META_KEY)
+        else:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                meta = read_own_metadata(tif)
+    except Exception:
+        return 0
+    offset = meta.get("label_offset") if isinstance(meta, dict) else None
+    return int(offset) if isinstance(offset, int) and offset > 0 else 0
+
+
 def _label_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     found = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not p.name.lower().endswith(suffixes):
             continue
-        stem = _base_name(p) if _is_tiff(p) else p.name.rsplit(".", 1)[0]
+        stem = _base_name(p) if _is_tiff(p) else p.name[:-len(".ome.zarr")] \
+            if p.name.lower().endswith(".ome.zarr") else p.name.rsplit(".", 1)[0]
         if stem.endswith("_proba"):
             continue
         found.setdefault(stem, p)
@@ -100,7 +126,12 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
         if bad:
             problems.append(f"{g}: {bad}")
             continue
-        loaded.append((key, p, g, pred, gt.astype(np.int64)))
+        gt = gt.astype(np.int64)
+        offset = _label_offset(p)
+        if offset:  # napari-stego's ids 1..K: back to indices, 0 (no data) left out
+            gt = np.where(pred < offset, ignore_index, gt)
+            pred = np.maximum(pred - offset, 0)
+        loaded.append((key, p, g, pred, gt))
     for msg in problems:
         say(f"warning: {msg}")
     if not loaded:

@@ -28,6 +28,7 @@ from .errors import Cancelled
 from .features import _autocast, _Job, _load_job, feature_grid, plane_grid, work_size
 from .intensity import IntensityStats
 from .io import ImageSource
+from .labels import labels_dtype
 from .predict import cluster_probabilities, upsample_code
 from .tiling import PlaneGrid, Tile, TileConfig, cells
 
@@ -58,10 +59,6 @@ def _upsample_band(code: torch.Tensor, ya: int, xa: int, stride: int, rows: tupl
                        align_corners=False)
     return up[..., rows[0] - c0 * stride:rows[1] - c0 * stride,
               cols[0] - xa * stride:cols[1] - xa * stride]
-
-
-def labels_dtype(n_clusters: int):
-    return np.uint8 if n_clusters <= 256 else np.uint16
 
 
 class TilePredictor:
@@ -180,9 +177,9 @@ def predict_dask(model, source: ImageSource, stats: IntensityStats, tiles: TileC
     """Lazy probabilities and labels of every plane of ``source``.
 
     Returns:
-        ``(labels, probs)``: dask arrays of shape ``(*lead, Y, X)`` (uint8, or uint16 for
-        more than 256 clusters) and ``(*lead, K, Y, X)`` float32, chunked by plane and tile
-        core. ``labels`` is the argmax of ``probs``; computing both together computes each
+        ``(labels, probs)``: dask arrays of shape ``(*lead, Y, X)`` (0-based cluster
+        indices in :func:`~napari_stego.labels.labels_dtype`) and ``(*lead, K, Y, X)``
+        float32, chunked by plane and tile core. ``labels`` is the argmax of ``probs``; computing both together computes each
         tile once.
     """
     import dask.array as da

@@ -32,6 +32,7 @@ from .features import (
 from .head import SegmentationHead
 from .intensity import IntensityConfig, fit_intensity
 from .io import ImageSource, image_list, open_image
+from .labels import labels_dtype
 from .loss import LossConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
 from .shifts import AutoShiftConfig
@@ -252,12 +253,20 @@ class StegoModel:
         work = work_size(tuple(size), self.feature_config.min_side)
         return upsample_code(self._head_code(feats), self.backbone.stride, work, tuple(size))
 
-    def predict(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
-        """Cluster labels ``(H, W)`` (uint8, or uint16 for more than 255 clusters).
+    def predict(self, image: np.ndarray, *, crf=False, crf_backend: str | None = None
+                ) -> np.ndarray:
+        """0-based cluster indices ``(H, W)``: 0..K-1, the index into
+        :meth:`predict_proba`'s first axis, in :func:`~napari_stego.labels.labels_dtype`.
+
+        Files and layers hold ids 1..K instead (0 = no data): convert with
+        :func:`napari_stego.labels.to_ids`, or write with
+        :func:`napari_stego.labels.save_labels`.
 
         ``crf=True`` refines the probabilities with the dense CRF
-        (:func:`napari_stego.crf.dense_crf`) before the argmax; images bigger than one tile
-        are refined tile by tile in this process (no worker processes).
+        (:func:`napari_stego.crf.dense_crf`) before the argmax, ``crf=CRFConfig(...)`` with
+        those settings; ``crf_backend``: ``None`` / ``"auto"``, ``"torch"`` or
+        ``"pydensecrf"``. Images bigger than one tile are refined tile by tile in this
+        process (no worker processes).
 
         Any real dtype and memory layout is accepted (read-only, strided, big-endian,
         memory-mapped). A constant or all-NaN image is not refused: it maps to flat grey and
@@ -269,23 +278,24 @@ class StegoModel:
                 ``IntensityConfig.channels`` does not map to RGB, an unsupported dtype.
         """
         image = _one_image(image)
-        dtype = np.uint8 if self.n_clusters <= 256 else np.uint16
+        dtype = labels_dtype(self.n_clusters)
         if not crf and not self._single_tile(image):
             return self._lazy_one(image)[0].compute(scheduler="threads")
-        if crf and self._single_tile(image) and self.device.type == "cuda":
-            from .crf import default_backend, dense_crf
+        if crf is False or crf is None:
+            return self.predict_proba(image).argmax(0).astype(dtype)
+        from .crf import CRFConfig, default_backend, dense_crf
+        from .segment import refine
 
-            if default_backend(self.device) == "torch":  # probabilities stay on the GPU
-                with torch.inference_mode():
-                    q = dense_crf(image, self._proba(self.features(image), image.shape[:2]))
-                    return q.argmax(0).to(torch.uint8 if dtype == np.uint8 else torch.int32) \
-                        .cpu().numpy().astype(dtype)
-        probs = self.predict_proba(image)
-        if crf:
-            from .crf import dense_crf, dense_crf_tiled
-
-            probs = dense_crf(image, probs) if self._single_tile(image) else \
-                dense_crf_tiled(image, probs)
+        config = CRFConfig() if crf is True else crf
+        backend = None if crf_backend == "auto" else crf_backend
+        if (self._single_tile(image) and self.device.type == "cuda"
+                and (backend or default_backend(self.device)) == "torch"):
+            with torch.inference_mode():  # the probabilities stay on the GPU
+                q = dense_crf(image, self._proba(self.features(image), image.shape[:2]),
+                              config=config, backend="torch")
+                return q.argmax(0).to(torch.int32).cpu().numpy().astype(dtype)
+        probs = refine(image, self.predict_proba(image), config=config, backend=backend,
+                       single_tile=self._single_tile(image))
         return probs.argmax(0).astype(dtype)
 
     def _single_tile(self, image: np.ndarray) -> bool:
@@ -353,23 +363,18 @@ class StegoModel:
                 :class:`~napari_stego.errors.Cancelled`.
 
         Returns:
-            ``labels``: dask array ``(*planes, Y, X)`` of uint8 (uint16 above 256 clusters),
-            the input's axes without ``C``, Y and X last; with ``proba=True``
+            ``labels``: dask array ``(*planes, Y, X)`` of 0-based cluster indices (0..K-1,
+            as :meth:`predict`; files hold ids 1..K: write them with
+            :func:`napari_stego.labels.save_labels`), the input's axes without ``C``, Y and X
+            last; with ``proba=True``
             ``(labels, probs)``, ``probs`` ``(*planes, K, Y, X)`` float32. Write them with
             ``labels.to_zarr(path)`` or ``dask.array.store`` to keep memory flat.
         """
-        from .lazy import predict_dask
+        from .segment import Segmentation
 
-        source = open_image(data, axes, rgb=rgb)
-        stats = fit_intensity(source, self.feature_config.intensity)
-        store = None
-        if cache not in (None, False):
-            store, _ = ensure_features(self.backbone, source, self.feature_config,
-                                       self.tile_config, cache, self.device, stats=stats,
-                                       data_hash=data_hash, progress=progress, cancel=cancel)
-        labels, probs = predict_dask(self, source, stats, self.tile_config, store,
-                                     progress=progress, cancel=cancel)
-        return (labels, probs) if proba else labels
+        seg = Segmentation(self, data, axes=axes, rgb=rgb, cache=cache, data_hash=data_hash,
+                           progress=progress, cancel=cancel)
+        return (seg.indices, seg.probs) if proba else seg.indices
 
     # -------------------------------------------------------------- persistence
     def metadata(self) -> dict:

@@ -55,13 +55,10 @@ def _read_tiff(path: Path) -> tuple[dict | None, str | None, tuple, np.dtype | N
     """``(own metadata or None, damage or None, shape, dtype)`` of a TIFF output."""
     import tifffile
 
+    from .labels import read_own_metadata
+
     with tifffile.TiffFile(str(path)) as tif:
-        try:
-            shaped = tif.shaped_metadata
-            meta = _own(shaped[0].get(META_KEY)) if shaped and isinstance(shaped[0], dict) \
-                else None
-        except Exception:
-            meta = None
+        meta = _own(read_own_metadata(tif))
         if meta is None:
             return None, None, (), None
         try:
@@ -82,8 +79,15 @@ def _read_tiff(path: Path) -> tuple[dict | None, str | None, tuple, np.dtype | N
 def _read_zarr(path: Path) -> tuple[dict | None, str | None, tuple, np.dtype | None]:
     import zarr
 
-    arr = zarr.open_array(str(path), mode="r")
-    meta = _own(dict(arr.attrs).get(META_KEY))
+    node = zarr.open(str(path), mode="r")
+    if hasattr(node, "shape"):
+        arr, attrs = node, node.attrs
+    else:  # an OME-Zarr output: a group with level 0 as array "0"
+        attrs = node.attrs
+        arr = node["0"] if "0" in node else None
+    meta = _own(dict(attrs).get(META_KEY))
+    if arr is None:
+        meta = None
     if meta is None:
         return None, None, (), None
     try:
@@ -110,7 +114,7 @@ def check_output(path: Path, expected: dict, fmt: str, overwrite: bool) -> tuple
     hint = "pass overwrite (--overwrite) to replace it, or choose another output folder"
     if path.is_symlink():
         return BLOCKED, f"{path} is a symbolic link, not a napari-stego output: {hint}"
-    want_dir = fmt == "zarr"
+    want_dir = fmt in ("zarr", "ome-zarr")
     if path.is_dir() != want_dir:
         kind = "a folder" if path.is_dir() else "a file"
         if path.is_dir():  # never deleted, not even with overwrite
@@ -136,6 +140,11 @@ def check_output(path: Path, expected: dict, fmt: str, overwrite: bool) -> tuple
     if theirs != expected["input"]["path"]:
         return BLOCKED, (f"name clash: {path} was made from another input ({theirs}): {hint}, "
                          "or segment this input into another output folder")
+    from .labels import is_current
+
+    if not is_current(meta):  # 0-based labels of an older napari-stego: made again
+        return REDO, ("existing output holds 0-based labels (an older napari-stego); "
+                      "rewritten with cluster ids 1..K")
     if (_get(meta, "model", "sha256"), meta.get("settings")) != (
             expected["model"]["sha256"], expected["settings"]):
         return BLOCKED, f"{path} exists, made with another model or settings: {hint}"

@@ -23,6 +23,7 @@ from psygnal import Signal as PSignal
 from qtpy.QtCore import QObject, Signal
 
 from ..errors import Cancelled, StegoError, WeightsMissing
+from ..labels import LABEL_OFFSET  # noqa: F401  (the widgets' convention)
 
 if TYPE_CHECKING:
     import napari
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("napari_stego")
 
-LABEL_OFFSET = 1  # label value = cluster id + 1, so 0 stays "not segmented (yet)"
 
 
 # ----------------------------------------------------------------------- imports

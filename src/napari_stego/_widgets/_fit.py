@@ -63,8 +63,9 @@ def _spread(indices: list, n: int) -> list:
 class FitWidget(Container, JobMixin):
     """Fit STEGO on one or more Image layers.
 
-    The chosen layers (2D, RGB, or stacks, whose slices are used as separate images) go
-    through :meth:`napari_stego.StegoModel.fit` in a background thread; progress shows in
+    The chosen layers (2D, RGB, or stacks) go through :meth:`napari_stego.StegoModel.fit`
+    as sources with their axes (:func:`fit_sources`: one intensity mapping per layer,
+    features through the cache), in a background thread; progress shows in
     napari's activity bar and here. The fitted model is shared with the other napari-stego
     widgets of this viewer (``model_store(viewer).model``, or this widget's ``.model``).
     """
@@ -198,14 +199,7 @@ class FitWidget(Container, JobMixin):
         def work(progress, cancel):
             from ..model import StegoModel
 
-            images = []
-            for src, indices in plan:  # read (possibly lazy) slices here, not in the GUI
-                for idx in indices:
-                    if cancel.is_set():
-                        from ..errors import Cancelled
-
-                        raise Cancelled("cancelled while reading images")
-                    images.append(src.image(idx))
+            images = fit_sources(plan, cancel)
             return StegoModel.fit(images, n_clusters, backbone=backbone, weights=weights,
                                   device=device, seed=seed, train=train, tiles=tiles,
                                   features=features, progress=progress, cancel=cancel,
@@ -271,3 +265,32 @@ class FitWidget(Container, JobMixin):
         """Read a model in the background (file dialog when ``path`` is ``None``); it
         becomes the model of every napari-stego widget of this viewer. Returns the job."""
         return load_model_job(self, path, weights=self.weights.value, device=self.device.value)
+
+
+def fit_sources(plan, cancel) -> list:
+    """What the Fit widget passes to ``StegoModel.fit``: each single layer as one source with
+    its axes (its chosen slices, lazily: one intensity mapping per layer, features through
+    the cache, as Python callers get); layers combined as channels as their slices' images
+    (each mapped on its own)."""
+    import dask.array as da
+
+    from ..io import open_image
+    from ._layers import layer_data, layer_geometry
+
+    out: list = []
+    for src, indices in plan:
+        if cancel.is_set():
+            from ..errors import Cancelled
+
+            raise Cancelled("cancelled while reading images")
+        if len(src.layers) > 1:
+            out.extend(src.image(idx) for idx in indices)
+            continue
+        layer = src.first
+        data = layer_data(layer)
+        axes = layer_geometry(layer, len(src.lead) + 2)[0]
+        if src.lead and len(indices) < len(src.indices()):  # a spread of the slices
+            data = da.stack([da.asarray(data[idx]) for idx in indices])
+            axes = "Z" + axes[len(src.lead):]
+        out.append(open_image(data, axes + ("C" if layer.rgb else ""), name=layer.name))
+    return out

@@ -11,7 +11,8 @@ from magicgui.widgets import CheckBox, Container, Select
 
 from ..errors import StegoError
 from ..io import META_KEY
-from ._common import LABEL_OFFSET, text
+from ..labels import labels_dtype  # noqa: F401  (the one labels dtype, for the widgets)
+from ._common import text
 
 
 @dataclass
@@ -60,6 +61,25 @@ class Source:
 def _data(layer):
     """The full-resolution data of an Image layer (level 0 of a multiscale layer)."""
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+layer_data = _data
+
+
+def layer_geometry(layer, ndim: int) -> tuple[str, list[float], str | None]:
+    """``(axes, scale, unit)`` of the ``ndim`` displayed (non-RGB) axes of an Image layer,
+    for the labels made from it: its axis labels when they are letters (else ``YX``,
+    ``ZYX``, ``TZYX``), its scale, and its unit (``None`` for pixels)."""
+    names = [str(a).upper() for a in getattr(layer, "axis_labels", ())][-ndim:]
+    if not (len(names) == ndim and all(len(a) == 1 and a in "TZQINYX" for a in names)
+            and len(set(names)) == ndim and names[-2:] == ["Y", "X"]):
+        names = list({2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "TZQIN"[:ndim - 2] + "YX"))
+    scale = [float(s) for s in tuple(layer.scale)[-ndim:]]
+    units = [str(u) for u in (getattr(layer, "units", None) or ())]
+    unit = next((u for u in reversed(units) if u not in ("pixel", "")), None)
+    if unit in ("micrometer", "micron", "um"):
+        unit = "µm"
+    return "".join(names), scale, unit
 
 
 def current_index(viewer, layer, lead: tuple[int, ...]) -> tuple[int, ...]:
@@ -206,5 +226,3 @@ def output_layer(viewer, key: str, kind: str, name: str, shape: tuple, dtype, me
                **spatial_kwargs(like), **kwargs)
 
 
-def labels_dtype(n_clusters: int):
-    return np.uint8 if n_clusters + LABEL_OFFSET <= 255 else np.uint16

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 
 from ..errors import Cancelled, StegoError
+from ..labels import crf_metadata, label_metadata
 from ._common import (
-    LABEL_OFFSET,
     SharedModelMixin,
     collapsible,
     finish_layout,
@@ -20,7 +20,7 @@ from ._common import (
     text,
     warm_imports,
 )
-from ._layers import LayerPicker, labels_dtype, output_layer
+from ._layers import LayerPicker, labels_dtype, layer_data, layer_geometry, output_layer
 
 if TYPE_CHECKING:
     import napari
@@ -44,8 +44,11 @@ class SegmentWidget(Container, SharedModelMixin):
     """Segment Image layers with the viewer's STEGO model.
 
     Adds (or, on re-runs, updates) a Labels layer ``"<image> clusters"`` and, with the CRF
-    ticked, ``"<image> CRF"``. Label value = cluster id + 1, so 0 means "not segmented
-    yet": stacks are filled slice by slice in the background, the shown slice first.
+    ticked, ``"<image> CRF"``. Labels are cluster ids 1..K (:mod:`napari_stego.labels`), so
+    0 means "not segmented yet": stacks are filled slice by slice in the background, the
+    shown slice first. The computation is the core's :class:`~napari_stego.segment.
+    Segmentation` (one intensity mapping per stack, the model's tiles, the CRF settings
+    and backend chosen here), so the labels equal ``predict_lazy``'s and the CLI's.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -120,6 +123,7 @@ class SegmentWidget(Container, SharedModelMixin):
                 raise StegoError("no model yet: fit one with 'Fit STEGO' or press 'Load model…'")
             sources = self.picker.sources()
             use_crf = bool(self.crf.value)
+            crf_config, backend = None, None
             if use_crf:
                 crf = crf_module()
                 crf_config = crf.CRFConfig(**self.crf_settings())
@@ -130,39 +134,59 @@ class SegmentWidget(Container, SharedModelMixin):
         only_current = self.slices.value == CURRENT_SLICE
         summary = model_summary(model)
         dtype = labels_dtype(model.n_clusters)
+        crf_meta = crf_metadata(crf_config, self.crf_backend.value) if use_crf else None
         plan = []  # (source, indices, clusters layer, crf layer or None)
         for src in sources:
             indices = [src.current_index(self.viewer)] if only_current else src.order(self.viewer)
             shape = (*src.lead, *src.size)
+            axes, scale, unit = layer_geometry(src.first, len(shape))
             meta = dict(made_by="napari-stego Segment", source=[lyr.name for lyr in src.layers],
-                        model=summary, model_origin=self.store.origin, crf=False,
-                        label_offset=LABEL_OFFSET, complete=False,
-                        note="label = cluster id + 1; 0 = not segmented")
+                        model=summary, model_origin=self.store.origin, complete=False,
+                        **label_metadata(model.n_clusters, axes, scale, unit, None))
             clusters = output_layer(self.viewer, f"clusters:{src.name}", "labels",
                                     f"{src.name} clusters", shape, dtype, meta, src.first)
             refined = None
             if use_crf:
-                crf_meta = dict(meta, crf=dict(self.crf_settings(),
-                                               backend=self.crf_backend.value))
                 refined = output_layer(self.viewer, f"crf:{src.name}", "labels",
-                                       f"{src.name} CRF", shape, dtype, crf_meta, src.first)
+                                       f"{src.name} CRF", shape, dtype,
+                                       dict(meta, crf=crf_meta), src.first)
             plan.append((src, indices, clusters, refined))
         total = sum(len(p[1]) for p in plan)
 
+        def segmentation(src, idx):
+            """The core's segmentation of a layer (a stack: one for all slices), or of
+            one slice of channel layers combined."""
+            from ..segment import Segmentation
+
+            kwargs = dict(crf=crf_config if use_crf else None, crf_backend=backend)
+            if len(src.layers) == 1:
+                layer = src.first
+                axes = layer_geometry(layer, len(src.lead) + 2)[0]
+                return Segmentation(model, layer_data(layer),
+                                    axes=axes + ("C" if layer.rgb else ""), **kwargs)
+            return Segmentation(model, src.image(idx), **kwargs)
+
         def work(progress, cancel):
+            import numpy as np
+
+            from ..labels import ids_of
+
             done = 0
             progress("segment", 0, total)
             for k, (src, indices, _, refined) in enumerate(plan):
+                seg = None
                 for idx in indices:
                     if cancel.is_set():
                         raise Cancelled(f"segmentation cancelled after {done} of {total} slices")
-                    image = src.image(idx)
-                    probs = model.predict_proba(image)
-                    labels = (probs.argmax(0) + LABEL_OFFSET).astype(dtype)
+                    if seg is None or len(src.layers) > 1:
+                        seg = segmentation(src, idx)
+                    plane = int(np.ravel_multi_index(idx, src.lead)) if src.lead and \
+                        len(src.layers) == 1 else 0
+                    probs = seg.probabilities(plane)
+                    labels = ids_of(probs, model.n_clusters)
                     crf_labels = None
                     if refined is not None:
-                        q = crf.dense_crf(image, probs, config=crf_config, backend=backend)
-                        crf_labels = (q.argmax(0) + LABEL_OFFSET).astype(dtype)
+                        crf_labels = ids_of(seg.refined(plane, probs), model.n_clusters)
                     done += 1
                     yield k, idx, labels, crf_labels
                     progress("segment", done, total)

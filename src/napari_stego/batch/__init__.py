@@ -9,18 +9,22 @@ How a ``segment`` job runs
    header (shape, axes, dtype) without its pixels; decide what is already finished. An
    output counts as finished only when it opens, carries napari-stego metadata with the
    same model hash, settings and input signature (size, mtime), has the expected shape
-   and dtype, and its last plane decodes.
-2. *Planes*: the unit of work is one 2D plane (``(H, W)`` or ``(H, W, 3)``) of one file;
-   every leading axis (T, Z, Q, ...) of a stack is split into planes. A worker reads just
-   that plane, predicts it through :meth:`StegoModel.predict` (``predict_proba`` with
-   ``probabilities=True``) and writes the result itself, so the caller never holds pixel
-   data. A single-plane file is written straight to its output; a stack's planes go to
+   and dtype, and its last plane decodes (an output of an older napari-stego, holding
+   0-based labels, is recomputed). A stack's intensity mapping is measured here, once for
+   the whole stack (at most 8 M values read), as ``predict_lazy`` measures it.
+2. *Planes*: the unit of work is one 2D plane (``(H, W)`` or ``(H, W, C)``: RGB, or the
+   channels the model maps with ``IntensityConfig.channels``) of one file; every leading
+   axis (T, Z, Q, ...) of a stack is split into planes. A worker reads just that plane,
+   predicts it through the core's :class:`~napari_stego.segment.Segmentation` (with the
+   stack's mapping; the job's CRF settings and backend) and writes cluster ids 1..K (and
+   the probabilities, when asked) itself, so the caller never holds pixel data. A single-plane file is written straight to its output; a stack's planes go to
    per-plane parts in ``OUT/.napari-stego-work/<name>/`` and a last task assembles them.
    Parts survive a killed job, so a re-run finishes a big stack without recomputing it.
 3. *Tiles*: a plane bigger than one tile of the model's
    :class:`~napari_stego.tiling.TileConfig` (``features.is_single_tile`` is false) is not
-   given to one worker whole. A *statistics* task measures the plane's intensity mapping
-   once (:func:`~napari_stego.intensity.fit_intensity`, as ``StegoModel.predict`` does), then one
+   given to one worker whole. A *statistics* task measures a lone plane's intensity mapping
+   once (:func:`~napari_stego.intensity.fit_intensity`, as ``StegoModel.predict`` does; a
+   stack's tiles use the stack's mapping from the plan), then one
    task per tile core reads only that core plus its halo from the TIFF and predicts it with
    :class:`~napari_stego.lazy.TilePredictor` (the computation of ``StegoModel.predict`` on a
    big image, chunk for chunk: the labels are the same); with ``crf`` the core is grown by

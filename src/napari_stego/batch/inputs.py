@@ -84,8 +84,19 @@ class _Layout:
     axes: str
     dtype: str
     spatial: tuple[int, int]      # positions of the Y and X axes
-    rgb_axis: int | None          # position of the colour axis, if RGB(A)
+    rgb_axis: int | None          # position of the colour / channel axis (RGB(A), C, S)
     leading: tuple[int, ...]      # positions of every other axis, in order
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.rgb_axis is None else self.shape[self.rgb_axis]
+
+    @property
+    def out_axes(self) -> str:
+        """Axes of the labels (:attr:`out_shape`): the leading axes' letters, then ``YX``."""
+        keep = [self.axes[a] for a in self.leading
+                if not (self.axes[a] in "CS" and self.shape[a] == 1)]
+        return "".join(keep) + "YX"
 
     @property
     def leading_shape(self) -> tuple[int, ...]:
@@ -134,7 +145,6 @@ def _inspect(path: Path) -> _Layout:
             shape = tuple(int(s) for s in series.shape)
             axes = series.axes.upper()
             dtype = np.dtype(series.dtype)
-            photometric = int(series.keyframe.photometric)
             problem = claimed_size_problem(series, path)
             if problem:
                 raise StegoError(problem)
@@ -144,18 +154,14 @@ def _inspect(path: Path) -> _Layout:
         raise StegoError(f"cannot read: not a TIFF, or a corrupt one ({_short(exc)})") from None
     if dtype.kind not in "biuf":
         raise StegoError(f"unsupported dtype {dtype}: use integer or float images")
+    rgb_axis = None  # the colour / channel axis: kept in each plane (last), mapped to RGB
     if "C" in axes and shape[axes.index("C")] > 1:
-        raise StegoError(f"has {shape[axes.index('C')]} channels (axes {axes}, shape {shape}): "
-                         "save the channel to segment as its own grey file")
-    rgb_axis = None
-    if "S" in axes:
-        s = axes.index("S")
-        n = shape[s]
-        if n in (3, 4) and photometric == 2:  # RGB(A), interleaved or planar
-            rgb_axis = s
-        elif n > 1:
-            raise StegoError(f"has {n} samples per pixel that are not RGB (axes {axes}, shape "
-                             f"{shape}): save the channel to segment as its own grey file")
+        rgb_axis = axes.index("C")
+    if "S" in axes and shape[axes.index("S")] > 1:
+        if rgb_axis is not None:
+            raise StegoError(f"has both channels and samples per pixel (axes {axes}, shape "
+                             f"{shape}): save it with one channel axis")
+        rgb_axis = axes.index("S")
     rest = [i for i in range(len(shape)) if i != rgb_axis]
     if len(rest) < 2:
         raise StegoError(f"shape {shape} (axes {axes}) is not an image: need at least 2 "

@@ -15,14 +15,15 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StegoError
+from ..labels import crf_metadata, label_metadata, labels_dtype
 from ..outputs import BLOCKED, REDO, VALID, check_output
 from ..tiling import PlaneGrid
 from .inputs import _base_name, _inspect, _Layout, _merge_ranges, _range_reason
 from .models import _ModelRef
 from .reports import FileResult, Log
-from .tasks import _label_dtype, _Settings
-from .writes import (WORK_DIR, _atomic_write, _clean_partials, _part_ok, _tile_part_path,
-                     _tile_part_range)
+from .tasks import _Settings
+from .writes import (EXTENSIONS, WORK_DIR, _atomic_write, _clean_partials, _part_ok,
+                     _tile_part_path, _tile_part_range)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class _FileJob:
     tiles: dict = field(default_factory=dict)   # tiled plane -> its tiles still to predict
     left: dict = field(default_factory=dict)    # tiled plane -> its tiles not finished yet
     ranges: dict = field(default_factory=dict)  # tiled plane -> pixel range of its tiles
+    stats: tuple | None = None  # a stack's intensity mappings (features, CRF), measured once
 
 
 def _input_signature(path: Path) -> dict:
@@ -53,7 +55,7 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
           settings: _Settings, overwrite: bool, say: Log) -> list[_FileJob]:
     """Per input: its layout, its outputs and the planes still to compute."""
     jobs: list[_FileJob] = []
-    ext = ".zarr" if settings.format == "zarr" else ".tif"
+    ext = EXTENSIONS[settings.format]
     claimed: dict[Path, str] = {}
     model_meta = model.metadata()
     inputs_resolved = {f.resolve() for f in files}
@@ -76,10 +78,16 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
         try:
             layout = _inspect(path)
             signature = _input_signature(path)
+            problem = _channel_problem(layout, model.feature_config.intensity)
+            if problem:
+                raise StegoError(problem)
+            scale, unit = _scale(path, layout)
         except StegoError as exc:
             _fail(job, str(exc), say)
             continue
         job.layout, job.labels_out, job.proba_out = layout, labels_out, proba_out
+        crf = crf_metadata(settings.crf_settings, settings.crf_backend) if settings.crf \
+            else None
         job.meta = {
             "written_by": "napari-stego segment",
             "package_version": __version__,
@@ -89,10 +97,11 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
                       "n_clusters": model.n_clusters,
                       "weights_fingerprint": model_meta["weights_fingerprint"],
                       "package_version": model_meta["package_version"]},
-            "settings": {"crf": settings.crf},
+            "settings": {"crf": crf},
             "input": {"path": str(path.resolve()), "signature": signature,
                       "shape": list(layout.shape), "axes": layout.axes, "dtype": layout.dtype},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **label_metadata(model.n_clusters, layout.out_axes, scale, unit, crf),
         }
         job.result.planes = layout.n_planes
         job.result.outputs = [str(p) for p in (labels_out, proba_out) if p is not None]
@@ -106,7 +115,7 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
             expected = dict(job.meta, kind=kind)
             if kind == "labels":
                 expected.update(shape=list(layout.out_shape),
-                                dtype=_label_dtype(model.n_clusters).str)
+                                dtype=labels_dtype(model.n_clusters).str)
             else:
                 s = layout.out_shape
                 expected.update(shape=[*s[:-2], model.n_clusters, *s[-2:]], dtype="<f4")
@@ -125,10 +134,63 @@ def _plan(files: Sequence[Path], out: Path, ref: _ModelRef, shown: str, model,
                 break
         job.todo = list(range(layout.n_planes))
         job.grid = _plane_grid(model, layout.plane_shape)
+        if layout.n_planes > 1:  # one intensity mapping for the whole stack, as predict_lazy
+            try:
+                job.stats = _stack_stats(path, model, settings)
+            except Exception as exc:
+                _fail(job, f"cannot read pixels: truncated or corrupt TIFF ({exc})", say)
+                continue
         if layout.n_planes > 1 or job.grid is not None:
             job.work = out / WORK_DIR / name
             _resume_parts(job, ref, settings, overwrite, model.n_clusters)
     return jobs
+
+
+def _channel_problem(layout: _Layout, intensity) -> str | None:
+    """Why the model cannot map this file's channels to RGB (``None``: it can)."""
+    n = layout.n_channels
+    if n == 1:
+        return None
+    channels = intensity.channels
+    if channels is None:
+        if n == 3 or (n == 4 and layout.axes[layout.rgb_axis] == "S"):
+            return None  # RGB, RGBA
+        return (f"has {n} channels (axes {layout.axes}, shape {layout.shape}) and the model "
+                "maps none of them to RGB: fit it with --channels (three channel indices such "
+                "as 0,1,1, or pca)")
+    if channels != "pca" and max(channels) >= n:
+        return (f"has {n} channels but the model takes channels {','.join(map(str, channels))} "
+                "(--channels at fit time)")
+    return None
+
+
+def _scale(path: Path, layout: _Layout) -> tuple[list[float], str | None]:
+    """Physical pixel size of the labels' axes (from the TIFF's metadata) and its unit."""
+    import tifffile
+
+    from ..labels import pixel_sizes
+
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            sizes, unit = pixel_sizes(tif, layout.axes)
+    except Exception:
+        sizes, unit = {}, None
+    return [float(sizes.get(a, 1.0)) for a in layout.out_axes], unit
+
+
+def _stack_stats(path: Path, model, settings: _Settings) -> tuple:
+    """The intensity mappings of a stack's features and CRF, measured once on the whole
+    stack (at most ``io.STAT_SAMPLES`` values read), as ``predict_lazy`` measures them."""
+    from ..io import fit_intensity, open_image
+
+    source = open_image(path)
+    stats = fit_intensity(source, model.feature_config.intensity)
+    crf = None
+    if settings.crf:
+        config = settings.crf_settings.intensity
+        crf = stats if config == model.feature_config.intensity else \
+            fit_intensity(source, config)
+    return stats, crf
 
 
 def _resume_parts(job: _FileJob, ref: _ModelRef, settings: _Settings, overwrite: bool,

@@ -137,17 +137,19 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
     queue: list[_Item] = []
     for j in jobs:
         if not j.done:
-            queue += [_Item("plane" if j.grid is None else "stats", j, f) for f in j.todo]
+            for f in j.todo:
+                if j.grid is None:
+                    queue.append(_Item("plane", j, f))
+                elif j.stats is None:  # a lone tiled plane: measure its mapping first
+                    queue.append(_Item("stats", j, f))
+                else:  # a stack's mapping is known: straight to the tiles
+                    queue.extend(_Item("tile", j, f, t, j.stats) for t in j.tiles[f])
             j.pending = len(j.todo)
     queue.reverse()  # pop() from the end = file order
     running: dict[cf.Future, _Item] = {}
     workers: set[str] = set()
     intensity = model.feature_config.intensity
-    crf_intensity = None
-    if settings.crf:
-        from ..crf import CRFConfig
-
-        crf_intensity = CRFConfig().intensity
+    crf_intensity = settings.crf_settings.intensity if settings.crf else None
 
     def submit(item: _Item) -> None:
         job = item.job
@@ -166,7 +168,8 @@ def _dispatch(pool: _Pool, jobs: list[_FileJob], ref: _ModelRef, model, settings
                              proba_out=None if job.proba_out is None else str(job.proba_out))
             else:
                 where = dict(part=str(_part_path(job, item.flat)))
-            task = _PlaneTask(ref, settings, job.result.input, job.layout, item.flat, **where)
+            task = _PlaneTask(ref, settings, job.result.input, job.layout, item.flat, **where,
+                              stats=job.stats)
             running[pool.submit(_run_plane, task)] = item
 
     def submit_assemble(job: _FileJob) -> None:

@@ -17,8 +17,8 @@ from .tasks import _Settings
 from .writes import FORMATS, WORK_DIR, _remove
 
 
-def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
-                  probabilities: bool = False, format: str = "tif", overwrite: bool = False,
+def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
+                  crf_backend: str | None = None, probabilities: bool = False, format: str = "tif", overwrite: bool = False,
                   scheduler=None, workers: int = 1, weights: str | os.PathLike | None = None,
                   device: str | None = None, progress: Progress | None = None,
                   log: Log | None = None, cancel=None) -> BatchReport:
@@ -26,18 +26,28 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
 
     Writes one labels file per input into ``out`` with the input's base name
     (``cells_01.ome.tif`` -> ``out/cells_01.tif``), the same spatial shape and the input's
-    leading axes, uint8 (uint16 for more than 256 clusters), with JSON metadata recording
-    the model (path, SHA-256, backbone, K), the settings, the input's signature and the
-    package version. Re-running skips finished outputs; see the package docstring.
+    leading axes. Labels are cluster ids 1..K (0 = no data; :mod:`napari_stego.labels`) in
+    :func:`~napari_stego.labels.labels_dtype` (uint8 up to K = 255). The outputs keep the
+    input's axes names and physical pixel size (ImageJ / TIFF metadata, zarr attributes)
+    and JSON metadata recording the model (path, SHA-256, backbone, K), the settings (the
+    CRF's included), the input's signature and the package version. Re-running skips
+    finished outputs; see the package docstring.
 
     Args:
         model: a ``.stego`` file or a :class:`~napari_stego.model.StegoModel`.
         inputs: files, globs (``"data/**/*.tif"``) and folders, or one of them.
         out: the output folder (created).
-        crf: refine with the dense CRF before the argmax.
+        crf: refine with the dense CRF before the argmax: ``True`` (the reference
+            settings) or a :class:`~napari_stego.crf.CRFConfig`. The settings and the
+            backend are stored in the outputs' metadata.
+        crf_backend: ``None`` / ``"auto"`` (:func:`~napari_stego.crf.default_backend` on
+            each worker), ``"torch"`` or ``"pydensecrf"``.
         probabilities: also write ``<name>_proba.tif`` with float32 ``(..., K, H, W)``
             cluster probabilities.
-        format: ``"tif"`` (zlib-compressed TIFF) or ``"zarr"`` (a ``<name>.zarr`` folder).
+        format: ``"tif"`` (zlib-compressed TIFF: ImageJ hyperstack with axes and pixel
+            size where ImageJ allows), ``"zarr"`` (a ``<name>.zarr`` folder) or
+            ``"ome-zarr"`` (a ``<name>.ome.zarr`` OME-NGFF multiscale image with axes and
+            scale; needs the ``ome-zarr`` package).
         overwrite: recompute and replace outputs that exist (default: keep finished ones).
         scheduler: ``"threads"`` (default: in this process), ``"processes"`` (local
             worker processes), a dask.distributed scheduler address (``"tcp://host:8786"``)
@@ -68,6 +78,10 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
     say = log or (lambda msg: None)
     if format not in FORMATS:
         raise StegoError(f"unknown output format {format!r}: use one of {', '.join(FORMATS)}")
+    if format == "ome-zarr":
+        from ..ngff import require
+
+        require()
     if not isinstance(workers, int) or workers < 1:
         raise StegoError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
@@ -81,7 +95,16 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf: bool = False,
     for p in problems:
         say(f"failed: {p.line()}")
 
-    settings = _Settings(crf=bool(crf), probabilities=bool(probabilities), format=format)
+    from ..crf import BACKENDS, CRFConfig
+
+    if crf_backend not in (None, "auto", *BACKENDS):
+        raise StegoError(f"unknown CRF backend {crf_backend!r}: use auto, "
+                         f"{', '.join(BACKENDS)}")
+    if not isinstance(crf, (bool, CRFConfig)) and crf is not None:
+        raise StegoError(f"crf must be True, False or a CRFConfig, got {type(crf).__name__}")
+    settings = _Settings(crf=crf is not None and crf is not False,
+                         probabilities=bool(probabilities), format=format, crf_config=crf if isinstance(crf, CRFConfig) else None,
+                         crf_backend=None if crf_backend == "auto" else crf_backend)
     pool = _Pool(scheduler, workers)
     cancelled, temporary, ref = True, None, None
     try:

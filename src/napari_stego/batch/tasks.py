@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..labels import ids_of, labels_dtype
 from ..tiling import PlaneGrid
 from .inputs import (_blank_reason, _describe, _Layout, _pixel_range, _plane_source, _PlaneArray,
                      _Range, _read_plane)
@@ -26,6 +27,17 @@ class _Settings:
     crf: bool = False
     probabilities: bool = False
     format: str = "tif"
+    crf_config: object | None = None   # a CRFConfig (None: the defaults), with crf
+    crf_backend: str | None = None     # None: crf.default_backend on each worker
+
+    @property
+    def crf_settings(self):
+        """The CRFConfig of the job (``None`` without CRF)."""
+        if not self.crf:
+            return None
+        from ..crf import CRFConfig
+
+        return self.crf_config if self.crf_config is not None else CRFConfig()
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class _PlaneTask:
     proba_out: str | None = None
     meta: dict | None = None
     part: str | None = None        # ... a stack: write the plane to this part
+    stats: tuple | None = None     # a stack's intensity mappings (features, CRF), measured once
 
 
 @dataclass(frozen=True)
@@ -98,21 +111,19 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _label_dtype(n_clusters: int) -> np.dtype:
-    return np.dtype(np.uint8 if n_clusters <= 256 else np.uint16)
-
-
-def _predict_plane(model, plane: np.ndarray, settings: _Settings
+def _predict_plane(model, plane: np.ndarray, settings: _Settings, stats: tuple | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels ``(H, W)`` and, when asked, probabilities ``(K, H, W)`` of one plane."""
-    if not settings.probabilities:
-        return model.predict(plane, crf=settings.crf), None
-    probs = model.predict_proba(plane)
-    if settings.crf:
-        from ..crf import dense_crf
+    """Ids 1..K ``(H, W)`` and, when asked, probabilities ``(K, H, W)`` of one plane,
+    through the core's :class:`~napari_stego.segment.Segmentation` (with a stack's
+    intensity mappings ``stats`` when given, else the plane's own)."""
+    from ..segment import Segmentation
 
-        probs = dense_crf(plane, probs)
-    return probs.argmax(0).astype(_label_dtype(model.n_clusters)), probs.astype(np.float32)
+    seg = Segmentation(model, plane, axes="YX" if plane.ndim == 2 else "YXC",
+                       crf=settings.crf_settings, crf_backend=settings.crf_backend,
+                       stats=None if stats is None else stats[0],
+                       crf_stats=None if stats is None else stats[1])
+    labels, probs = seg.plane(0, proba=True)
+    return labels, (probs if settings.probabilities else None)
 
 
 def _on_dask_worker() -> bool:
@@ -159,7 +170,7 @@ def _run_plane(task: _PlaneTask) -> _PlaneResult:
         stage = "loading the model"
         model = _model_of(task.model)
         stage = "predicting"
-        labels, proba = _predict_plane(model, plane, task.settings)
+        labels, proba = _predict_plane(model, plane, task.settings, task.stats)
         result.pixels = int(labels.size)
         stage = "writing"
         if task.part is not None:
@@ -189,7 +200,7 @@ def _run_assemble(task: _AssembleTask) -> _PlaneResult:
     result = _PlaneResult(-1, worker=_worker_name())
     try:
         shape = task.layout.out_shape
-        dtype = _label_dtype(task.n_clusters)
+        dtype = labels_dtype(task.n_clusters)
 
         def planes(key: str):
             for part in task.parts:
@@ -219,23 +230,24 @@ def _run_assemble(task: _AssembleTask) -> _PlaneResult:
     return result
 
 
-def _crf_halo() -> int:
+def _crf_halo(config=None) -> int:
     from ..crf import default_halo
 
-    return default_halo()
+    return default_halo(config)
 
 
 def _refine_window(image: np.ndarray, probs: np.ndarray, intensity,
-                   origin: tuple[int, int]) -> np.ndarray:
+                   origin: tuple[int, int], settings: _Settings) -> np.ndarray:
     """Dense CRF of one window of a plane, as :func:`~napari_stego.crf.dense_crf_tiled` runs
-    each of its tiles: the reference parameters, the default backend, the bilateral lattice
-    in whole-plane coordinates (``origin``: the window's top-left pixel).
+    each of its tiles: the job's CRF settings and backend, the bilateral lattice in
+    whole-plane coordinates (``origin``: the window's top-left pixel).
 
     ``image``: raw ``(h, w, C)`` pixels; ``probs``: ``(K, h, w)``. Returns ``(K, h, w)``.
     """
     from ..crf import dense_crf
 
     return dense_crf(image[..., 0] if image.shape[-1] == 1 else image, probs,
+                     config=settings.crf_settings, backend=settings.crf_backend,
                      intensity=intensity, origin=origin)
 
 
@@ -255,11 +267,12 @@ def _predict_tile(pred, tile: tuple[int, int], window, crf_intensity, settings: 
         wy, wx = window.y, window.x
         probs = pred.window_probs(0, window)
         image = pred.source.block(0, *window.core)
-        probs = _refine_window(image, probs, crf_intensity, (wy.core[0], wx.core[0]))
+        probs = _refine_window(image, probs, crf_intensity, (wy.core[0], wx.core[0]),
+                               settings)
         sy, sx = pred.ys[tile[0]], pred.xs[tile[1]]
         probs = np.ascontiguousarray(probs[:, sy.core[0] - wy.core[0]:sy.core[1] - wy.core[0],
                                            sx.core[0] - wx.core[0]:sx.core[1] - wx.core[0]])
-    labels = probs.argmax(0).astype(_label_dtype(model.n_clusters))
+    labels = ids_of(probs, model.n_clusters)
     return labels, (probs.astype(np.float32, copy=False) if settings.probabilities else None)
 
 
@@ -300,7 +313,8 @@ def _run_tile(task: _TileTask) -> _PlaneResult:
             pred = TilePredictor(model, source, task.stats[0], model.tile_config,
                                  grid=task.grid, lock=getattr(model, "_compute_lock", None))
             core = task.grid.tile(*task.tile)
-            window = task.grid.grown(*task.tile, _crf_halo() if task.settings.crf else 0)
+            window = task.grid.grown(*task.tile, _crf_halo(task.settings.crf_settings)
+                                     if task.settings.crf else 0)
             stage = "reading"
             arr[window.read]  # once; the predictor reuses it
             result.range = _pixel_range(arr[core.core])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import shutil
 import uuid
@@ -17,13 +16,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..io import META_KEY
+from ..labels import with_axes
 from .inputs import _Range
 
 if TYPE_CHECKING:
     from .tasks import _AssembleTask
 
 WORK_DIR = ".napari-stego-work"
-FORMATS = ("tif", "zarr")
+FORMATS = ("tif", "zarr", "ome-zarr")
+EXTENSIONS = {"tif": ".tif", "zarr": ".zarr", "ome-zarr": ".ome.zarr"}
 _ZARR_CHUNK = 2048
 # tile cores of a tiled plane: ((y0, y1), ...) along Y, ((x0, x1), ...) along X
 _Grid = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
@@ -80,32 +81,55 @@ def _tiff_writer(data: np.ndarray | Iterable[np.ndarray], shape, dtype, meta: di
     def write(tmp: Path) -> None:
         import tifffile
 
-        tifffile.imwrite(str(tmp), data, shape=tuple(shape), dtype=dtype, compression="zlib",
-                         photometric="minisblack", metadata={META_KEY: json.dumps(meta)},
-                         tile=tile)
+        from ..labels import tiff_kwargs
+
+        tifffile.imwrite(str(tmp), data, shape=tuple(shape), dtype=dtype, tile=tile,
+                         **tiff_kwargs(tuple(shape), dtype, meta))
     return write
 
 
-def _zarr_writer(planes: Iterable[np.ndarray], shape, dtype, meta: dict, plane_ndim: int):
-    def write(tmp: Path) -> None:
-        import zarr
+def _zarr_array(tmp: Path, shape: tuple, dtype, chunks: tuple, fmt: str):
+    """The array level 0 is written to: the zarr output itself, or an OME-Zarr group's
+    array ``0`` (see :func:`_zarr_finish`)."""
+    import zarr
 
+    if fmt == "ome-zarr":
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        return group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+    return zarr.create_array(store=str(tmp), shape=shape, dtype=dtype, chunks=chunks,
+                             zarr_format=3, fill_value=0)
+
+
+def _zarr_finish(tmp: Path, arr, meta: dict, fmt: str) -> None:
+    """The metadata of a zarr output; for OME-Zarr also the pyramid and the NGFF axes
+    and scale (:func:`napari_stego.ngff.finish`)."""
+    meta = with_axes(meta, tuple(arr.shape))
+    if fmt == "ome-zarr":
+        from ..ngff import finish
+
+        finish(tmp, meta)
+    else:
+        arr.attrs[META_KEY] = meta
+
+
+def _zarr_writer(planes: Iterable[np.ndarray], shape, dtype, meta: dict, plane_ndim: int,
+                 fmt: str = "zarr"):
+    def write(tmp: Path) -> None:
         shape_ = tuple(shape)
         chunks = (1,) * (len(shape_) - 2) + tuple(min(s, _ZARR_CHUNK) for s in shape_[-2:])
-        arr = zarr.create_array(store=str(tmp), shape=shape_, dtype=dtype, chunks=chunks,
-                                zarr_format=3, fill_value=0)
+        arr = _zarr_array(tmp, shape_, dtype, chunks, fmt)
         lead = shape_[:len(shape_) - plane_ndim]
         for idx, plane in zip(np.ndindex(*lead), planes):
             arr[idx] = plane
-        arr.attrs[META_KEY] = meta
+        _zarr_finish(tmp, arr, meta, fmt)
     return write
 
 
 def _write_output(final: Path, planes: Iterable[np.ndarray], shape, dtype, meta: dict,
                   fmt: str, plane_ndim: int = 2) -> Path:
     """Atomically write a labels (``plane_ndim=2``) or probabilities (3) output."""
-    if fmt == "zarr":
-        return _atomic_write(final, _zarr_writer(planes, shape, dtype, meta, plane_ndim))
+    if fmt in ("zarr", "ome-zarr"):
+        return _atomic_write(final, _zarr_writer(planes, shape, dtype, meta, plane_ndim, fmt))
     if plane_ndim == 3:  # TIFF pages are 2D: one page per cluster
         planes = (p for stack in planes for p in stack)
     return _atomic_write(final, _tiff_writer(iter(planes), shape, dtype, meta))
@@ -231,20 +255,18 @@ def _write_tiled(final: Path, task: _AssembleTask, shape: tuple[int, ...], dtype
     per_cluster = keys != ["labels"]  # probabilities: a K axis before Y, X
     pages = [(flat, j, idx + ((j,) if per_cluster else ()))
              for flat, idx in enumerate(np.ndindex(*lead)) for j in range(len(keys))]
-    if task.settings.format == "zarr":
+    fmt = task.settings.format
+    if fmt in ("zarr", "ome-zarr"):
         def write(tmp: Path) -> None:
-            import zarr
-
             chunks = (1,) * (len(shape) - 2) + _core_shape(grid, (0, 0))
-            arr = zarr.create_array(store=str(tmp), shape=tuple(shape), dtype=dtype,
-                                    chunks=chunks, zarr_format=3, fill_value=0)
+            arr = _zarr_array(tmp, tuple(shape), dtype, chunks, fmt)
             for flat in range(len(pages) // len(keys)):
                 for tile in _grid_tiles(grid):
                     (y0, y1), (x0, x1) = grid[0][tile[0]], grid[1][tile[1]]
                     with np.load(_tile_part_path(work, flat, tile)) as z:
                         for _, j, index in pages[flat * len(keys):(flat + 1) * len(keys)]:
                             arr[index + (slice(y0, y1), slice(x0, x1))] = z[keys[j]]
-            arr.attrs[META_KEY] = meta
+            _zarr_finish(tmp, arr, meta, fmt)
         return _atomic_write(final, write)
     th, tw = _tiff_tile_side(grid[0], h), _tiff_tile_side(grid[1], w)
 
