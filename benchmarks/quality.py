@@ -206,7 +206,8 @@ def run_dataset(root: Path, args, backbone) -> dict:
             train = TrainConfig(steps=args.steps)
             if args.appearance != "default":
                 weight = None if args.appearance == "auto" else float(args.appearance)
-                train = replace(train, appearance=AppearanceConfig(weight=weight))
+                extra = {} if args.max_weight is None else dict(max_weight=args.max_weight)
+                train = replace(train, appearance=AppearanceConfig(weight=weight, **extra))
             model = StegoModel.fit(images, n_classes, backbone=backbone, features=config,
                                    train=train, seed=seed, cache=cache)
             # from the features computed above, not per seed (the backbone runs twice per
@@ -285,6 +286,8 @@ def main() -> None:
                         help="datasets scored with per-image matching")
     parser.add_argument("--suggest-k", action="store_true",
                         help="also score K = 2..12 on the first seed's model (suggest_for_model)")
+    parser.add_argument("--max-weight", type=float, default=None,
+                        help="AppearanceConfig.max_weight of the rule (with --appearance auto)")
     parser.add_argument("--appearance", default="default",
                         help="AppearanceConfig.weight of the fits: 'default' (the package's, "
                              "off), 'auto' (the label-free rule) or a fixed weight in [0, 1]")
