@@ -61,7 +61,7 @@ def bare_rate(backbone, device, shape, batch, config, repeat: int) -> float:
     """Mpx/s of backbone input for a batch of ``shape`` tiles already on the device."""
     import torch
 
-    from napari_stego.features import _autocast
+    from napari_stego._device_runner import _autocast
 
     x = torch.rand(batch, 3, *shape, device=device)
     with torch.inference_mode():

@@ -19,8 +19,8 @@ from napari_stego.features import (
     extract_features,
     extract_source,
     feature_grid,
-    _Runner,
 )
+from napari_stego._device_runner import _Runner
 from napari_stego.io import ImageSource, IntensityConfig, open_image
 from napari_stego.knn import Unit, crop_window
 from napari_stego.tiling import TileConfig

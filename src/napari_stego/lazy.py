@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
-from .features import _autocast, _Job, _load_job, feature_grid, plane_grid, work_size
+from ._device_runner import _autocast
+from .features import _Job, _load_job, feature_grid, plane_grid, work_size
 from .intensity import IntensityStats
 from .io import ImageSource
 from .labels import labels_dtype
