@@ -11,7 +11,8 @@ otherwise) on a seeded subset of the images, then ``suggest_for_model`` scores K
 same images. ``num_classes`` is only compared with the suggestion afterwards. Prints one JSON
 object: per dataset the labelled K, the suggested K (or "no clear K" when
 ``KScores.unclear`` says so), whether it is within +-1 of the labelled K, and the curves
-(silhouette and stability per K).
+(Calinski-Harabasz, silhouette and stability per K). ``benchmarks/suggest_k_rules.py``
+compares other rules on the same codes.
 
 The fits take most of the time. ``--save-codes DIR`` writes each dataset's sampled code vectors
 to ``DIR/<dataset>.pt`` (keep it in /tmp, never commit it); ``--codes DIR`` then reads them
@@ -82,7 +83,8 @@ def run_dataset(root: Path, args, backbone) -> dict:
                best_of_curve=scores.best,
                within_1=(not unclear) and abs(scores.best - true_k) <= 1,
                unclear=unclear or None,
-               curve={r.k: dict(silhouette=round(r.silhouette, 4),
+               curve={r.k: dict(calinski_harabasz=round(r.calinski_harabasz, 1),
+                                silhouette=round(r.silhouette, 4),
                                 stability=round(r.stability, 4),
                                 smallest=round(r.smallest, 4)) for r in scores.rows},
                seconds=dict(fit=round(fit_s, 1), codes=round(sample_s, 1),
