@@ -11,7 +11,12 @@ otherwise) on a seeded subset of the images, then ``suggest_for_model`` scores K
 same images. ``num_classes`` is only compared with the suggestion afterwards. Prints one JSON
 object: per dataset the labelled K, the suggested K (or "no clear K" when
 ``KScores.unclear`` says so), whether it is within +-1 of the labelled K, and the curves
-(silhouette and stability per K).
+(Calinski-Harabasz, silhouette and stability per K). ``benchmarks/suggest_k_rules.py``
+compares other rules on the same codes.
+
+The fits take most of the time. ``--save-codes DIR`` writes each dataset's sampled code vectors
+to ``DIR/<dataset>.pt`` (keep it in /tmp, never commit it); ``--codes DIR`` then reads them
+back instead of fitting and sampling, so a rule is re-scored on the same codes in seconds.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from quality import dataset_dirs, subset_names
 
 from napari_stego import StegoModel
 from napari_stego.backbones import create_backbone
-from napari_stego.choose_k import suggest_for_model
+from napari_stego.choose_k import ChooseKConfig, sample_model_codes, suggest_n_clusters
 
 # subsets meant to keep the six datasets under ~15 minutes on 2 cores
 DEFAULT_MAX_IMAGES = dict(camvid11=24, isbi2012_em_membrane=24, wbc_jiangxi_tecom=30,
@@ -48,23 +53,42 @@ def run_dataset(root: Path, args, backbone) -> dict:
     true_k = int(meta["num_classes"])
     max_images = args.max_images if args.max_images is not None else \
         DEFAULT_MAX_IMAGES.get(root.name)
-    images = load_images(root, max_images, args.seed)
+    saved = args.codes / f"{root.name}.pt" if args.codes else None
+    fit_s = sample_s = 0.0
+    if saved is not None:
+        blob = torch.load(saved)
+        codes, n_images = blob["codes"], blob["n_images"]
+    else:
+        images = load_images(root, max_images, args.seed)
+        n_images = len(images)
+        t0 = time.perf_counter()
+        model = StegoModel.fit(images, true_k, backbone=backbone, steps=args.steps,
+                               seed=args.seed)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        codes = sample_model_codes(model, images, max_points=ChooseKConfig().max_points,
+                                   seed=args.seed)
+        sample_s = time.perf_counter() - t0
+        if args.save_codes:
+            args.save_codes.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(codes=codes, n_images=n_images),
+                       args.save_codes / f"{root.name}.pt")
     t0 = time.perf_counter()
-    model = StegoModel.fit(images, true_k, backbone=backbone, steps=args.steps, seed=args.seed)
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = suggest_for_model(model, images, range(args.k_min, args.k_max + 1), seed=args.seed)
+    scores = suggest_n_clusters(codes, range(args.k_min, args.k_max + 1), seed=args.seed,
+                                current=true_k)
     suggest_s = time.perf_counter() - t0
     unclear = scores.unclear
-    out = dict(n_images=len(images), labelled_k=true_k,
+    out = dict(n_images=n_images, labelled_k=true_k,
                suggested_k="no clear K" if unclear else scores.best,
                best_of_curve=scores.best,
                within_1=(not unclear) and abs(scores.best - true_k) <= 1,
                unclear=unclear or None,
-               curve={r.k: dict(silhouette=round(r.silhouette, 4),
+               curve={r.k: dict(calinski_harabasz=round(r.calinski_harabasz, 1),
+                                silhouette=round(r.silhouette, 4),
                                 stability=round(r.stability, 4),
                                 smallest=round(r.smallest, 4)) for r in scores.rows},
-               seconds=dict(fit=round(fit_s, 1), suggest=round(suggest_s, 1)))
+               seconds=dict(fit=round(fit_s, 1), codes=round(sample_s, 1),
+                            suggest=round(suggest_s, 1)))
     print(f"{root.name}: labelled K {true_k}, suggested {out['suggested_k']} "
           f"(curve's best {scores.best}), {fit_s:.0f} s fit, {suggest_s:.0f} s suggest",
           flush=True)
@@ -87,13 +111,19 @@ def main() -> None:
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_IMAGES.items())
                              + ", all of the others)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--save-codes", type=Path, default=None, metavar="DIR",
+                        help="write each dataset's sampled code vectors to DIR/<dataset>.pt")
+    parser.add_argument("--codes", type=Path, default=None, metavar="DIR",
+                        help="read the code vectors from DIR/<dataset>.pt (written by "
+                             "--save-codes) instead of fitting")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    backbone = create_backbone(args.backbone)
+    backbone = None if args.codes else create_backbone(args.backbone)
     result = dict(backbone=args.backbone, steps=args.steps, seed=args.seed,
-                  k_values=[args.k_min, args.k_max], torch_threads=torch.get_num_threads(),
+                  k_values=[args.k_min, args.k_max], codes=str(args.codes) if args.codes else None,
+                  torch_threads=torch.get_num_threads(),
                   datasets={})
     t0 = time.perf_counter()
     for root in dataset_dirs(args.data):

@@ -1,5 +1,6 @@
-"""Choosing K: the scores (ARI, cosine silhouette) against direct computations, planted
-clusters found, the model-level helper and the ``suggest-k`` command."""
+"""Choosing K: the scores (ARI, cosine silhouette, Calinski-Harabasz) against direct
+computations, planted clusters found, codes without clusters called unclear, the model-level
+helper and the ``suggest-k`` command."""
 
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ from napari_stego.choose_k import (
     KScores,
     adjusted_rand_index,
     best_k,
+    calinski_harabasz,
     cosine_silhouette,
     sample_model_codes,
     suggest_for_model,
     suggest_n_clusters,
 )
+from napari_stego.cluster import ClusterConfig
 from napari_stego.errors import Cancelled, StegoError
+
+# fewer k-means restarts for the bigger synthetic cases (the scores, not k-means, are tested)
+FAST = ChooseKConfig(cluster=ClusterConfig(n_init=3))
 
 
 def planted(n_clusters: int, *, dim: int = 16, per: int = 300, noise: float = 0.15,
@@ -34,6 +40,17 @@ def planted(n_clusters: int, *, dim: int = 16, per: int = 300, noise: float = 0.
     dirs = torch.eye(dim)[:n_clusters] * 2.0  # any norm: the scores normalise
     x = torch.cat([d + noise * 2.0 * torch.randn(per, dim, generator=g) for d in dirs])
     return x, torch.arange(n_clusters).repeat_interleave(per)
+
+
+def blobs(n_clusters: int, *, dim: int = 32, n: int = 1500, noise: float = 0.3,
+          seed: int = 0) -> torch.Tensor:
+    """Gaussian blobs around random centres (not orthogonal, not on the sphere), of uneven
+    sizes (weights 1..4): ``(n, dim)``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=g)
+    weights = torch.linspace(1, 4, n_clusters)
+    labels = torch.multinomial(weights / weights.sum(), n, replacement=True, generator=g)
+    return centres[labels] + noise * torch.randn(n, dim, generator=g)
 
 
 # ------------------------------------------------------------------------------------ ARI
@@ -94,13 +111,50 @@ def test_silhouette_is_high_for_true_labels_and_nan_for_one_cluster():
     assert math.isnan(cosine_silhouette(x, torch.zeros(len(x), dtype=torch.long)))
 
 
+# ----------------------------------------------------------------------- Calinski-Harabasz
+def _direct_ch(x: np.ndarray, labels: np.ndarray) -> float:
+    """trace(B) / trace(W) * (N - K) / (K - 1) from the scatter matrices, on unit rows."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    mean = x.mean(0)
+    ids = np.unique(labels)
+    between = np.zeros((x.shape[1], x.shape[1]))
+    within = np.zeros_like(between)
+    for c in ids:
+        members = x[labels == c]
+        d = members.mean(0) - mean
+        between += len(members) * np.outer(d, d)
+        centred = members - members.mean(0)
+        within += centred.T @ centred
+    n, k = len(x), len(ids)
+    return float(np.trace(between) / np.trace(within) * (n - k) / (k - 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calinski_harabasz_matches_the_scatter_matrices(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(53, 6)) * rng.uniform(0.5, 3, size=(53, 1))  # any norm
+    labels = rng.integers(0, 4, 53) * 3 + 1  # non-contiguous ids
+    got = calinski_harabasz(torch.tensor(x), torch.tensor(labels))
+    assert got == pytest.approx(_direct_ch(x, labels), rel=1e-10)
+    # renaming the clusters changes nothing; one cluster or N <= K: NaN
+    assert calinski_harabasz(torch.tensor(x), torch.tensor(10 - labels)) == pytest.approx(got)
+    assert math.isnan(calinski_harabasz(torch.tensor(x), torch.zeros(53, dtype=torch.long)))
+    assert math.isnan(calinski_harabasz(torch.tensor(x[:3]), torch.arange(3)))
+    x3, truth = planted(3, per=50)
+    assert calinski_harabasz(x3, truth) > 10 * calinski_harabasz(
+        x3, truth[torch.randperm(150, generator=torch.Generator().manual_seed(0))])
+
+
 # ------------------------------------------------------------------------- planted clusters
 @pytest.mark.parametrize("k_true", [4, 6])
 def test_planted_clusters_give_best_k(k_true):
     x, _ = planted(k_true, seed=k_true)
     scores = suggest_n_clusters(x, range(2, 10))
     assert scores.best == k_true, scores.table()
+    assert scores.unclear == ""
     assert scores.k_values == list(range(2, 10))
+    ch = {r.k: r.calinski_harabasz for r in scores.rows}
+    assert max(ch, key=ch.get) == k_true
     sil = {r.k: r.silhouette for r in scores.rows}
     assert max(sil, key=sil.get) == k_true
     stab = {r.k: r.stability for r in scores.rows}
@@ -108,6 +162,29 @@ def test_planted_clusters_give_best_k(k_true):
     for wrong in (k_true - 1, k_true + 1, k_true + 2):
         assert stab[k_true] > stab[wrong] + 0.05, scores.table()
     assert scores.row(k_true).smallest == pytest.approx(1 / k_true, abs=0.03)
+
+
+@pytest.mark.parametrize(("k_true", "noise"), [(2, 0.6), (3, 0.6), (5, 0.3), (8, 0.3)])
+def test_blobs_of_uneven_size_give_their_number(k_true, noise):
+    """Blobs of known count in code space, sizes 1:4: the suggestion is their number, and
+    clear (unlike the previous rule, K = 2 is not just a default: 3, 5 and 8 are found)."""
+    scores = suggest_n_clusters(blobs(k_true, noise=noise, seed=k_true), range(2, 11),
+                                config=FAST)
+    assert scores.best == k_true, scores.table()
+    assert scores.unclear == "", scores.table()
+
+
+@pytest.mark.parametrize("shape", ["one Gaussian", "uniform on the sphere"])
+def test_codes_without_clusters_say_no_clear_k(shape):
+    """No clusters at all: whatever K scores highest, the k-means runs disagree about its
+    partition, and the suggestion says so plainly instead of pretending."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1500, 32, generator=g) + (2.0 if shape == "one Gaussian" else 0.0)
+    scores = suggest_n_clusters(x, range(2, 9), config=FAST)
+    assert scores.unclear.startswith("no clear K:"), scores.table()
+    assert "disagree" in scores.unclear or "hardly changes" in scores.unclear
+    assert scores.unclear in scores.table()
+    assert scores.to_dict()["unclear"] == scores.unclear
 
 
 def test_scores_are_reproducible_and_depend_on_the_seed():
@@ -124,19 +201,20 @@ def test_max_points_subsamples_and_single_seed_has_no_stability():
     scores = suggest_n_clusters(x, [3, 4, 5], max_points=600, seeds=1)
     assert scores.n_points == 600 and scores.seeds == 1
     assert all(math.isnan(r.stability) for r in scores.rows)
-    assert scores.best == 4  # silhouette alone
+    assert scores.best == 4 and scores.unclear == ""  # no stability: not checked
+
+
+def _row(k, ch, stab=0.95, sil=0.3):
+    return KScore(k, sil, stab, stab, 0.1, ch)
 
 
 def test_best_k_rule():
-    def row(k, sil, stab):
-        return KScore(k, sil, stab, stab, 0.1)
-
-    rows = [row(2, 0.50, 0.99), row(3, 0.60, 0.70), row(4, 0.55, 0.93), row(5, 0.55, 0.95)]
-    # K=3 has the top silhouette but is unstable; of the stable ones 4 and 5 tie -> 4
-    assert best_k(rows, 0.1) == 4
-    assert best_k(rows, 0.5) == 3
-    assert best_k(rows, 0.0) == 2
-    assert best_k([row(2, float("nan"), 0.4), row(3, float("nan"), 0.9)]) == 3
+    rows = [_row(2, 100.0), _row(3, 180.0), _row(4, 180.0), _row(5, 150.0, sil=0.9)]
+    assert best_k(rows) == 3  # the highest CH, ties to the smaller K; not the silhouette
+    assert best_k([_row(2, float("nan")), _row(3, 50.0)]) == 3
+    assert best_k([_row(4, float("nan")), _row(3, float("nan"))]) == 3  # none: smallest
+    with pytest.raises(ValueError):
+        best_k([])
 
 
 def test_bad_arguments_progress_and_cancel():
@@ -159,20 +237,30 @@ def test_bad_arguments_progress_and_cancel():
 
 
 def test_unclear_curves_are_said_plainly():
-    """A silhouette that rises to the end of the range, or a flat one, is no number of
-    classes; a peak inside the range is."""
-    def scores(sils):
-        rows = tuple(KScore(k, s, 0.95, 0.95, 0.1) for k, s in enumerate(sils, start=2))
+    """CH rising to the end of the range, falling from its start above 2, runs that
+    disagree at the suggested K, or a flat silhouette: no number of classes; a peak inside
+    the range with stable runs is one."""
+    def scores(chs, *, start=2, stab=0.95, sils=None):
+        sils = sils or [0.2 + 0.05 * i for i in range(len(chs))]
+        rows = tuple(_row(k, c, stab, s) for k, c, s in zip(range(start, 99), chs, sils))
         return KScores(rows, best_k(rows), 1000, 3, "rule")
 
-    rising = scores([0.20, 0.24, 0.27, 0.29, 0.30])
+    rising = scores([100, 120, 130, 135, 140])
     assert rising.best == 6 and rising.unclear.startswith("no clear K: the suggested K (6) is "
                                                           "the largest one scored")
     assert rising.unclear in rising.table() and rising.to_dict()["unclear"] == rising.unclear
-    flat = scores([0.300, 0.305, 0.301, 0.299])
+    falling = scores([200, 150, 120], start=4)
+    assert falling.best == 4 and "smallest one scored; score smaller K" in falling.unclear
+    assert scores([200, 150, 120]).unclear == ""  # K = 2 at the start: nothing smaller
+    shaky = scores([100, 180, 150, 120], stab=0.5)
+    assert shaky.best == 3 and "disagree at K = 3 (stability 0.50, under 0.8)" in shaky.unclear
+    assert scores([100, 180, 150, 120], stab=float("nan")).unclear == ""  # one run
+    flat = scores([100, 180, 150, 120], sils=[0.300, 0.305, 0.301, 0.299])
     assert "hardly changes" in flat.unclear
-    peak = scores([0.20, 0.35, 0.25, 0.22])
+    peak = scores([100, 180, 150, 120])
     assert peak.best == 3 and peak.unclear == "" and peak.to_dict()["unclear"] is None
+    strict = KScores(peak.rows, 3, 1000, 3, "rule", min_stability=0.99)
+    assert "under 0.99" in strict.unclear
     x, _ = planted(4, per=100)
     assert suggest_n_clusters(x, range(2, 7)).unclear == ""  # planted clusters: clear
 
@@ -183,10 +271,14 @@ def test_table_and_json():
     table = scores.table()
     best_line = next(line for line in table.splitlines() if "<- best" in line)
     assert best_line.split()[0] == "4"
+    assert table.splitlines()[0].split()[:3] == ["K", "CH", "silhouette"]
+    assert float(best_line.split()[1]) == pytest.approx(scores.row(4).calinski_harabasz,
+                                                       abs=0.5)
     assert "(model)" in next(line for line in table.splitlines() if line.split()[0] == "3")
     data = json.loads(json.dumps(scores.to_dict()))
-    assert data["best"] == 4 and data["current"] == 3
+    assert data["best"] == 4 and data["current"] == 3 and data["min_stability"] == 0.8
     assert [r["k"] for r in data["rows"]] == [2, 3, 4, 5, 6]
+    assert data["rows"][2]["calinski_harabasz"] == scores.row(4).calinski_harabasz
 
 
 # ------------------------------------------------------------------------------ from a model
@@ -242,6 +334,7 @@ def test_suggest_for_model_on_real_codes(tiny_model):
     assert scores.best in scores.k_values
     for r in scores.rows:
         assert -1 <= r.silhouette <= 1 and -1 <= r.stability <= 1
+        assert r.calinski_harabasz > 0
     assert ("codes", 3, 3) in stages and stages[-1] == ("score", 4, 4)
     # the sample really is the model's codes: all vectors when max_points is large
     full = sample_model_codes(model, images, max_points=10 * cells)
@@ -267,7 +360,7 @@ def test_cli_suggest_k_table_json_and_errors(tiny_model, tmp_path, capsys):
             "--device", "cpu"]
     assert main([*args, "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "<- best" in out and "silhouette" in out and "best K =" in out
+    assert "<- best" in out and "CH" in out and "silhouette" in out and "best K =" in out
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["k"] for r in result["rows"]] == [2, 3, 4] and result["current"] == 3

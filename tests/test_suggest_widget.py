@@ -96,12 +96,42 @@ def test_scores_plot_and_progress(viewer, fitted, qtbot):
                                [r.silhouette for r in scores.rows])
     np.testing.assert_allclose(lines["stability"].get_ydata(),
                                [r.stability for r in scores.rows])
+    top = max(r.calinski_harabasz for r in scores.rows)
+    np.testing.assert_allclose(lines["Calinski-Harabasz / max"].get_ydata(),
+                               [r.calinski_harabasz / top for r in scores.rows])
     assert list(lines["silhouette"].get_xdata()) == [2, 3, 4, 5]
-    best = lines["suggested K"]
+    best = lines["top CH (no clear K)" if scores.unclear else "suggested K"]
     assert list(best.get_xdata()) == [scores.best, scores.best]
-    assert f"Suggested K = {scores.best}" in widget.result.value
+    if scores.unclear:
+        assert "No clear K" in widget.result.value
+    else:
+        assert f"Suggested K = {scores.best}" in widget.result.value
     assert any(s.startswith("computing codes") and d == t == 3 for s, d, t in stages)
     assert ("k-means runs per K", 4, 4) in stages
+
+
+def test_message_and_mark_follow_the_rule(viewer):
+    """A clear peak of CH is suggested; runs that disagree at the top K are called no clear
+    K, with the K marked as the top score only, never as a suggestion."""
+    from napari_stego.choose_k import KScore, KScores, best_k
+
+    widget = SuggestKWidget(viewer)
+
+    def show(stab):
+        rows = tuple(KScore(k, 0.2 + 0.05 * k, stab, stab, 0.1, ch)
+                     for k, ch in zip(range(2, 7), [100.0, 180.0, 150.0, 130.0, 120.0]))
+        scores = KScores(rows, best_k(rows), 1000, 3, "highest CH")
+        widget.plot(scores)
+        return {line.get_label(): line for line in widget.figure.axes[0].get_lines()}
+
+    lines = show(0.95)
+    assert list(lines["suggested K"].get_xdata()) == [3, 3]
+    assert "Suggested K = 3" in widget.result.value and "no clear" not in widget.result.value
+    lines = show(0.4)
+    assert "suggested K" not in lines
+    assert list(lines["top CH (no clear K)"].get_xdata()) == [3, 3]
+    assert widget.result.value.startswith("<b>No clear K: the k-means runs disagree at K = 3")
+    assert "Suggested" not in widget.result.value
 
 
 def test_shown_slice_only_and_one_run(viewer, fitted, qtbot):

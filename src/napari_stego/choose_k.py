@@ -1,22 +1,32 @@
 """Help choosing the number of clusters ``K``: score a range of ``K`` on a model's codes.
 
-No labels are needed. Each ``K`` gets two scores, both computed on the same random sample of
+No labels are needed. Each ``K`` gets three scores, all computed on the same random sample of
 code vectors (unit-normalised):
 
-* **silhouette** -- the mean cosine silhouette (distance ``1 - cos``) of the k-means labelling
-  with the highest mean cosine among the runs. In ``[-1, 1]``; high when clusters are tight
-  and far apart. Computed exactly on every sampled vector in ``O(N K D)``: for unit vectors
-  the mean cosine distance to a cluster is ``1 - x . sum(members) / n``.
+* **Calinski-Harabasz** (CH) -- the between-cluster over the within-cluster sum of squares,
+  each per degree of freedom: ``(B / (K - 1)) / (W / (N - K))`` (Calinski & Harabasz 1974),
+  on the unit vectors (where the squared Euclidean distance is ``2 - 2 cos``) for the k-means
+  labelling with the highest mean cosine among the runs. High when splitting into ``K``
+  clusters explains much of the spread for the clusters it costs.
+* **silhouette** -- the mean cosine silhouette (distance ``1 - cos``) of the same labelling.
+  In ``[-1, 1]``; high when clusters are tight and far apart. Computed exactly on every
+  sampled vector in ``O(N K D)``: for unit vectors the mean cosine distance to a cluster is
+  ``1 - x . sum(members) / n``.
 * **stability** -- the mean adjusted Rand index (ARI) between the labellings of ``seeds``
   k-means runs, each fitted on its own random ``fit_fraction`` of the sample (and its own
   k-means++ seed) and then applied to the whole sample. 1 when every run finds the same
-  partition; near 0 when the partition is arbitrary (too many or too few clusters for the
-  data's structure).
+  partition; near 0 when the partition is arbitrary.
 
-The suggested ``K`` (:attr:`KScores.best`), the rule in :data:`BEST_RULE`: among the ``K``
-whose stability is within ``stability_margin`` of the most stable ``K``, the one with the
-highest silhouette; ties go to the smaller ``K``. With ``seeds=1`` there is no stability and
-the highest silhouette wins.
+The suggested ``K`` (:attr:`KScores.best`), the rule in :data:`BEST_RULE`: the highest CH
+(ties: the smaller ``K``). It was chosen among the candidate rules of
+``benchmarks/suggest_k_rules.py`` (the silhouette's maximum, the previous rule, knees of the
+distortion curve, the gap statistic, Davies-Bouldin, ...) on the six labelled datasets of
+docs/benchmarks.md and on planted clusters: the silhouette keeps rising past the labelled
+number of classes on microscopy codes (they form sub-groups), CH does not.
+:attr:`KScores.unclear` says when the scores give no clear ``K`` (CH still rising at the
+largest ``K`` scored or falling from the smallest one above 2, k-means runs that disagree at
+the suggested ``K``, or a flat silhouette); ``best`` is then
+only the top of the range's scores, not a number of classes.
 
 Everything here is napari-free; the napari widget (``_widgets/_suggest.py``) and the
 ``napari-stego suggest-k`` command call :func:`suggest_for_model`.
@@ -37,15 +47,18 @@ from .errors import Cancelled, StegoError
 
 Progress = Callable[[str, int, int], None]
 
-BEST_RULE = ("highest silhouette among the K whose stability is within {margin:g} of the most "
-             "stable K (ties: the smaller K)")
+BEST_RULE = "highest Calinski-Harabasz index (ties: the smaller K)"
 
 # silhouettes of all K within this of each other: no K stands out
 FLAT_SILHOUETTE = 0.02
+# default ChooseKConfig.min_stability: k-means runs agreeing less than this (mean ARI) at the
+# suggested K found no reproducible partition (planted clusters: 0.9-1; no clusters: 0-0.3)
+MIN_STABILITY = 0.8
 
 __all__ = [
     "BEST_RULE", "ChooseKConfig", "KScore", "KScores", "adjusted_rand_index", "best_k",
-    "cosine_silhouette", "sample_model_codes", "suggest_for_model", "suggest_n_clusters",
+    "calinski_harabasz", "cosine_silhouette", "sample_model_codes", "suggest_for_model",
+    "suggest_n_clusters",
 ]
 
 
@@ -55,8 +68,9 @@ class ChooseKConfig:
 
     ``seeds``: k-means runs per ``K`` (their agreement is the stability; at least 2 for a
     stability score); ``max_points``: code vectors sampled (all when there are fewer);
-    ``fit_fraction``: share of the sample each run is fitted on; ``stability_margin``: how far
-    below the most stable ``K`` a ``K`` may be and still be suggested; ``seed``: seeds the
+    ``fit_fraction``: share of the sample each run is fitted on; ``min_stability``: the
+    stability below which the suggested ``K`` is called unclear (the runs disagree about its
+    partition); ``seed``: seeds the
     sampling and the runs (run ``r`` uses k-means seed ``seed + r``); ``cluster``: the k-means
     settings of every run.
     """
@@ -64,7 +78,7 @@ class ChooseKConfig:
     seeds: int = 3
     max_points: int = 10_000
     fit_fraction: float = 0.8
-    stability_margin: float = 0.1
+    min_stability: float = MIN_STABILITY
     seed: int = 0
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -76,7 +90,8 @@ class KScore:
     ``silhouette``: mean cosine silhouette in ``[-1, 1]`` (NaN when the runs found fewer than
     two non-empty clusters); ``stability``: mean pairwise ARI of the runs (NaN with one
     run); ``stability_min``: the lowest pairwise ARI; ``smallest``: share of the sample in the
-    smallest cluster of the silhouette's labelling (0 when a cluster came out empty).
+    smallest cluster of the silhouette's labelling (0 when a cluster came out empty);
+    ``calinski_harabasz``: the CH index of the same labelling (NaN like the silhouette).
     """
 
     k: int
@@ -84,6 +99,7 @@ class KScore:
     stability: float
     stability_min: float
     smallest: float
+    calinski_harabasz: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,7 @@ class KScores:
     seeds: int
     rule: str
     current: int | None = None  # the K of the model the codes came from, if any
+    min_stability: float = MIN_STABILITY
 
     @property
     def k_values(self) -> list[int]:
@@ -111,28 +128,42 @@ class KScores:
 
     @property
     def unclear(self) -> str:
-        """Why the curves give no clear ``K`` (``""`` when they do).
+        """Why the scores give no clear ``K`` (``""`` when they do), in this order:
 
-        Unclear when the suggested ``K`` is the largest one scored (the silhouette still
-        rises at the end of the range, as on images whose codes form a continuum: any cut
-        scores better the finer it is), or when the silhouette hardly changes over the range
-        (spread under :data:`FLAT_SILHOUETTE`). Then ``best`` is only the top of the range's
-        scores, not a number of classes.
+        * the suggested ``K`` is the largest one scored: CH still rises at the end of the range
+          (as on codes that form a continuum, where any finer cut scores better);
+        * it is the smallest one scored and above 2: smaller ``K`` may score higher;
+        * the k-means runs disagree about its partition (stability under ``min_stability``):
+          the codes have no reproducible partition into that many clusters, as when they form
+          no clusters at all;
+        * the silhouette hardly changes over the range (spread under
+          :data:`FLAT_SILHOUETTE`): no ``K`` separates the codes better than another.
+
+        Then ``best`` is only the top of the range's scores, not a number of classes.
         """
         sil = [r.silhouette for r in self.rows if not math.isnan(r.silhouette)]
         if len(self.rows) > 1 and self.best == self.rows[-1].k:
             return (f"no clear K: the suggested K ({self.best}) is the largest one scored, "
-                    "the silhouette still rises with K; judge the segmentations of a few K "
-                    "by eye, or score a wider range")
+                    "the Calinski-Harabasz index still rises with K; judge the segmentations "
+                    "of a few K by eye, or score a wider range")
+        if len(self.rows) > 1 and self.best == self.rows[0].k and self.best > 2:
+            return (f"no clear K: the suggested K ({self.best}) is the smallest one scored; "
+                    "score smaller K too")
+        stability = self.row(self.best).stability
+        if stability < self.min_stability:  # False for NaN (one run: no stability)
+            return (f"no clear K: the k-means runs disagree at K = {self.best} (stability "
+                    f"{stability:.2f}, under {self.min_stability:g}), the codes show no "
+                    "reproducible clusters; judge the segmentations of a few K by eye")
         if len(sil) > 1 and max(sil) - min(sil) < FLAT_SILHOUETTE:
             return (f"no clear K: the silhouette hardly changes with K (from {min(sil):.3f} "
                     f"to {max(sil):.3f}); judge the segmentations of a few K by eye")
         return ""
 
     def table(self) -> str:
-        """A plain-text table: K, silhouette, stability (mean / min), smallest cluster, with
-        the suggested K marked ``<- best`` (and the model's own K ``(model)``)."""
-        lines = [f"{'K':>3}  {'silhouette':>10}  {'stability':>9}  {'(min)':>6}  "
+        """A plain-text table: K, Calinski-Harabasz, silhouette, stability (mean / min),
+        smallest cluster, with the suggested K marked ``<- best`` (and the model's own K
+        ``(model)``)."""
+        lines = [f"{'K':>3}  {'CH':>8}  {'silhouette':>10}  {'stability':>9}  {'(min)':>6}  "
                  f"{'smallest':>8}"]
         for r in self.rows:
             marks = []
@@ -140,7 +171,9 @@ class KScores:
                 marks.append("<- best")
             if r.k == self.current:
                 marks.append("(model)")
-            lines.append(f"{r.k:>3}  {_fmt(r.silhouette, 10)}  {_fmt(r.stability, 9)}  "
+            ch = f"{'-':>8}" if math.isnan(r.calinski_harabasz) else \
+                f"{r.calinski_harabasz:>8.0f}"
+            lines.append(f"{r.k:>3}  {ch}  {_fmt(r.silhouette, 10)}  {_fmt(r.stability, 9)}  "
                          f"{_fmt(r.stability_min, 6)}  {r.smallest * 100:>7.1f}%"
                          + ("  " + " ".join(marks) if marks else ""))
         lines.append(f"best K = {self.best}: {self.rule}; {self.n_points} code vectors, "
@@ -154,7 +187,8 @@ class KScores:
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
                  for k, v in asdict(r).items()} for r in self.rows]
         return dict(best=self.best, rule=self.rule, unclear=self.unclear or None,
-                    n_points=self.n_points, seeds=self.seeds, current=self.current, rows=rows)
+                    n_points=self.n_points, seeds=self.seeds, current=self.current,
+                    min_stability=self.min_stability, rows=rows)
 
 
 def _fmt(value: float, width: int) -> str:
@@ -199,6 +233,39 @@ def cosine_silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
     return float(s.mean())
 
 
+def calinski_harabasz(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Calinski-Harabasz index of ``labels`` on the unit-normalised rows of ``x``.
+
+    Args:
+        x: ``(N, D)`` vectors (any norm; normalised here, so the squared distances are
+            ``2 - 2 cos``).
+        labels: ``(N,)`` integer cluster ids (ids need not be contiguous).
+
+    Returns:
+        ``(B / (K - 1)) / (W / (N - K))`` with ``B`` and ``W`` the between- and within-cluster
+        sums of squared distances to the cluster means (as scikit-learn's
+        ``calinski_harabasz_score``). NaN with fewer than two clusters or ``N <= K``; ``inf``
+        when every cluster is a single point repeated.
+    """
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, D) and labels (N,), got {tuple(x.shape)} and "
+                         f"{tuple(labels.shape)}")
+    _, labels = torch.unique(labels.cpu(), return_inverse=True)
+    n = x.shape[0]
+    k = int(labels.max()) + 1 if labels.numel() else 0
+    if k < 2 or n <= k:
+        return float("nan")
+    x = F.normalize(x.detach().cpu().double(), dim=1)
+    counts = torch.bincount(labels, minlength=k).double()
+    means = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
+    means /= counts[:, None]
+    within = float(((x - means[labels]) ** 2).sum())
+    between = float((counts * ((means - x.mean(0)) ** 2).sum(1)).sum())
+    if within == 0:
+        return float("inf")
+    return (between / (k - 1)) / (within / (n - k))
+
+
 def adjusted_rand_index(a, b) -> float:
     """Adjusted Rand index of two labellings of the same points (Hubert & Arabie 1985).
 
@@ -236,24 +303,16 @@ def adjusted_rand_index(a, b) -> float:
     return (index - expected) / (maximum - expected)
 
 
-def best_k(rows: Sequence[KScore], stability_margin: float = 0.1) -> int:
-    """The suggested ``K`` of scored ``rows`` (the rule in :data:`BEST_RULE`)."""
+def best_k(rows: Sequence[KScore]) -> int:
+    """The suggested ``K`` of scored ``rows`` (the rule in :data:`BEST_RULE`): the highest
+    Calinski-Harabasz index, ties to the smaller ``K``; the smallest ``K`` when no row has
+    one (degenerate data)."""
     if not rows:
         raise ValueError("no K scored")
-    stable = [r for r in rows if not math.isnan(r.stability)]
-    if stable:
-        top = max(r.stability for r in stable)
-        candidates = [r for r in stable if r.stability >= top - stability_margin]
-    else:
-        candidates = list(rows)
-    scored = [r for r in candidates if not math.isnan(r.silhouette)]
-    if not scored:  # no silhouette anywhere (degenerate data): the most stable, smallest K
-        return min(candidates, key=lambda r: (-_nan_low(r.stability), r.k)).k
-    return min(scored, key=lambda r: (-r.silhouette, r.k)).k
-
-
-def _nan_low(v: float) -> float:
-    return -math.inf if math.isnan(v) else v
+    scored = [r for r in rows if not math.isnan(r.calinski_harabasz)]
+    if not scored:
+        return min(r.k for r in rows)
+    return min(scored, key=lambda r: (-r.calinski_harabasz, r.k)).k
 
 
 # ------------------------------------------------------------------------------ from codes
@@ -329,11 +388,11 @@ def suggest_n_clusters(codes: torch.Tensor, k_values: Iterable[int] = range(2, 1
             k=k, silhouette=cosine_silhouette(x, chosen),
             stability=float(np.mean(pair_scores)) if pair_scores else float("nan"),
             stability_min=float(np.min(pair_scores)) if pair_scores else float("nan"),
-            smallest=float(sizes.min()) / n))
+            smallest=float(sizes.min()) / n, calinski_harabasz=calinski_harabasz(x, chosen)))
         if progress is not None:
             progress("score", i + 1, len(ks))
-    return KScores(tuple(rows), best_k(rows, config.stability_margin), n, config.seeds,
-                   BEST_RULE.format(margin=config.stability_margin), current)
+    return KScores(tuple(rows), best_k(rows), n, config.seeds, BEST_RULE, current,
+                   config.min_stability)
 
 
 # ------------------------------------------------------------------------------ from a model

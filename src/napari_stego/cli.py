@@ -398,9 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     sk = _sub(sub, "suggest-k", "score numbers of clusters K on a model's codes (no labels "
               "needed)",
               description="Sample the model's code vectors over the images, run k-means for "
-              "each K with several seeds, and print each K's cosine silhouette and stability "
-              "(mean pairwise adjusted Rand index of the runs). Suggested K: the highest "
-              "silhouette among the K whose stability is within 0.1 of the most stable K. "
+              "each K with several seeds, and print each K's Calinski-Harabasz index (CH), "
+              "cosine silhouette and stability (mean pairwise adjusted Rand index of the "
+              "runs). Suggested K: the highest CH; 'no clear K' instead when CH still rises "
+              "at the largest K, the runs disagree at that K or the silhouette is flat. "
               "Refit with it: napari-stego fit ... --n-clusters K.",
               examples="  napari-stego suggest-k cells.stego images/\n"
               "  napari-stego suggest-k cells.stego images/ --k-max 8 --json > k.json")

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, Label, PushButton
 from psygnal import Signal as PSignal
-from qtpy.QtCore import QObject, Signal
 
 from ..errors import Cancelled, StegoError, WeightsMissing
 from ..labels import LABEL_OFFSET  # noqa: F401  (the widgets' convention)
+from ._progress import PROGRESS_INTERVAL_S, STAGE_LABELS, ProgressRelay  # noqa: F401
 
 if TYPE_CHECKING:
     import napari
@@ -163,88 +163,6 @@ def notify_error(exc: BaseException, what: str) -> None:
         log.error("%s failed", what, exc_info=exc)
         show_error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc} (this is a bug in "
                    "napari-stego; the traceback is in the log)")
-
-
-# ------------------------------------------------------------------------- progress
-STAGE_LABELS = {
-    "features": "extracting backbone features",
-    "knn": "finding nearest-neighbour windows (KNN)",
-    "train": "training the STEGO head",
-    "cluster": "clustering the codes (k-means)",
-    "segment": "segmenting",
-    "crf": "refining with the dense CRF",
-    "evaluate": "counting pixels",
-    "correspond": "computing features",
-}
-
-
-class ProgressRelay(QObject):
-    """A ``progress(stage, done, total, **info)`` callable for the core, safe to call from
-    the worker thread: it emits a Qt signal, and the slot (in the main thread) drives one
-    ``napari.utils.progress`` bar and a status label.
-
-    The core reports ``features``, ``train`` and ``cluster``; the KNN table is built
-    between the last feature map and the first training step, so that gap is labelled as
-    such. A ``loss=`` keyword (or a 4th positional value), when the core gives one, is shown.
-    """
-
-    _changed = Signal(str, int, int, object)
-
-    def __init__(self, title: str, status: Label | None = None) -> None:
-        super().__init__()
-        self.title = title
-        self.status = status
-        self.stage = ""
-        self.done = 0
-        self.total = 0
-        self.loss: float | None = None
-        self._bar = None
-        self._closed = False
-        self._changed.connect(self._update)
-
-    def __call__(self, stage: str, done: int, total: int, *extra, **info) -> None:
-        loss = info.get("loss", extra[0] if extra else None)
-        self._changed.emit(stage, int(done), int(total), loss)
-
-    def _update(self, stage: str, done: int, total: int, loss) -> None:
-        # napari's progress bar may process Qt events while it redraws, so this slot can be
-        # re-entered (and the job can finish) inside it: update the label first, and never
-        # touch a closed bar.
-        from napari.utils import progress
-
-        if self._closed:
-            return
-        label = STAGE_LABELS.get(stage, stage)
-        if stage == "features" and total and done >= total:
-            stage, label, done, total = "knn", STAGE_LABELS["knn"], 0, 1
-        new_stage = stage != self.stage
-        self.stage, self.done, self.total = stage, done, total
-        if loss is not None:
-            self.loss = float(loss)
-        show_loss = stage == "train" and self.loss is not None
-        if self.status is not None:
-            self.status.value = f"{label} {done}/{total}" + (
-                f", loss {self.loss:.3f}" if show_loss else "")
-        if self._bar is None:
-            self._bar = progress(total=max(total, 1), desc=self.title)
-        bar = self._bar
-        if new_stage:
-            bar.n = 0
-        if new_stage or bar.total != max(total, 1):
-            bar.total = max(total, 1)
-        if self._closed:
-            return
-        bar.set_description(f"{self.title}: {label}" + (f" (loss {self.loss:.3f})"
-                                                         if show_loss else ""))
-        if self._closed:
-            return
-        bar.update(max(done - bar.n, 0))
-
-    def close(self) -> None:
-        self._closed = True
-        if self._bar is not None:
-            bar, self._bar = self._bar, None
-            bar.close()
 
 
 class Job:

@@ -1,8 +1,9 @@
 """The *Suggest number of clusters* dock widget: score a range of K on the model's codes.
 
 Runs :func:`napari_stego.choose_k.suggest_for_model` on the chosen Image layers in the
-background and plots each K's cosine silhouette and stability (matplotlib, embedded), with
-the suggested K marked. Refit with that K in *Fit STEGO*.
+background and plots each K's Calinski-Harabasz index (scaled to its maximum), cosine
+silhouette and stability (matplotlib, embedded), with the suggested K marked, or says plainly
+that the scores give no clear K. Refit with that K in *Fit STEGO*.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ class SuggestKWidget(Container, SharedModelMixin):
     """Score numbers of clusters K = smallest..largest on the viewer's model, without labels.
 
     For each K, k-means runs ``runs per K`` times on a sample of the model's code vectors of
-    the chosen images: the *silhouette* says how well separated the clusters are, the
-    *stability* (mean adjusted Rand index between runs) how reproducible the partition is.
-    The suggested K has the highest silhouette among the K whose stability is within 0.1 of
-    the most stable one. The last result is ``widget.scores``
+    the chosen images: the *Calinski-Harabasz* index (CH) says how much of the codes' spread
+    the K clusters explain for the clusters they cost, the *silhouette* how well separated
+    they are, the *stability* (mean adjusted Rand index between runs) how reproducible the
+    partition is. The suggested K has the highest CH; when CH still rises at the largest K,
+    when the runs disagree at the suggested K or when the silhouette is flat, the widget
+    says there is no clear K instead. The last result is ``widget.scores``
     (:class:`~napari_stego.choose_k.KScores`).
     """
 
@@ -172,13 +175,17 @@ class SuggestKWidget(Container, SharedModelMixin):
             self.canvas.draw_idle()
             return
         ks = scores.k_values
+        ch = [r.calinski_harabasz for r in scores.rows]
+        top = max((v for v in ch if math.isfinite(v)), default=math.nan)
+        if math.isfinite(top) and top > 0:
+            ax.plot(ks, [v / top for v in ch], "D-", label="Calinski-Harabasz / max")
         sil = [r.silhouette for r in scores.rows]
         ax.plot(ks, sil, "o-", label="silhouette")
         stab = [r.stability for r in scores.rows]
         if not all(math.isnan(v) for v in stab):
             ax.plot(ks, stab, "s-", label="stability")
-        ax.axvline(scores.best, color="tab:red", ls="--", lw=1,
-                   label="suggested K")
+        ax.axvline(scores.best, color="tab:red", ls="--" if not scores.unclear else ":",
+                   lw=1, label="top CH (no clear K)" if scores.unclear else "suggested K")
         if scores.current is not None and scores.current in ks and scores.current != scores.best:
             ax.axvline(scores.current, color="0.5", ls=":", lw=1,
                        label="model's K")
@@ -190,7 +197,8 @@ class SuggestKWidget(Container, SharedModelMixin):
         self.canvas.draw_idle()
         if scores.unclear:
             self.result.value = (f"<b>{scores.unclear[0].upper()}{scores.unclear[1:]}.</b> "
-                                 f"Top score: K = {scores.best} ({scores.rule}).")
+                                 f"The highest Calinski-Harabasz index is at K = {scores.best}, "
+                                 "which is not a number of classes here.")
         else:
             self.result.value = (f"<b>Suggested K = {scores.best}</b>: {scores.rule}. Refit "
                                  "with it in 'Fit STEGO'.")
