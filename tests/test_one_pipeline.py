@@ -180,6 +180,22 @@ def test_ome_zarr_output_reopens_with_its_scale(stack_file, model_file, tmp_path
     assert again == 0
 
 
+def test_save_segmentation_of_a_zarr_path(untrained_model, mosaics, tmp_path):
+    """A zarr array given by its path is segmented and written (its pixel size is not
+    looked up in a TIFF that is not there)."""
+    import zarr
+
+    plane = mosaics[0][0][:64, :80].astype(np.uint16) * 40
+    zarr.open_array(str(tmp_path / "img.zarr"), mode="w", shape=plane.shape,
+                    dtype=plane.dtype)[...] = plane
+    from napari_stego.segment import save_segmentation
+
+    out = save_segmentation(untrained_model, tmp_path / "img.zarr", tmp_path / "z.tif")
+    ids, meta, _ = _read(out)
+    np.testing.assert_array_equal(ids, untrained_model.predict(plane) + 1)
+    assert meta["axes"] == "YX" and meta["scale"] == [1.0, 1.0]
+
+
 def test_ome_zarr_pyramid_for_big_planes(tmp_path):
     pytest.importorskip("ome_zarr")
     import zarr

@@ -162,10 +162,12 @@ def save_segmentation(model, data, path: str | Path, *, axes: str | None = None,
     """Segment ``data`` (:class:`Segmentation`) and write the labels (ids 1..K) as a TIFF
     with their axes, pixel size and the settings (:func:`~napari_stego.labels.save_labels`).
 
-    ``scale`` / ``unit`` default to the TIFF's own pixel size when ``data`` is a TIFF path.
+    ``scale`` / ``unit`` default to the TIFF's own pixel size when ``data`` is a TIFF path
+    (other paths, e.g. a zarr array, and arrays: 1 per axis, no unit).
     """
     seg = Segmentation(model, data, axes=axes, crf=crf, crf_backend=crf_backend)
-    if scale is None and isinstance(data, (str, Path)):
+    if scale is None and isinstance(data, (str, Path)) and Path(data).suffix.lower() in (
+            ".tif", ".tiff", ".btf", ".tf8", ".tf2"):
         scale, unit = tiff_scale(data, seg.axes)
     meta = seg.metadata(scale, unit, name)
     return save_labels(path, seg.labels(), n_clusters=seg.n_clusters, axes=seg.axes,
