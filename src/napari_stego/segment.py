@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import ImageSource, fit_intensity, open_image
+from .io import TIFF_FILE_SUFFIXES, ImageSource, fit_intensity, open_image
 from .labels import crf_metadata, ids_of, label_metadata, labels_dtype, save_labels
 
 Progress = Callable[[str, int, int], None]
@@ -166,8 +166,8 @@ def save_segmentation(model, data, path: str | Path, *, axes: str | None = None,
     (other paths, e.g. a zarr array, and arrays: 1 per axis, no unit).
     """
     seg = Segmentation(model, data, axes=axes, crf=crf, crf_backend=crf_backend)
-    if scale is None and isinstance(data, (str, Path)) and Path(data).suffix.lower() in (
-            ".tif", ".tiff", ".btf", ".tf8", ".tf2"):
+    if scale is None and isinstance(data, (str, Path)) and \
+            Path(data).suffix.lower() in TIFF_FILE_SUFFIXES:
         scale, unit = tiff_scale(data, seg.axes)
     meta = seg.metadata(scale, unit, name)
     return save_labels(path, seg.labels(), n_clusters=seg.n_clusters, axes=seg.axes,
