@@ -156,6 +156,16 @@ def test_multichannel_fluorescence_fits_and_segments_from_the_cli(tmp_path, mosa
 
     stored = StegoModel.load(model).feature_config.intensity.channels
     assert stored == ("pca" if channels == "pca" else (0, 1, 1))
+    # the CRF's colours come from the same channels: --crf works on these files too
+    assert main(["segment", str(model), str(data), "--out", str(tmp_path / "crf"), "--crf",
+                 "--crf-backend", "torch", "--quiet", "--device", "cpu"]) == 0
+    labels, meta, _ = _read(tmp_path / "crf" / "cells0.tif")
+    assert labels.min() >= 1 and labels.max() <= 3
+    assert meta["crf"]["intensity"]["channels"] == ("pca" if channels == "pca" else [0, 1, 1])
+    fitted = StegoModel.load(model)
+    plane = np.moveaxis(tifffile.imread(data / "cells0.tif"), 0, -1)
+    np.testing.assert_array_equal(fitted.predict(plane, crf=True, crf_backend="torch") + 1,
+                                  labels)
 
 
 def test_ome_zarr_output_reopens_with_its_scale(stack_file, model_file, tmp_path):

@@ -65,6 +65,10 @@ class Segmentation:
             from .crf import CRFConfig
 
             crf = CRFConfig()
+        if crf:
+            from .crf import with_channels_of
+
+            crf = with_channels_of(crf, model.feature_config.intensity)
         self.crf = crf or None
         self.crf_backend = None if crf_backend in (None, "auto") else crf_backend
         self.crf_stats = crf_stats
