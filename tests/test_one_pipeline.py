@@ -156,6 +156,16 @@ def test_multichannel_fluorescence_fits_and_segments_from_the_cli(tmp_path, mosa
 
     stored = StegoModel.load(model).feature_config.intensity.channels
     assert stored == ("pca" if channels == "pca" else (0, 1, 1))
+    # the CRF's colours come from the same channels: --crf works on these files too
+    assert main(["segment", str(model), str(data), "--out", str(tmp_path / "crf"), "--crf",
+                 "--crf-backend", "torch", "--quiet", "--device", "cpu"]) == 0
+    labels, meta, _ = _read(tmp_path / "crf" / "cells0.tif")
+    assert labels.min() >= 1 and labels.max() <= 3
+    assert meta["crf"]["intensity"]["channels"] == ("pca" if channels == "pca" else [0, 1, 1])
+    fitted = StegoModel.load(model)
+    plane = np.moveaxis(tifffile.imread(data / "cells0.tif"), 0, -1)
+    np.testing.assert_array_equal(fitted.predict(plane, crf=True, crf_backend="torch") + 1,
+                                  labels)
 
 
 def test_ome_zarr_output_reopens_with_its_scale(stack_file, model_file, tmp_path):
@@ -178,6 +188,22 @@ def test_ome_zarr_output_reopens_with_its_scale(stack_file, model_file, tmp_path
     again = main(["segment", str(model_file), str(stack_file), "--out", str(tmp_path),
                   "--format", "ome-zarr", "--device", "cpu"])
     assert again == 0
+
+
+def test_save_segmentation_of_a_zarr_path(untrained_model, mosaics, tmp_path):
+    """A zarr array given by its path is segmented and written (its pixel size is not
+    looked up in a TIFF that is not there)."""
+    import zarr
+
+    plane = mosaics[0][0][:64, :80].astype(np.uint16) * 40
+    zarr.open_array(str(tmp_path / "img.zarr"), mode="w", shape=plane.shape,
+                    dtype=plane.dtype)[...] = plane
+    from napari_stego.segment import save_segmentation
+
+    out = save_segmentation(untrained_model, tmp_path / "img.zarr", tmp_path / "z.tif")
+    ids, meta, _ = _read(out)
+    np.testing.assert_array_equal(ids, untrained_model.predict(plane) + 1)
+    assert meta["axes"] == "YX" and meta["scale"] == [1.0, 1.0]
 
 
 def test_ome_zarr_pyramid_for_big_planes(tmp_path):

@@ -89,6 +89,30 @@ def test_writer_writes_lazy_data_plane_by_plane(tmp_path):
     assert data.dtype == np.uint8 and int(np.asarray(data).sum()) == 2 * 4 * 32 * 32
 
 
+def test_writer_failing_half_way_keeps_the_earlier_file_and_leaves_no_partial(tmp_path):
+    """A lazy layer whose last plane fails while it is written (a remote read that breaks
+    after the writer's passes for the dtype, its max and min, went through): the file
+    already at the path stays as it was and no half-written file is left."""
+    da = pytest.importorskip("dask.array")
+    path = tmp_path / "lazy.tif"
+    write_labels(str(path), np.ones((4, 64, 64), np.uint8), dict(name="lazy", metadata={}))
+    before = path.read_bytes()
+    reads = {p: 0 for p in range(4)}
+
+    def boom(block, block_info=None):
+        plane = block_info[None]["chunk-location"][0]
+        reads[plane] += 1
+        if plane == 3 and reads[plane] > 2:
+            raise RuntimeError("plane 3 failed")
+        return block
+
+    lazy = da.zeros((4, 64, 64), np.uint8, chunks=(1, 64, 64)).map_blocks(boom, dtype=np.uint8)
+    with pytest.raises(RuntimeError, match="plane 3 failed"):
+        write_labels(str(path), lazy, dict(name="lazy", metadata={}))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lazy.tif"]
+
+
 def test_reader_is_lazy_and_finds_the_ome_channel_axis(tmp_path):
     stack = np.random.default_rng(1).integers(0, 1000, (5, 2, 64, 80), dtype=np.uint16)
     path = str(tmp_path / "cells.ome.tif")

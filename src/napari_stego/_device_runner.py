@@ -96,9 +96,9 @@ class _Runner:
                 warnings.warn(f"{self.device.type} out of memory with {n} tiles per batch: "
                               f"continuing with {self.batch_size}", RuntimeWarning, stacklevel=2)
         event = None
-        if cuda:
+        if cuda:  # on this device's stream: the current device may be another GPU
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         return _Pending(host, event)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

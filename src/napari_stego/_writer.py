@@ -87,6 +87,8 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """Write one Labels layer to ``path`` (a ``.tif`` / ``.tiff``); returns ``[path]``."""
     import tifffile
 
+    from .batch.writes import _atomic_write
+
     path = str(path)
     if not path.lower().endswith((".tif", ".tiff")):
         path += ".tif"
@@ -114,5 +116,8 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
         pages = (np.asarray(data[idx]).astype(dtype) for idx in np.ndindex(*shape[:-2]))
     else:
         pages = np.asarray(data).astype(dtype)
-    tifffile.imwrite(path, pages, shape=shape, dtype=dtype, **tiff_kwargs(shape, dtype, ours))
+    # under a temporary name, renamed when complete (a plane of a lazy layer failing
+    # half-way leaves no half-written file and the earlier one whole)
+    _atomic_write(Path(path), lambda tmp: tifffile.imwrite(
+        str(tmp), pages, shape=shape, dtype=dtype, **tiff_kwargs(shape, dtype, ours)))
     return [path]

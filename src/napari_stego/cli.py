@@ -333,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "or pca; stored in the model, so `segment` maps them the same way "
                           "(default: grey, RGB and RGBA only)")
     fit.add_argument("--tile-size", type=int, default=None, metavar="PX",
-                     help="tile side in pixels for big images (default 1024); stored in the "
-                          "model and used by `segment`")
+                     help="tile side in pixels for big images (default: the backbone's, 512 "
+                          "for dino_vits8, 1024 for a CNN); stored in the model and used by "
+                          "`segment`")
     fit.add_argument("--device", default="auto", help=_DEVICE_HELP)
     fit.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     fit.add_argument("--quiet", action="store_true", help="no progress bars or notes")

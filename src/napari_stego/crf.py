@@ -77,6 +77,18 @@ class CRFConfig:
 _PARAMS = tuple(f.name for f in fields(CRFConfig) if f.name != "intensity")
 
 
+def with_channels_of(config: CRFConfig, features: IntensityConfig) -> CRFConfig:
+    """``config`` for a model whose features map ``features``: when ``config`` names no
+    channel mapping and the model's does (multichannel fluorescence, ``fit --channels``),
+    the CRF's colour image takes the same three channels (or PCA), which is the only way a
+    2- or 4-channel image has colours at all."""
+    channels = getattr(features, "channels", None)
+    if config.intensity.channels is None and channels is not None:
+        return replace(config, intensity=replace(config.intensity, channels=channels))
+    return config
+
+
+
 def _config(config: CRFConfig | None, params: dict) -> CRFConfig:
     """``config`` (or the defaults) with the keyword parameters that were given."""
     unknown = sorted(set(params) - set(_PARAMS))

@@ -117,7 +117,7 @@ def work_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
     Images whose shorter side is below ``min_side`` are up-sampled towards it, but never so
     far that the longer side passes :data:`MAX_UPSAMPLED_SIDE` (a 2 x 2000 px strip would
     otherwise become 448 x 448 000 px), so an up-sampled image, which the backbone sees
-    whole, is never bigger than about one tile; when even that leaves nothing to up-sample,
+    whole, is never bigger than about one CNN tile; when even that leaves nothing to up-sample,
     the image keeps its size and is tiled like any big image."""
     h, w = int(size[0]), int(size[1])
     short, long = min(h, w), max(h, w)

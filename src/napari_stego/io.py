@@ -317,6 +317,9 @@ class ImageSource:
                 f"shape={self.shape}, dtype={self.dtype})")
 
 
+TIFF_FILE_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")  # paths open_image reads as TIFF
+
+
 def open_image(data, axes: str | None = None, *, rgb: bool | None = None,
                name: str | None = None) -> ImageSource:
     """A lazily read :class:`ImageSource` from an array, a dask / zarr array or a TIFF file.
@@ -355,7 +358,7 @@ def open_image(data, axes: str | None = None, *, rgb: bool | None = None,
             if not hasattr(arr, "shape"):
                 raise StegoError(f"{path} is a zarr group: pass the array inside it")
             file_axes = None
-        elif path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
+        elif path.suffix.lower() in TIFF_FILE_SUFFIXES:
             try:
                 arr, file_axes = _open_tiff(path)
             except StegoError:

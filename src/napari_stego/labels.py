@@ -27,6 +27,7 @@ Outputs written before this convention (0-based, no ``label_offset``) are recogn
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import asdict
 
@@ -257,5 +258,11 @@ def save_labels(path, labels, *, n_clusters: int, axes: str | None = None,
                  for idx in np.ndindex(*shape[:-2]))
     else:
         pages = np.asarray(data).astype(dtype, copy=False)
-    tifffile.imwrite(str(path), pages, shape=shape, dtype=dtype, **tiff_kwargs(shape, dtype, meta))
+    from .batch.writes import _atomic_write  # (batch.writes imports this module)
+
+    # under a temporary name, renamed when complete: a failure (a plane that cannot be
+    # computed, a full disk, an interrupt) leaves neither a half-written file nor a
+    # destroyed earlier one at ``path``
+    _atomic_write(Path(path), lambda tmp: tifffile.imwrite(
+        str(tmp), pages, shape=shape, dtype=dtype, **tiff_kwargs(shape, dtype, meta)))
     return path

@@ -283,10 +283,12 @@ class StegoModel:
             return self._lazy_one(image)[0].compute(scheduler="threads")
         if crf is False or crf is None:
             return self.predict_proba(image).argmax(0).astype(dtype)
-        from .crf import CRFConfig, default_backend, dense_crf
+        from .crf import CRFConfig, default_backend, dense_crf, with_channels_of
         from .segment import refine
 
         config = CRFConfig() if crf is True else crf
+        if isinstance(config, CRFConfig):
+            config = with_channels_of(config, self.feature_config.intensity)
         backend = None if crf_backend == "auto" else crf_backend
         if (self._single_tile(image) and self.device.type == "cuda"
                 and (backend or default_backend(self.device)) == "torch"):

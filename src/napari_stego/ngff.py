@@ -89,11 +89,3 @@ def finish(path: str | Path, meta: dict) -> None:
                                axes=axes_metadata(axes, meta.get("unit")),
                                name=str(meta.get("layer_name") or Path(path).stem))
     group.attrs[META_KEY] = meta
-
-
-def read_level0(path: str | Path):
-    """``(array 0, napari-stego metadata or None)`` of an OME-Zarr output."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    return group["0"], dict(group.attrs).get(META_KEY)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import ImageSource, fit_intensity, open_image
+from .io import TIFF_FILE_SUFFIXES, ImageSource, fit_intensity, open_image
 from .labels import crf_metadata, ids_of, label_metadata, labels_dtype, save_labels
 
 Progress = Callable[[str, int, int], None]
@@ -65,6 +65,10 @@ class Segmentation:
             from .crf import CRFConfig
 
             crf = CRFConfig()
+        if crf:
+            from .crf import with_channels_of
+
+            crf = with_channels_of(crf, model.feature_config.intensity)
         self.crf = crf or None
         self.crf_backend = None if crf_backend in (None, "auto") else crf_backend
         self.crf_stats = crf_stats
@@ -162,10 +166,12 @@ def save_segmentation(model, data, path: str | Path, *, axes: str | None = None,
     """Segment ``data`` (:class:`Segmentation`) and write the labels (ids 1..K) as a TIFF
     with their axes, pixel size and the settings (:func:`~napari_stego.labels.save_labels`).
 
-    ``scale`` / ``unit`` default to the TIFF's own pixel size when ``data`` is a TIFF path.
+    ``scale`` / ``unit`` default to the TIFF's own pixel size when ``data`` is a TIFF path
+    (other paths, e.g. a zarr array, and arrays: 1 per axis, no unit).
     """
     seg = Segmentation(model, data, axes=axes, crf=crf, crf_backend=crf_backend)
-    if scale is None and isinstance(data, (str, Path)):
+    if scale is None and isinstance(data, (str, Path)) and \
+            Path(data).suffix.lower() in TIFF_FILE_SUFFIXES:
         scale, unit = tiff_scale(data, seg.axes)
     meta = seg.metadata(scale, unit, name)
     return save_labels(path, seg.labels(), n_clusters=seg.n_clusters, axes=seg.axes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import Cancelled, StegoError
@@ -95,7 +96,7 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
     for p in problems:
         say(f"failed: {p.line()}")
 
-    from ..crf import BACKENDS, CRFConfig
+    from ..crf import BACKENDS, CRFConfig, with_channels_of
 
     if crf_backend not in (None, "auto", *BACKENDS):
         raise StegoError(f"unknown CRF backend {crf_backend!r}: use auto, "
@@ -109,6 +110,9 @@ def segment_files(model, inputs, out: str | os.PathLike, *, crf=False,
     cancelled, temporary, ref = True, None, None
     try:
         ref, loaded, shown, temporary = _prepare_model(model, out, weights, device, pool.local)
+        if settings.crf:  # the CRF's colours of multichannel images: the model's channels
+            settings = replace(settings, crf_config=with_channels_of(
+                settings.crf_settings, loaded.feature_config.intensity))
         jobs = _plan(files, out, ref, shown, loaded, settings, overwrite, say)
         report = BatchReport([*problems, *(j.result for j in jobs)], str(out))
         busy = [j for j in jobs if not j.done]
