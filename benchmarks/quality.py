@@ -289,8 +289,9 @@ def main() -> None:
     parser.add_argument("--max-weight", type=float, default=None,
                         help="AppearanceConfig.max_weight of the rule (with --appearance auto)")
     parser.add_argument("--appearance", default="default",
-                        help="AppearanceConfig.weight of the fits: 'default' (the package's, "
-                             "off), 'auto' (the label-free rule) or a fixed weight in [0, 1]")
+                        help="AppearanceConfig.weight of the fits: 'default' (the package's: "
+                             "the gated rule since run 8), 'auto' (the rule) or a fixed weight "
+                             "in [0, 1]")
     parser.add_argument("--probe", type=Path, default=None,
                         help="JSON of benchmarks/linear_probe.py: report results as a fraction "
                              "of the probe's mIoU")
