@@ -171,17 +171,25 @@ def test_fits_from_a_feature_cache_use_appearance_too(offline_backbone, tmp_path
         in_memory.info["appearance"]["weight"], abs=0.02)
 
 
-def test_appearance_is_off_by_default(offline_backbone):
+def test_the_rule_is_the_default_and_weight_0_turns_appearance_off(offline_backbone):
+    """Colour-defined classes: the default fit chooses a large weight by the rule (the gate
+    open: the backbone's leading directions group less clearly than the colours);
+    ``weight=0`` trains on the features alone."""
     from napari_stego import StegoModel
+    from napari_stego.appearance import AppearanceConfig
     from napari_stego.features import FeatureConfig
     from napari_stego.train import TrainConfig
 
     images, _ = colour_classes(n=2)
-    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0,
-                           train=TrainConfig(steps=2, batch_size=4),
-                           features=FeatureConfig(min_side=224))
-    assert model.train_config.appearance.weight == 0.0
-    assert model.info["appearance"]["weight"] == 0.0
+    kwargs = dict(backbone=offline_backbone, seed=0, features=FeatureConfig(min_side=224))
+    model = StegoModel.fit(images, 3, train=TrainConfig(steps=2, batch_size=4), **kwargs)
+    report = model.info["appearance"]
+    assert report["rule"] == "auto" and report["gate"] == 1.0, report
+    assert model.train_config.appearance.weight == report["weight"] > 0.3
+    off = StegoModel.fit(images, 3, train=TrainConfig(
+        steps=2, batch_size=4, appearance=AppearanceConfig(weight=0)), **kwargs)
+    assert off.train_config.appearance.weight == 0.0
+    assert off.info["appearance"]["weight"] == 0.0
 
 
 def _two_partitions(seed, n=6, size=96):
