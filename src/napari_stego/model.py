@@ -30,7 +30,7 @@ from .features import (
     work_size,
 )
 from .head import SegmentationHead
-from .intensity import IntensityConfig, fit_intensity
+from .intensity import IntensityConfig
 from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
 from .loss import LossConfig
@@ -305,20 +305,12 @@ class StegoModel:
                               self.tile_config)
 
     def _lazy_one(self, image: np.ndarray):
-        """Lazy ``(labels, probs)`` of one in-memory image (its own percentiles)."""
-        from .lazy import predict_dask
+        """Lazy ``(indices, probs)`` of one in-memory image (its own percentiles): the one
+        segmentation path, :class:`~napari_stego.segment.Segmentation`."""
+        from .segment import Segmentation
 
-        source = ImageSource(image, "YX" if image.ndim == 2 else "YXC")
-        stats = fit_intensity(source, self.feature_config.intensity)
-        store = None
-        if self.tile_config.blend == "taper":  # blending needs the assembled feature map
-            from .features import TensorSink, extract_source, feature_grid
-
-            h, w = feature_grid(source.shape2d, self.backbone, self.feature_config)
-            store = TensorSink(1, self.backbone.dim, h, w)
-            extract_source(self.backbone, source, store, self.feature_config, self.tile_config,
-                           self.device, stats=stats)
-        return predict_dask(self, source, stats, self.tile_config, store)
+        seg = Segmentation(self, ImageSource(image, "YX" if image.ndim == 2 else "YXC"))
+        return seg.indices, seg.probs
 
     def extract(self, data, *, axes: str | None = None, rgb: bool | None = None, cache=True,
                 data_hash: str = "auto", progress: Progress | None = None, cancel=None):
