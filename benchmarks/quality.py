@@ -42,7 +42,7 @@ from napari_stego import StegoModel
 from napari_stego.appearance import AppearanceConfig
 from napari_stego.backbones import create_backbone, upsampled
 from napari_stego.choose_k import suggest_for_model
-from napari_stego.cluster import spherical_kmeans
+from napari_stego.cluster import ClusterConfig, spherical_kmeans
 from napari_stego.crf import default_backend, dense_crf
 from napari_stego.features import FeatureConfig, extract_features, work_size
 from napari_stego.io import to_uint8_rgb
@@ -208,8 +208,10 @@ def run_dataset(root: Path, args, backbone) -> dict:
                 weight = None if args.appearance == "auto" else float(args.appearance)
                 extra = {} if args.max_weight is None else dict(max_weight=args.max_weight)
                 train = replace(train, appearance=AppearanceConfig(weight=weight, **extra))
+            cluster = ClusterConfig() if args.refine == "default" else \
+                ClusterConfig(refine=args.refine == "on")
             model = StegoModel.fit(images, n_classes, backbone=backbone, features=config,
-                                   train=train, seed=seed, cache=cache)
+                                   train=train, cluster=cluster, seed=seed, cache=cache)
             # from the features computed above, not per seed (the backbone runs twice per
             # dataset: for these maps, and into the fit's cache on the first seed)
             probs = [model.proba_from_features(m, im.shape[:2]) for m, im in zip(maps, images)]
@@ -227,6 +229,7 @@ def run_dataset(root: Path, args, backbone) -> dict:
             loss = model.train_config.loss
             out.setdefault("shifts", []).append([loss.self_shift, loss.knn_shift, loss.rand_shift])
             out.setdefault("appearance", []).append(model.info.get("appearance"))
+            out.setdefault("refine", []).append(model.info.get("refine"))
             print(f"{root.name} seed {seed}: " + ", ".join(
                 f"{m} {out['runs'][m][-1]['miou']:.1f}" for m in METHODS), flush=True)
 
@@ -292,6 +295,9 @@ def main() -> None:
                         help="AppearanceConfig.weight of the fits: 'default' (the package's: "
                              "the gated rule since run 8), 'auto' (the rule) or a fixed weight "
                              "in [0, 1]")
+    parser.add_argument("--refine", choices=("default", "on", "off"), default="default",
+                        help="ClusterConfig.refine of the fits (the principal-mask refinement "
+                             "of the centroids): the package's default, or on / off")
     parser.add_argument("--probe", type=Path, default=None,
                         help="JSON of benchmarks/linear_probe.py: report results as a fraction "
                              "of the probe's mIoU")

@@ -25,6 +25,9 @@ class ClusterConfig:
     ``tol``: stop a restart once no centroid moves more than this in one update.
     ``guard``: after a fit, check that the codes cluster, and better than the raw features,
     else warn and fall back to the untrained head (:mod:`napari_stego.guard`).
+    ``refine``: after k-means, move the centroids so that each training image's principal
+    masks are assigned as units (:mod:`napari_stego.refine`, after PriMaPs-EM); at most
+    ``refine_maps`` training maps (a seeded subset) are used.
     """
 
     n_iter: int = 200
@@ -33,6 +36,8 @@ class ClusterConfig:
     max_points: int = 500_000
     tol: float = 1e-5
     guard: bool = True
+    refine: bool = False
+    refine_maps: int = 256
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
 from .loss import LossConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
+from .refine import refine_for_head
 from .shifts import AutoShiftConfig
 from .tiling import TileConfig
 from .train import TrainConfig, train_head
@@ -188,6 +189,12 @@ class StegoModel:
         head, codes, centroids, guard = _guarded(
             result.head, codes, train_maps, centroids, dev, cluster, seed) \
             if cluster.guard else (result.head, codes, centroids, {})
+        # the centroids moved so that each training image's principal masks are units
+        refined = refine_for_head(head, train_maps, centroids, device=dev, seed=seed,
+                                  max_maps=cluster.refine_maps, alpha=PredictConfig().alpha) \
+            if cluster.refine else None
+        if refined is not None:
+            centroids = refined[0]
         # what a user can judge a fit by: how the codes split, how the loss went
         shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
@@ -198,6 +205,8 @@ class StegoModel:
                     cluster_shares=[round(float(v), 4) for v in shares / max(len(codes), 1)],
                     loss_curve=_thin(result.losses, 100),
                     guard=guard, warnings=[guard["warning"]] if guard.get("warning") else [])
+        if refined is not None:
+            info["refine"] = refined[1]
         return cls(net, head, centroids, feature_config=features, train_config=train,
                    cluster_config=cluster, tile_config=tiles, device=dev, info=info)
 
@@ -425,7 +434,8 @@ class StegoModel:
         meta, tensors = read_model_file(path, FORMAT_VERSION)
         configs = build_configs(meta, path, dict(
             feature_config=_feature_config, train_config=_train_config,
-            cluster_config=lambda d: strict(ClusterConfig, d),
+            # files from before the refinement existed were not refined
+            cluster_config=lambda d: strict(ClusterConfig, {"refine": False, **d}),
             predict_config=lambda d: strict(PredictConfig, d),
             tile_config=lambda d: strict(TileConfig, d)))
         recorded = meta["weights_source"]

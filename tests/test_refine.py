@@ -1,0 +1,80 @@
+"""Principal-mask refinement of the centroids (napari_stego.refine)."""
+
+import torch
+import torch.nn.functional as F
+
+from napari_stego.refine import principal_masks, refine_centroids
+
+
+def _directions(c: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(c, k, generator=g))[0].T  # (k, c) orthonormal
+
+
+def _image(groups: list[int], dirs: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    parts = [dirs[j] + noise * torch.randn(n, dirs.shape[1], generator=g)
+             for j, n in enumerate(groups) if n]
+    return F.normalize(torch.cat(parts), dim=1)
+
+
+def test_principal_masks_find_each_group_of_an_image():
+    dirs = _directions(16, 3)
+    x = _image([600, 300, 100], dirs, 0.15, seed=1)
+    truth = torch.cat([torch.full((n,), j) for j, n in enumerate([600, 300, 100])])
+    masks = principal_masks(x)
+    assert 3 <= len(masks) <= 8
+    covered = torch.stack(masks).any(0)
+    assert covered.float().mean() > 0.95
+    for m in masks:  # disjoint, each within one group
+        assert torch.bincount(truth[m], minlength=3).max() >= 0.95 * int(m.sum())
+    assert int(torch.stack(masks).sum(0).max()) == 1
+    assert {int(torch.bincount(truth[m]).argmax()) for m in masks} == {0, 1, 2}
+
+
+def test_refinement_assigns_masks_as_units_and_recovers_the_groups():
+    dirs = _directions(16, 2, seed=3)
+    images = [_image([400 + 50 * i, 200], dirs, 0.2, seed=10 + i) for i in range(4)]
+    # centroids far off (a bad k-means optimum): both between the groups, one leaning each way
+    start = F.normalize(torch.stack([dirs[0] + 0.9 * dirs[1], 0.9 * dirs[0] + dirs[1]]), dim=1)
+    theta, report = refine_centroids(images, start)
+    cos = theta @ dirs.T  # (2 centroids, 2 groups)
+    assert sorted(cos.argmax(1).tolist()) == [0, 1]
+    assert float(cos.max(1).values.min()) > 0.95
+    assert report["iterations"] >= 2 and report["moved"] > 0.05
+    assert theta.norm(dim=1).allclose(torch.ones(2), atol=1e-5)
+
+
+def test_refinement_keeps_good_centroids_and_accepts_maps():
+    dirs = _directions(8, 2, seed=5)
+    maps = [_image([300, 100], dirs, 0.1, seed=s).T.reshape(8, 20, 20) for s in range(3)]
+    theta, report = refine_centroids(maps, dirs.clone())
+    assert float((theta * dirs).sum(1).min()) > 0.98
+    assert report["masks_per_image"] >= 2
+
+
+def test_fit_with_refinement_reports_it_and_round_trips(offline_backbone, mosaics, tmp_path):
+    import numpy as np
+
+    from napari_stego import StegoModel
+    from napari_stego.cluster import ClusterConfig
+    from napari_stego.features import FeatureConfig
+    from napari_stego.metrics import confusion_matrix, hungarian_scores
+    from napari_stego.train import TrainConfig
+
+    images, labels = mosaics
+    kwargs = dict(backbone=offline_backbone, train=TrainConfig(steps=30, batch_size=8), seed=0,
+                  features=FeatureConfig(min_side=224))
+    plain = StegoModel.fit(images, 3, **kwargs)
+    model = StegoModel.fit(images, 3, cluster=ClusterConfig(refine=True), **kwargs)
+    assert "refine" not in plain.info
+    report = model.info["refine"]
+    assert report["masks_per_image"] >= 1 and report["iterations"] >= 1
+    # the same head (same seed): refinement changes the centroids only
+    assert torch.equal(plain.head.linear.weight, model.head.linear.weight)
+    conf = sum(confusion_matrix(model.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
+    assert hungarian_scores(conf)["accuracy"] > 85
+    back = StegoModel.load(model.save(tmp_path / "m.stego"))
+    assert back.cluster_config.refine is True
+    assert torch.allclose(back.centroids.cpu(), model.centroids.cpu())
+    np.testing.assert_array_equal(back.predict(images[0]), model.predict(images[0]))
