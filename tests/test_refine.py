@@ -53,7 +53,7 @@ def test_refinement_keeps_good_centroids_and_accepts_maps():
     assert report["masks_per_image"] >= 2
 
 
-def test_fit_with_refinement_reports_it_and_round_trips(offline_backbone, mosaics, tmp_path):
+def test_fit_refines_by_default_reports_it_and_round_trips(offline_backbone, mosaics, tmp_path):
     import numpy as np
 
     from napari_stego import StegoModel
@@ -65,8 +65,8 @@ def test_fit_with_refinement_reports_it_and_round_trips(offline_backbone, mosaic
     images, labels = mosaics
     kwargs = dict(backbone=offline_backbone, train=TrainConfig(steps=30, batch_size=8), seed=0,
                   features=FeatureConfig(min_side=224))
-    plain = StegoModel.fit(images, 3, **kwargs)
-    model = StegoModel.fit(images, 3, cluster=ClusterConfig(refine=True), **kwargs)
+    plain = StegoModel.fit(images, 3, cluster=ClusterConfig(refine=False), **kwargs)
+    model = StegoModel.fit(images, 3, **kwargs)  # refined by default
     assert "refine" not in plain.info
     report = model.info["refine"]
     assert report["masks_per_image"] >= 1 and report["iterations"] >= 1
@@ -78,3 +78,27 @@ def test_fit_with_refinement_reports_it_and_round_trips(offline_backbone, mosaic
     assert back.cluster_config.refine is True
     assert torch.allclose(back.centroids.cpu(), model.centroids.cpu())
     np.testing.assert_array_equal(back.predict(images[0]), model.predict(images[0]))
+
+
+def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_model, tmp_path):
+    """A file written before ``ClusterConfig.refine`` existed has no such key: its centroids
+    were not refined, and the loaded model must say so (not take today's default)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from napari_stego import StegoModel
+    from napari_stego.io import META_KEY
+
+    path = untrained_model.save(tmp_path / "new.stego")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    assert meta["cluster_config"]["refine"] is True
+    del meta["cluster_config"]["refine"], meta["cluster_config"]["refine_maps"]
+    old = tmp_path / "old.stego"
+    save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
+    back = StegoModel.load(old)
+    assert back.cluster_config.refine is False
+    assert StegoModel.load(path).cluster_config.refine is True
