@@ -19,8 +19,10 @@ For every fit it reports the wall time of each stage (from the progress callback
 seconds of the process, of the main thread, of the thread running ``StegoModel.fit``, of the
 X server (Xvfb) and of the process's threads by name (OpenMP's take their creator's: "python"
 or "Thread (pooled)"; Mesa's software OpenGL "llvmpipe-N"), ``torch.get_num_threads()`` in
-the fitting thread, and for the GUI the progress signals, updates drawn and drawing time. ``--hide-canvas`` hides the viewer's canvas
-(no OpenGL redraws). Prints one JSON object.
+the fitting thread, and for the GUI the progress signals, updates drawn and drawing time.
+``--hide-canvas`` hides the viewer's canvas (no OpenGL redraws); ``--spinner off`` stops
+napari's animated activity indicator. Prints one JSON object. Results and what they showed: docs/benchmarks.md, "GUI fit vs console
+fit".
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ def main() -> int:
     parser.add_argument("--hide-canvas", action="store_true")
     parser.add_argument("--spinner", choices=("on", "off"), default="on",
                         help="off: stop the animated 'in progress' indicator napari's "
-                             "activity button starts with every progress bar")
+                             "activity button starts with every napari progress bar (the "
+                             "widgets opened one per job before 488c96a; now they draw their "
+                             "own bar and this changes nothing)")
     args = parser.parse_args()
 
     import napari
