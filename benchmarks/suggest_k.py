@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/suggest_k.py --data ../shared/data                  # every dataset in it
     python benchmarks/suggest_k.py --data ../shared/data/wbc_cellavision --max-images 10
+    python benchmarks/suggest_k.py --sample immunohistochemistry          # the plugin's sample
 
 ``--data`` is one dataset folder (``images/*.png``, ``meta.json`` with ``num_classes``) or a
 folder of them. Only the images are read, never the label maps: per dataset a model is fitted
@@ -13,6 +14,13 @@ object: per dataset the labelled K, the suggested K (or "no clear K" when
 ``KScores.unclear`` says so), whether it is within +-1 of the labelled K, and the curves
 (Calinski-Harabasz, silhouette and stability per K). ``benchmarks/suggest_k_rules.py``
 compares other rules on the same codes.
+
+``--sample immunohistochemistry`` does what a user of the napari panel does with the plugin's
+sample image instead (no labels: the expected K is the three classes README.md describes,
+glands, stroma and DAB-stained spots): the Fit tab's fit of the layer (``StegoModel.fit`` of
+the image as one source with its axes, K = 3, the widget's defaults otherwise), then the
+Suggest K tab's ``suggest_for_model`` on the same layer with the tab's defaults (K = 2..12,
+10 000 code vectors, 3 runs per K).
 
 The fits take most of the time. ``--save-codes DIR`` writes each dataset's sampled code vectors
 to ``DIR/<dataset>.pt`` (keep it in /tmp, never commit it); ``--codes DIR`` then reads them
@@ -95,10 +103,49 @@ def run_dataset(root: Path, args, backbone) -> dict:
     return out
 
 
+SAMPLES = {"immunohistochemistry": 3}  # sample name -> the classes README.md describes
+
+
+def run_sample(name: str, args, backbone) -> dict:
+    """The panel's Fit tab, then its Suggest K tab, on one of the plugin's sample images."""
+    from napari_stego import samples
+    from napari_stego.choose_k import suggest_for_model
+    from napari_stego.io import open_image
+
+    image = getattr(samples, name)()
+    expected = SAMPLES[name]
+    t0 = time.perf_counter()
+    model = StegoModel.fit([open_image(image, "YXC", name=name)], expected, backbone=backbone,
+                           steps=args.steps, seed=args.seed)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = suggest_for_model(model, [image], range(args.k_min, args.k_max + 1),
+                               config=ChooseKConfig())
+    suggest_s = time.perf_counter() - t0
+    unclear = scores.unclear
+    out = dict(n_images=1, expected_k=expected, suggested_k="no clear K" if unclear
+               else scores.best, best_of_curve=scores.best, unclear=unclear or None,
+               within_1=(not unclear) and abs(scores.best - expected) <= 1,
+               appearance=model.info.get("appearance"),
+               cluster_shares=model.info.get("cluster_shares"),
+               curve={r.k: dict(calinski_harabasz=round(r.calinski_harabasz, 1),
+                                silhouette=round(r.silhouette, 4),
+                                stability=round(r.stability, 4),
+                                smallest=round(r.smallest, 4)) for r in scores.rows},
+               seconds=dict(fit=round(fit_s, 1), suggest=round(suggest_s, 1)))
+    print(f"{name}: expected K {expected}, suggested {out['suggested_k']} "
+          f"(curve's best {scores.best}), {fit_s:.0f} s fit, {suggest_s:.0f} s suggest",
+          flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, type=Path,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path,
                         help="a dataset folder or a folder of dataset folders")
+    source.add_argument("--sample", choices=sorted(SAMPLES),
+                        help="one of the plugin's sample images, as the napari panel does")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the package's)")
@@ -126,7 +173,9 @@ def main() -> None:
                   torch_threads=torch.get_num_threads(),
                   datasets={})
     t0 = time.perf_counter()
-    for root in dataset_dirs(args.data):
+    if args.sample:
+        result["datasets"][args.sample] = run_sample(args.sample, args, backbone)
+    for root in dataset_dirs(args.data) if args.data else []:
         result["datasets"][root.name] = run_dataset(root, args, backbone)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     ds = result["datasets"].values()

@@ -59,12 +59,16 @@ def save(viewer, app, name: str) -> Path:
     return path
 
 
-def show_activity(viewer) -> None:
-    """Open napari's activity panel (the progress bars) in the canvas corner."""
-    dialog = getattr(viewer.window._qt_window, "_activity_dialog", None)
-    if dialog is not None:
-        dialog.show()
-        dialog.move_to_bottom_right()
+def _class_colours(image, labels) -> None:
+    """Print each cluster's share and mean hematoxylin / DAB stain (skimage's colour
+    deconvolution), to describe the segment pictures in docs/plugin.md."""
+    from skimage.color import rgb2hed
+
+    hed = rgb2hed(image)
+    for k in np.unique(labels):
+        m = labels == k
+        print(f"cluster {k}: {m.mean():.1%} of the image, hematoxylin {hed[..., 0][m].mean():.4f}, "
+              f"DAB {hed[..., 2][m].mean():.4f}, mean RGB {image[m].mean(0).round().tolist()}")
 
 
 def new_viewer(napari, title):
@@ -90,26 +94,27 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     app = QApplication.instance() or QApplication(sys.argv)
 
-    # 1. Fit STEGO on the immunohistochemistry sample, caught while training
+    # 1. Fit STEGO on the immunohistochemistry sample (K = 3, the demo's 150 steps, up-sample
+    # 2 for the small nuclei; appearance on, the default), caught while training
     viewer = new_viewer(napari, "napari-stego: Fit STEGO")
     viewer.open_sample("napari-stego", "immunohistochemistry")
     _, fit = viewer.window.add_plugin_dock_widget("napari-stego", "Fit STEGO")
     fit.backbone.value = "efficientnet_lite0"
-    fit.n_clusters.value, fit.steps.value = 4, 80
-    fit.batch_size.value = 8
+    fit.n_clusters.value, fit.steps.value, fit.upsample.value = 3, 150, 2
     fit._fold.expand(animate=False)
     job = fit.fit()
-    wait_for(app, lambda: job.progress.stage == "train" and job.progress.done >= 25)
-    show_activity(viewer)
+    wait_for(app, lambda: job.progress.stage == "train" and job.progress.done >= 40)
     save(viewer, app, "fit")
     wait_for(app, lambda: job.finished)
     model = fit.model
     assert model is not None, job.error
+    save(viewer, app, "fit_summary")  # cluster shares and the loss curve of the fit
+    print(f"fit: cluster shares {model.info.get('cluster_shares')}, appearance weight "
+          f"{model.info.get('appearance', {}).get('weight')}")
 
     # 2. Segment: clusters and CRF layers over the image
     _, seg = viewer.window.add_plugin_dock_widget("napari-stego", "Segment")
     viewer.window.remove_dock_widget(fit.native)
-    viewer.window._qt_window._activity_dialog.hide()
     seg.crf.value = True
     seg._fold.expand(animate=False)
     job = seg.segment()
@@ -117,6 +122,8 @@ def main() -> int:
     viewer.layers["immunohistochemistry clusters"].opacity = 0.5
     viewer.layers["immunohistochemistry CRF"].visible = False
     save(viewer, app, "segment")
+    _class_colours(viewer.layers["immunohistochemistry"].data,
+                   viewer.layers["immunohistochemistry clusters"].data)
     viewer.layers["immunohistochemistry clusters"].visible = False
     viewer.layers["immunohistochemistry CRF"].visible = True
     viewer.layers["immunohistochemistry CRF"].opacity = 0.6

@@ -2,7 +2,16 @@
 
 import torch
 
-from napari_stego.knn import Unit, crop_window, knn_table, make_units, unit_descriptors
+from napari_stego import knn
+from napari_stego.knn import (
+    Unit,
+    crop_window,
+    descriptor_chunks,
+    knn_table,
+    make_units,
+    table_chunks,
+    unit_descriptors,
+)
 
 
 def test_units_are_whole_map_and_five_crops():
@@ -84,3 +93,26 @@ def test_pair_points_read_the_windows_of_draw_pairs():
             assert float(err.mean()) < 0.05
             if fmaps is big and window == 4:  # nothing resized: the same numbers
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_descriptors_and_table_in_chunks_equal_the_whole_computation(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.randn(8, 5 + i % 3, 6, generator=g) for i in range(40)]
+    units = make_units([m.shape[-2:] for m in maps])
+    n = len(units)  # 240 units
+    whole = torch.nn.functional.normalize(torch.stack([
+        maps[u.image][:, u.y:u.y + u.h, u.x:u.x + u.w].mean(dim=(1, 2)) for u in units]), dim=1)
+    sims = whole @ whole.T
+    sims.fill_diagonal_(-float("inf"))
+    expected = sims.topk(7, dim=1).indices
+    calls = []
+    desc = unit_descriptors(maps, units, on_chunk=lambda: calls.append("d"))
+    torch.testing.assert_close(desc, whole)
+    assert torch.equal(knn_table(desc, 7, on_chunk=lambda: calls.append("t")), expected)
+    assert calls.count("d") == len(descriptor_chunks(n)) == knn.KNN_PROGRESS_CHUNKS
+    assert calls.count("t") == len(table_chunks(n)) == knn.KNN_PROGRESS_CHUNKS
+    # many units: each chunk of rows stays under the element limit, same table
+    monkeypatch.setattr(knn, "KNN_CHUNK_ELEMENTS", 5 * n)
+    assert all((stop - start) * n <= 5 * n for start, stop in table_chunks(n))
+    assert len(table_chunks(n)) == n // 5
+    assert torch.equal(knn_table(desc, 7), expected)

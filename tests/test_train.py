@@ -48,6 +48,26 @@ def test_loss_decreases_on_structured_maps():
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.02
 
 
+
+def test_knn_stage_reports_progress_per_chunk_and_batch_and_ends_at_total():
+    """Issue 18: the mining reported 0, 1, 2 of 3, so the bar sat at 0 % while the table was
+    built; now every chunk of units, of table rows and every measured batch is a step."""
+    from dataclasses import replace
+
+    from napari_stego.knn import KNN_PROGRESS_CHUNKS
+
+    for config in (SMALL, replace(SMALL, auto_shifts=None)):
+        seen = []
+        train_head(maps(n=30), config, n_clusters=2,
+                   progress=lambda stage, i, n: seen.append((stage, i, n)))
+        knn = [(i, n) for s, i, n in seen if s == "knn"]
+        done = [i for i, _ in knn]
+        batches = config.auto_shifts.n_batches if config.auto_shifts else 0
+        assert len(done) >= 2 * KNN_PROGRESS_CHUNKS + batches + 2
+        assert done == sorted(set(done)) and done[0] == 0  # increasing, one by one
+        assert {n for _, n in knn} == {done[-1]}  # one total, reached at the end
+        assert seen.index(("knn", done[-1], done[-1])) < seen.index(("train", 1, config.steps))
+
 def test_progress_and_cancel():
     seen = []
     train_head(maps(), SMALL, n_clusters=2, progress=lambda stage, i, n: seen.append((stage, i, n)))

@@ -172,6 +172,15 @@ def test_cancel_fit_keeps_nothing_and_the_gui_responsive(viewer, qtbot):
     n_ticks = len(ticks)
     qtbot.wait(300)
     assert len(ticks) > n_ticks + 3  # the event loop kept running during training
+    # progress is drawn in the tool's own bar; napari's animated "in progress" indicator (it
+    # starts with any napari progress bar) stays off: each of its frames recomposed the whole
+    # window through OpenGL, which halved the speed of a fit under software OpenGL
+    from qtpy.QtGui import QMovie
+
+    indicator = viewer.window._qt_window._activity_dialog._toggleButton._inProgressIndicator
+    assert indicator.movie().state() != QMovie.Running
+    bar = fit.progress_bar
+    assert not bar.isHidden() and bar.maximum() == 5000 and 1 <= bar.value() <= 5000
     fit.cancel_button.clicked.emit()  # as a click
     qtbot.waitUntil(lambda: job.finished, timeout=60_000)
     timer.stop()
@@ -182,7 +191,7 @@ def test_cancel_fit_keeps_nothing_and_the_gui_responsive(viewer, qtbot):
     assert fit.model is None and model_store(viewer).model is None
     assert [layer.name for layer in viewer.layers] == layers
     assert fit.run_button.enabled and not fit.cancel_button.enabled
-    assert fit.status.value == "cancelled"
+    assert fit.status.value == "cancelled" and fit.progress_bar.isHidden()
     fit.n_clusters.value = 5  # still usable
     assert fit.n_clusters.value == 5
 

@@ -8,7 +8,7 @@ from each unit's top-k most cosine-similar other units.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,25 +40,65 @@ def make_units(shapes: Sequence[tuple[int, int]], crop_ratio: float = 0.5) -> li
     return units
 
 
-def unit_descriptors(maps: Sequence[torch.Tensor], units: Sequence[Unit]) -> torch.Tensor:
-    """Mean feature of each unit, L2-normalised: ``(N, D)`` float32."""
-    desc = torch.stack([
-        maps[u.image][:, u.y:u.y + u.h, u.x:u.x + u.w].float().mean(dim=(1, 2)) for u in units
-    ])
-    return F.normalize(desc, dim=1)
+# the mining reports progress once per chunk: about this many chunks of units for the
+# descriptors and of query rows for the table (more rows per chunk never pass
+# KNN_CHUNK_ELEMENTS similarities, so an (N, N) matrix is never built for big N)
+KNN_PROGRESS_CHUNKS = 8
+KNN_CHUNK_ELEMENTS = 2**24
 
 
-def knn_table(descriptors: torch.Tensor, k: int = 7) -> torch.Tensor:
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def descriptor_chunks(n_units: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` unit ranges :func:`unit_descriptors` works (and reports) in."""
+    return _chunks(n_units, max(-(-n_units // KNN_PROGRESS_CHUNKS), 1))
+
+
+def table_chunks(n_units: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` query-row ranges :func:`knn_table` works (and reports) in."""
+    size = min(-(-n_units // KNN_PROGRESS_CHUNKS), KNN_CHUNK_ELEMENTS // max(n_units, 1))
+    return _chunks(n_units, max(size, 1))
+
+
+def unit_descriptors(maps: Sequence[torch.Tensor], units: Sequence[Unit],
+                     on_chunk: Callable[[], None] | None = None) -> torch.Tensor:
+    """Mean feature of each unit, L2-normalised: ``(N, D)`` float32.
+
+    ``on_chunk()`` is called after each of the :func:`descriptor_chunks` (for progress).
+    """
+    parts = []
+    for start, stop in descriptor_chunks(len(units)):
+        parts.append(torch.stack([maps[u.image][:, u.y:u.y + u.h, u.x:u.x + u.w].float()
+                                  .mean(dim=(1, 2)) for u in units[start:stop]]))
+        if on_chunk is not None:
+            on_chunk()
+    return F.normalize(torch.cat(parts), dim=1)
+
+
+def knn_table(descriptors: torch.Tensor, k: int = 7,
+              on_chunk: Callable[[], None] | None = None) -> torch.Tensor:
     """Indices of each unit's ``k`` most similar *other* units: ``(N, min(k, N-1))`` int64.
 
-    With a single unit the table is ``[[0]]`` (the unit is its own partner).
+    With a single unit the table is ``[[0]]`` (the unit is its own partner). The rows are
+    found in the :func:`table_chunks` (``on_chunk()`` after each), so memory stays at
+    :data:`KNN_CHUNK_ELEMENTS` similarities however many units there are.
     """
     n = descriptors.shape[0]
     if n == 1:
+        if on_chunk is not None:
+            on_chunk()
         return torch.zeros(1, 1, dtype=torch.long)
-    sims = descriptors @ descriptors.T
-    sims.fill_diagonal_(-float("inf"))
-    return sims.topk(min(k, n - 1), dim=1).indices
+    parts = []
+    for start, stop in table_chunks(n):
+        sims = descriptors[start:stop] @ descriptors.T
+        rows = torch.arange(stop - start)
+        sims[rows, rows + start] = -float("inf")  # a unit is not its own neighbour
+        parts.append(sims.topk(min(k, n - 1), dim=1).indices)
+        if on_chunk is not None:
+            on_chunk()
+    return torch.cat(parts)
 
 
 def _crop_box(unit: Unit, window: int, gen: torch.Generator) -> tuple[int, int, int, int]:

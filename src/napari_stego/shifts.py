@@ -22,7 +22,7 @@ together" when both points fall in the same proxy cluster. On the stacks measure
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +67,11 @@ class PairSamples:
 @torch.no_grad()
 def sample_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
                        window: int, batch_size: int, feature_samples: int, n_batches: int,
-                       gen: torch.Generator, transform=None) -> list[PairSamples]:
+                       gen: torch.Generator, transform=None,
+                       on_batch: Callable[[], None] | None = None) -> list[PairSamples]:
     """Point features of the self, KNN and random pairs, drawn as training draws them
-    (``transform``: applied to each sampled tensor, e.g. the appearance teacher)."""
+    (``transform``: applied to each sampled tensor, e.g. the appearance teacher;
+    ``on_batch()``: called after each batch, for progress)."""
     out = []
     t = transform or (lambda x: x)
     packed = pack_maps(maps, units, table)  # once, not once per batch
@@ -77,6 +79,8 @@ def sample_pair_points(maps: Sequence[torch.Tensor], units: Sequence[Unit], tabl
         pts = draw_pair_points(packed, None, None, batch_size, window, feature_samples, gen)
         neg = pts.anchor2[negative_permutation(batch_size, gen)]  # another window at these points
         out.append(PairSamples(t(pts.anchor1), t(pts.partner), t(neg)))
+        if on_batch is not None:
+            on_batch()
     return out
 
 
@@ -128,8 +132,10 @@ def choose_shifts(corrs: dict[str, torch.Tensor], attract: dict[str, float],
 def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torch.Tensor, *,
                 n_clusters: int | None, window: int, batch_size: int, feature_samples: int,
                 pointwise: bool, config: AutoShiftConfig, seed: int = 0,
-                transform=None) -> tuple[tuple[float, float, float], dict]:
-    """Shifts for training on ``maps``, and a report of what they were derived from.
+                transform=None, on_batch: Callable[[], None] | None = None,
+                ) -> tuple[tuple[float, float, float], dict]:
+    """Shifts for training on ``maps``, and a report of what they were derived from
+    (``on_batch()`` after each of the ``config.n_batches`` measured batches).
 
     Returns:
         ``((self, knn, rand), report)``; the report holds the attracted fractions used.
@@ -137,7 +143,7 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
     gen = torch.Generator().manual_seed(seed + 1)
     samples = sample_pair_points(maps, units, table, window=window, batch_size=batch_size,
                                  feature_samples=feature_samples, n_batches=config.n_batches, gen=gen,
-                                 transform=transform)
+                                 transform=transform, on_batch=on_batch)
     fixed = {"self": config.self_attract, "knn": config.knn_attract, "rand": config.rand_attract}
     if any(v is None for v in fixed.values()):
         if n_clusters is None:

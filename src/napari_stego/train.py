@@ -21,11 +21,13 @@ from .head import SegmentationHead, init_from_features
 from .knn import (
     PackedMaps,
     Unit,
+    descriptor_chunks,
     draw_pair_points,
     knn_table,
     make_units,
     pack_maps,
     sample_vectors,
+    table_chunks,
     unit_descriptors,
 )
 from .loss import LossConfig, negative_permutation, points_loss, unit_norm
@@ -139,8 +141,10 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             it to estimate how many pairs belong together (see :mod:`napari_stego.shifts`).
         seed: seeds window sampling, partners, loss sampling, dropout and head init; CPU runs
             are reproducible. The global torch RNG is restored afterwards.
-        progress: called as ``progress("knn", done, total)`` while nearest neighbours are
-            mined and the shifts and initial head are chosen, then
+        progress: called as ``progress("knn", done, total)`` from 0 to ``total`` while nearest
+            neighbours are mined (a step per chunk of units and of table rows) and the
+            appearance weight, the shifts (a step per measured batch) and the initial head
+            are chosen, then
             ``progress("train", step, steps)`` after every step.
         cancel: anything with ``is_set()``; checked every step (raises :class:`Cancelled`).
         on_loss: called as ``on_loss(step, total_loss)`` for every step, in bursts of
@@ -159,19 +163,22 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     """
     device = torch.device(device)
     window = config.window or max(224 // stride, 1)
-    # "knn": mining nearest-neighbour windows, choosing the shifts and the initial head
-    knn_steps = 2 + (config.auto_shifts is not None)
-    if progress is not None:
-        progress("knn", 0, knn_steps)
+    # "knn": mining nearest-neighbour windows (a step per chunk of units / table rows),
+    # the appearance weight, the automatic shifts (a step per measured batch), the head's init
     units = make_units([tuple(m.shape[-2:]) for m in maps], config.crop_ratio)
+    n_batches = config.auto_shifts.n_batches if config.auto_shifts is not None else 0
+    tick = _Ticker(progress, "knn", len(descriptor_chunks(len(units)))
+                   + len(table_chunks(len(units))) + bool(appearance_channels)
+                   + (n_batches + 1 if config.auto_shifts is not None else 0) + 1)
     dim = maps[0].shape[0] - appearance_channels
     feats_only = [m[:dim] for m in maps] if appearance_channels else list(maps)
-    table = knn_table(unit_descriptors(feats_only, units), config.n_neighbors)
-    if progress is not None:
-        progress("knn", 1, knn_steps)
+    table = knn_table(unit_descriptors(feats_only, units, on_chunk=tick), config.n_neighbors,
+                      on_chunk=tick)
     gen = torch.Generator().manual_seed(seed)
     teacher, app_report = _appearance_teacher(maps, dim, appearance_channels, config,
                                               n_clusters, seed)
+    if appearance_channels:
+        tick()
     if teacher is None and appearance_channels:  # nothing to blend: train on features only
         maps = feats_only
     loss_config = config.loss
@@ -180,12 +187,11 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         (s_self, s_knn, s_rand), report = auto_shifts(
             maps, units, table, n_clusters=n_clusters, window=window, batch_size=config.batch_size,
             feature_samples=loss_config.feature_samples, pointwise=loss_config.pointwise,
-            config=config.auto_shifts, seed=seed, transform=teacher)
+            config=config.auto_shifts, seed=seed, transform=teacher, on_batch=tick)
         loss_config = replace(loss_config, self_shift=s_self, knn_shift=s_knn, rand_shift=s_rand)
         _log.info("automatic shifts self %.4f knn %.4f rand %.4f (attracted fractions %s)",
                   s_self, s_knn, s_rand, report["attract"])
-        if progress is not None:
-            progress("knn", 2, knn_steps)
+        tick()
     devices = [device.index or 0] if device.type == "cuda" else []
     use_amp = config.amp and device.type == "cuda"
     losses: list[float] = []
@@ -198,8 +204,7 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             raise ValueError(f"TrainConfig.init must be 'pca' or 'random', got {config.init!r}")
         head = head.to(device)
         head.train()
-        if progress is not None:
-            progress("knn", knn_steps, knn_steps)
+        tick()
         opt = torch.optim.Adam(head.parameters(), lr=config.lr)
         packed = pack_maps(maps, units, table, device, _packed_dtype(maps, device))
         step_gen = torch.Generator(device=device).manual_seed(seed)
@@ -239,6 +244,20 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     head.eval()
     return TrainResult(head=head, losses=losses, loss=loss_config, shift_report=report,
                        appearance_report=app_report)
+
+
+class _Ticker:
+    """``progress(stage, 0, total)`` now, then ``progress(stage, i, total)`` at the i-th call."""
+
+    def __init__(self, progress: Progress | None, stage: str, total: int) -> None:
+        self.progress, self.stage, self.total, self.done = progress, stage, total, 0
+        if progress is not None:
+            progress(stage, 0, total)
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.stage, min(self.done, self.total), self.total)
 
 
 def _packed_dtype(maps: Sequence[torch.Tensor], device: torch.device) -> torch.dtype:

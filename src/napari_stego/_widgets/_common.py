@@ -4,7 +4,7 @@ are :mod:`._layers`).
 
 Only this subpackage (and the other underscore modules) imports napari or Qt. Computation
 goes through :class:`~napari_stego.model.StegoModel`, :mod:`napari_stego.metrics` and the
-core; the widgets gather settings, run one ``thread_worker`` at a time, feed napari's
+core; the widgets gather settings, run one ``thread_worker`` at a time, feed their own
 progress bar from the core's ``progress(stage, done, total)`` callback, and add or update
 layers.
 """
@@ -170,14 +170,14 @@ class Job:
     progress relay. ``start`` returns at once; the callbacks run in the main thread."""
 
     def __init__(self, title: str, func: Callable, *, status: Label | None = None,
-                 on_yield: Callable | None = None, on_done: Callable | None = None,
+                 bar=None, on_yield: Callable | None = None, on_done: Callable | None = None,
                  on_end: Callable | None = None) -> None:
         from napari.qt.threading import create_worker
 
         warm_imports()
         self.title = title
         self.cancel = threading.Event()
-        self.progress = ProgressRelay(title, status)
+        self.progress = ProgressRelay(title, status, bar)
         self.status = status
         self.error: BaseException | None = None
         self.result = None
@@ -240,13 +240,29 @@ class JobMixin:
             if user_end is not None:
                 user_end(job)
 
-        self.job = Job(title, func, status=self.status, on_end=on_end, **callbacks)
+        self.job = Job(title, func, status=self.status, bar=self.progress_bar, on_end=on_end,
+                       **callbacks)
         cancel = self.job.cancel
         self.native.destroyed.connect(lambda *_: cancel.set())  # widget closed: stop the job
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = f"{title}: starting…"
         return self.job.start()
+
+    @property
+    def progress_bar(self):
+        """The tool's progress bar (a ``QProgressBar`` under the status line, made on first
+        use; shown while a job runs). napari's activity bar is not used (see
+        :mod:`._progress`)."""
+        bar = getattr(self, "_progress_bar", None)
+        if bar is None:
+            from qtpy.QtWidgets import QProgressBar
+
+            bar = self._progress_bar = QProgressBar()
+            bar.setTextVisible(True)
+            bar.setVisible(False)
+            insert_after(self, self.status, bar)
+        return bar
 
     @property
     def busy(self) -> bool:

@@ -65,8 +65,8 @@ class FitWidget(Container, JobMixin):
 
     The chosen layers (2D, RGB, or stacks) go through :meth:`napari_stego.StegoModel.fit`
     as sources with their axes (:func:`fit_sources`: one intensity mapping per layer,
-    features through the cache), in a background thread; progress shows in
-    napari's activity bar and here. The fitted model is shared with the other napari-stego
+    features through the cache), in a background thread; progress shows in the tool (its
+    progress bar and status line). The fitted model is shared with the other napari-stego
     widgets of this viewer (``model_store(viewer).model``, or this widget's ``.model``).
     """
 

@@ -1,7 +1,17 @@
 """Progress of a background job in napari: :class:`ProgressRelay` takes the core's
-``progress(stage, done, total)`` calls in the worker thread and draws them (a napari progress
-bar and a status label) in the main thread, at most one update per
-:data:`PROGRESS_INTERVAL_S` within a stage."""
+``progress(stage, done, total)`` calls in the worker thread and draws them (the tool's own
+progress bar and status label) in the main thread, at most one update per
+:data:`PROGRESS_INTERVAL_S` within a stage.
+
+The bar is a plain ``QProgressBar`` in the tool, not a ``napari.utils.progress`` bar: napari
+starts an animated "in progress" indicator (a 30 ms-per-frame GIF) beside its *activity*
+button for as long as any of its progress bars is open, and in a window with an OpenGL canvas
+every frame of it makes Qt compose the whole window through OpenGL again. Under software
+OpenGL (Mesa's llvmpipe: VMs, remote desktops, Xvfb) that took 19-21 CPU seconds per
+60-step fit on a 2-core machine and made the panel's fit 1.8-2.1 times as long as the same
+fit from the console; with the tool's own bar, 1.07-1.22 times (docs/benchmarks.md, "GUI fit
+vs console fit").
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import time
 
 from magicgui.widgets import Label
 from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtWidgets import QProgressBar
 
 __all__ = ["PROGRESS_INTERVAL_S", "STAGE_LABELS", "ProgressRelay"]
 
@@ -31,28 +42,30 @@ PROGRESS_INTERVAL_S = 0.1
 
 class ProgressRelay(QObject):
     """A ``progress(stage, done, total, **info)`` callable for the core, safe to call from
-    the worker thread: it emits a Qt signal, and the slot (in the main thread) drives one
-    ``napari.utils.progress`` bar and a status label.
+    the worker thread: it emits a Qt signal, and the slot (in the main thread) drives a
+    ``QProgressBar`` (shown while the job runs, hidden when it ends) and a status label.
 
-    The core reports ``features``, ``train`` and ``cluster``; the KNN table is built
-    between the last feature map and the first training step, so that gap is labelled as
-    such. A ``loss=`` keyword (or a 4th positional value), when the core gives one, is shown.
+    The core reports ``features``, ``knn`` (per chunk of the nearest-neighbour mining and
+    per batch of the automatic shifts), ``train`` and ``cluster``; the end of the features
+    is drawn as the start of the KNN stage. A ``loss=`` keyword (or a 4th positional value),
+    when the core gives one, is shown.
     Within a stage at most one update per :data:`PROGRESS_INTERVAL_S` is drawn (a new stage
     and a finished one at once); the latest skipped one is drawn when the interval is over.
     """
 
     _changed = Signal(str, int, int, object)
 
-    def __init__(self, title: str, status: Label | None = None) -> None:
+    def __init__(self, title: str, status: Label | None = None,
+                 bar: QProgressBar | None = None) -> None:
         super().__init__()
         self.title = title
         self.status = status
+        self.bar = bar
         self.stage = ""
         self.done = 0
         self.total = 0
         self.loss: float | None = None
         self.draws = 0  # updates drawn (for tests and benchmarks/gui_progress.py)
-        self._bar = None
         self._closed = False
         self._drawn_at = -float("inf")
         self._pending: tuple[str, int, int] | None = None
@@ -84,39 +97,23 @@ class ProgressRelay(QObject):
             self._draw(*pending)
 
     def _draw(self, stage: str, done: int, total: int) -> None:
-        # napari's progress bar may process Qt events while it redraws, so this slot can be
-        # re-entered (and the job can finish) inside it: update the label first, and never
-        # touch a closed bar.
-        from napari.utils import progress
-
         self._drawn_at = time.monotonic()
         self.draws += 1
         label = STAGE_LABELS.get(stage, stage)
         if stage == "features" and total and done >= total:
             stage, label, done, total = "knn", STAGE_LABELS["knn"], 0, 1
-        new_stage = stage != self.stage
         self.stage, self.done, self.total = stage, done, total
         show_loss = stage == "train" and self.loss is not None
         if self.status is not None:
             self.status.value = f"{label} {done}/{total}" + (
                 f", loss {self.loss:.3f}" if show_loss else "")
-        if self._bar is None:
-            self._bar = progress(total=max(total, 1), desc=self.title)
-        bar = self._bar
-        if new_stage:
-            bar.n = 0
-        if new_stage or bar.total != max(total, 1):
-            bar.total = max(total, 1)
-        if self._closed:
-            return
-        bar.set_description(f"{self.title}: {label}" + (f" (loss {self.loss:.3f})"
-                                                         if show_loss else ""))
-        if self._closed:
-            return
-        bar.update(max(done - bar.n, 0))
+        if self.bar is not None:
+            self.bar.setRange(0, max(total, 1))
+            self.bar.setValue(min(max(done, 0), max(total, 1)))
+            self.bar.setToolTip(f"{self.title}: {label}")
+            self.bar.setVisible(True)
 
     def close(self) -> None:
         self._closed = True
-        if self._bar is not None:
-            bar, self._bar = self._bar, None
-            bar.close()
+        if self.bar is not None:
+            self.bar.setVisible(False)
