@@ -28,8 +28,9 @@ class ClusterConfig:
     ``refine``: after k-means, move the centroids so that each training image's principal
     masks are assigned as units (:mod:`napari_stego.refine`, after PriMaPs-EM); at most
     ``refine_maps`` training maps (a seeded subset) are used. On by default: on the six
-    benchmark datasets it raised STEGO + CRF by 0.9 points on average over three seeds and
-    Jiangxi's blood cells by 18 (docs/benchmarks.md, ``benchmarks/refine.py``).
+    benchmark datasets it raised STEGO + CRF by 3.2 mIoU on average over three seeds
+    (Jiangxi's blood cells +18.3, the Outex mosaics -1.0; docs/benchmarks.md,
+    ``benchmarks/refine.py``).
     """
 
     n_iter: int = 200
