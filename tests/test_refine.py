@@ -102,3 +102,16 @@ def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_mode
     back = StegoModel.load(old)
     assert back.cluster_config.refine is False
     assert StegoModel.load(path).cluster_config.refine is True
+
+
+def test_degenerate_codes_keep_finite_unit_centroids():
+    """Flat images (every code the same), one cluster, and an image with a single cell."""
+    flat = [F.normalize(torch.ones(5, 6, 6), dim=0) for _ in range(2)]
+    one = [torch.randn(5, 1, 1)]
+    for codes, k in ((flat, 2), (flat, 1), (one, 2)):
+        start = F.normalize(torch.randn(k, 5, generator=torch.Generator().manual_seed(k)), dim=1)
+        theta, report = refine_centroids(codes, start)
+        assert theta.shape == (k, 5) and torch.isfinite(theta).all()
+        assert theta.norm(dim=1).allclose(torch.ones(k), atol=1e-5)
+        assert report["masks_per_image"] >= 1
+    assert refine_centroids([], start)[0].shape == start.shape
