@@ -87,9 +87,11 @@ def test_fit_shows_cluster_shares_and_loss_curve_in_the_theme(make_napari_viewer
     assert len(info["cluster_shares"]) == 3 and abs(sum(info["cluster_shares"]) - 1) < 1e-3
     assert 1 <= len(info["loss_curve"]) <= 6
     assert "final loss" not in fit.status.value and "K = 3" in fit.status.value
-    assert fit.summary.value.startswith("cluster shares of the training pixels: 0: ")
+    # the Labels layers' ids 1..K, not 0-based indices
+    assert fit.summary.value.startswith("cluster shares of the training pixels: 1: ")
     bars, curve = fit.summary_figure.axes
     assert len(bars.patches) == 3 and len(curve.lines) == 1
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["1", "2", "3"]
     dark = theme_colours(viewer)["background"]
     assert to_hex(fit.summary_figure.get_facecolor()) == dark.lower()
     assert to_hex(panel.suggest.figure.get_facecolor()) == dark.lower()

@@ -61,11 +61,14 @@ def themed_canvas(viewer, figsize: tuple[float, float], draw: Callable[[], None]
 def fit_summary_text(info: dict) -> str:
     """One line on how a fit split the images: cluster shares, and a warning for clusters
     that hold almost nothing (K may be too large)."""
+    from ..labels import LABEL_OFFSET
+
     shares = info.get("cluster_shares") or []
     if not shares:
         return ""
-    parts = ", ".join(f"{k}: {100 * s:.0f} %" for k, s in enumerate(shares))
-    tiny = [k for k, s in enumerate(shares) if s < 0.01]
+    # the ids the Labels layers show (1..K), not the 0-based indices
+    parts = ", ".join(f"{k}: {100 * s:.0f} %" for k, s in enumerate(shares, LABEL_OFFSET))
+    tiny = [k for k, s in enumerate(shares, LABEL_OFFSET) if s < 0.01]
     warn = (f" — cluster {', '.join(map(str, tiny))} holds under 1 % of the pixels: try a "
             "smaller K ('Suggest K')" if tiny else "")
     return f"cluster shares of the training pixels: {parts}{warn}"
@@ -81,7 +84,9 @@ def draw_fit_summary(fig, viewer, info: dict | None) -> None:
     bars, curve = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 1.3)))
     shares = [100 * s for s in info["cluster_shares"]]
     bars.bar(range(len(shares)), shares, color=c["accent"])
-    bars.set_xticks(range(len(shares)))
+    from ..labels import LABEL_OFFSET
+
+    bars.set_xticks(range(len(shares)), [str(k + LABEL_OFFSET) for k in range(len(shares))])
     bars.set_xlabel("cluster", fontsize=8)
     bars.set_ylabel("% of pixels", fontsize=8)
     losses = info.get("loss_curve") or []
