@@ -56,15 +56,16 @@ def principal_masks(x: torch.Tensor, *, max_masks: int = MAX_MASKS,
         Disjoint ``(N,)`` bool masks, largest-direction first; cells left over are in none.
     """
     n = x.shape[0]
+    x = x.double()
     left = torch.ones(n, dtype=torch.bool, device=x.device)
     masks: list[torch.Tensor] = []
     while int(left.sum()) > min_left * n and len(masks) < max_masks:
-        rest = x[left].double()
+        rest = x[left]
         _, vecs = torch.linalg.eigh(rest.T @ rest)
         proj = rest @ vecs[:, -1]
         if float(proj.sum()) < 0:  # an eigenvector's sign is arbitrary
             proj = -proj
-        sim = x.double() @ rest[proj.argmax()]
+        sim = x @ rest[proj.argmax()]
         mask = left & (sim > _otsu(sim[left]))
         if not bool(mask.any()):
             break
@@ -93,17 +94,16 @@ def refine_centroids(codes: Sequence[torch.Tensor], centroids: torch.Tensor, *,
     cells = [F.normalize((c.flatten(1).T if c.ndim == 3 else c).float(), dim=1) for c in codes]
     start = F.normalize(centroids.float(), dim=1).to(cells[0].device if cells else "cpu")
     masks = [principal_masks(x) for x in cells]
-    # each mask's sum of codes, and its cells (for the votes), computed once
-    sums = [torch.stack([x[m].sum(0) for m in ms]) for x, ms in zip(cells, masks) if ms]
+    # per image with masks: its cells, its masks and each mask's sum of codes (computed once)
+    units = [(x, ms, torch.stack([x[m].sum(0) for m in ms])) for x, ms in zip(cells, masks) if ms]
     theta = start
     it = 0
     for it in range(1, n_iter + 1):
         new = torch.zeros_like(theta)
-        for x, ms, s in zip((x for x, ms in zip(cells, masks) if ms),
-                            (ms for ms in masks if ms), sums):
+        for x, ms, sums in units:
             p = torch.softmax(alpha * x @ theta.T, dim=1)
             votes = torch.stack([p[m].sum(0) for m in ms]).argmax(1)  # (n_masks,)
-            new.index_add_(0, votes, s)
+            new.index_add_(0, votes, sums)
         new = torch.where(new.norm(dim=1, keepdim=True) > 0, F.normalize(new, dim=1), theta)
         moved = float((new - theta).norm(dim=1).max())
         theta = new
