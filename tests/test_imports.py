@@ -5,7 +5,8 @@ import sys
 
 CORE = ["backbones", "batch", "cache", "choose_k", "cli", "cluster", "crf", "device", "errors",
         "evaluate", "features", "figures", "head", "io", "knn", "labels", "lazy", "loss",
-        "metrics", "model", "ngff", "predict", "samples", "segment", "shifts", "tiling", "train"]
+        "metrics", "model", "ngff", "predict", "refine", "samples", "segment", "shifts", "tiling",
+        "train"]
 
 
 def run(code: str) -> str:

@@ -103,7 +103,7 @@ class StegoModel:
             train, loss, features, cluster: stage configs (defaults: the reference's values).
             progress: ``progress(stage, done, total)`` with stages "features", "knn"
                 (nearest-neighbour mining), "train", "cluster" (codes, then each k-means
-                restart).
+                restart, then the principal-mask refinement).
             cancel: anything with ``is_set()`` (e.g. ``threading.Event``) to stop early.
             on_loss: ``on_loss(step, loss)`` for every training step, in bursts of ten steps
                 (the loop reads losses back from the device once every ten steps).
@@ -172,8 +172,8 @@ class StegoModel:
                             on_loss=on_loss, appearance_channels=colour_channels)
         if colour_channels:
             train_maps = [m[:-colour_channels] for m in train_maps]
-        # "cluster": computing the codes, then one step per k-means restart
-        total = 1 + max(cluster.n_init, 1)
+        # "cluster": computing the codes, one step per k-means restart, then the refinement
+        total = 1 + max(cluster.n_init, 1) + int(cluster.refine)
         if progress is not None:
             progress("cluster", 0, total)
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
@@ -195,6 +195,8 @@ class StegoModel:
             if cluster.refine else None
         if refined is not None:
             centroids = refined[0]
+            if progress is not None:
+                progress("cluster", total, total)
         # what a user can judge a fit by: how the codes split, how the loss went
         shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),

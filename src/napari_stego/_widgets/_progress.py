@@ -27,7 +27,7 @@ STAGE_LABELS = {
     "features": "extracting backbone features",
     "knn": "finding nearest-neighbour windows (KNN)",
     "train": "training the STEGO head",
-    "cluster": "clustering the codes (k-means)",
+    "cluster": "clustering the codes (k-means, then the principal-mask refinement)",
     "segment": "segmenting",
     "crf": "refining with the dense CRF",
     "evaluate": "counting pixels",
