@@ -33,6 +33,14 @@ class SegmentationHead(nn.Module):
         return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))
 
 
+@torch.inference_mode()
+def map_codes(head: SegmentationHead, feats, device: torch.device | str) -> torch.Tensor:
+    """Codes ``(K, h, w)`` float32 on ``device`` of one feature map ``(D, h, w)``: a tensor, or
+    a lazy map (a training crop of a feature store) with ``load()``."""
+    m = feats if isinstance(feats, torch.Tensor) else feats.load()
+    return head(m.to(device, torch.float32)[None])[0].float()
+
+
 @torch.no_grad()
 def init_from_features(head: SegmentationHead, vectors: torch.Tensor) -> SegmentationHead:
     """Start the head as the best rank-``K`` map of the features' cosine geometry.

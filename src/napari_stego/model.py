@@ -29,7 +29,7 @@ from .features import (
     is_single_tile,
     work_size,
 )
-from .head import SegmentationHead
+from .head import SegmentationHead, map_codes
 from .intensity import IntensityConfig
 from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
@@ -483,15 +483,6 @@ def _thin(values: list[float], n: int) -> list[float]:
 
 
 @torch.inference_mode()
-def _codes_of_maps(head: SegmentationHead, maps, device) -> torch.Tensor:
-    """Codes of all feature maps as one ``(N, K)`` matrix of vectors (for clustering)."""
-    out = []
-    for m in maps:
-        code = head(m.to(device, torch.float32)[None])[0]
-        out.append(code.flatten(1).T)
-    return torch.cat(out)
-
-
 def _feature_config(d: dict) -> FeatureConfig:
     from .modelfile import strict
 
@@ -550,13 +541,10 @@ def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: 
     a seeded random subset spread over the maps in proportion to their size."""
     sizes = [int(m.shape[-2]) * int(m.shape[-1]) for m in maps]
     total = sum(sizes)
-    if total <= max_points and all(isinstance(m, torch.Tensor) for m in maps):
-        return _codes_of_maps(head, maps, device)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for m, n in zip(maps, sizes):
-        feats = (m if isinstance(m, torch.Tensor) else m.load()).to(device, torch.float32)
-        code = head(feats[None])[0].flatten(1).T
+        code = map_codes(head, m, device).flatten(1).T
         take = n if total <= max_points else max(1, round(max_points * n / total))
         if take < n:
             code = code[torch.randperm(n, generator=gen)[:take].to(code.device)]

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .head import map_codes
+
 MAX_MASKS = 8
 MIN_LEFT = 0.05
 
@@ -125,9 +127,5 @@ def refine_for_head(head, maps: Sequence, centroids: torch.Tensor, *,
     if len(pick) > max_maps:
         gen = torch.Generator().manual_seed(seed)
         pick = sorted(torch.randperm(len(pick), generator=gen)[:max_maps].tolist())
-    with torch.inference_mode():
-        codes = []
-        for i in pick:
-            m = maps[i] if isinstance(maps[i], torch.Tensor) else maps[i].load()
-            codes.append(head(m.to(device, torch.float32)[None])[0].float())
-    return refine_centroids(codes, centroids, alpha=alpha)
+    return refine_centroids([map_codes(head, maps[i], device) for i in pick], centroids,
+                            alpha=alpha)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..labels import LABEL_OFFSET
+
 
 def theme_colours(viewer) -> dict[str, str]:
     """Background, text and grid colours (hex) of the viewer's napari theme."""
@@ -61,8 +63,6 @@ def themed_canvas(viewer, figsize: tuple[float, float], draw: Callable[[], None]
 def fit_summary_text(info: dict) -> str:
     """One line on how a fit split the images: cluster shares, and a warning for clusters
     that hold almost nothing (K may be too large)."""
-    from ..labels import LABEL_OFFSET
-
     shares = info.get("cluster_shares") or []
     if not shares:
         return ""
@@ -84,8 +84,6 @@ def draw_fit_summary(fig, viewer, info: dict | None) -> None:
     bars, curve = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 1.3)))
     shares = [100 * s for s in info["cluster_shares"]]
     bars.bar(range(len(shares)), shares, color=c["accent"])
-    from ..labels import LABEL_OFFSET
-
     bars.set_xticks(range(len(shares)), [str(k + LABEL_OFFSET) for k in range(len(shares))])
     bars.set_xlabel("cluster", fontsize=8)
     bars.set_ylabel("% of pixels", fontsize=8)
