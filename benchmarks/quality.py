@@ -208,6 +208,9 @@ def run_dataset(root: Path, args, backbone) -> dict:
                 weight = None if args.appearance == "auto" else float(args.appearance)
                 extra = {} if args.max_weight is None else dict(max_weight=args.max_weight)
                 train = replace(train, appearance=AppearanceConfig(weight=weight, **extra))
+            if args.ema_span != "default":
+                train = replace(train, ema_span=None if args.ema_span == "off"
+                                else float(args.ema_span))
             cluster = ClusterConfig() if args.refine == "default" else \
                 ClusterConfig(refine=args.refine == "on")
             model = StegoModel.fit(images, n_classes, backbone=backbone, features=config,
@@ -230,6 +233,7 @@ def run_dataset(root: Path, args, backbone) -> dict:
             out.setdefault("shifts", []).append([loss.self_shift, loss.knn_shift, loss.rand_shift])
             out.setdefault("appearance", []).append(model.info.get("appearance"))
             out.setdefault("refine", []).append(model.info.get("refine"))
+            out.setdefault("ema_span", []).append(model.train_config.ema_span)
             print(f"{root.name} seed {seed}: " + ", ".join(
                 f"{m} {out['runs'][m][-1]['miou']:.1f}" for m in METHODS), flush=True)
 
@@ -298,6 +302,10 @@ def main() -> None:
     parser.add_argument("--refine", choices=("default", "on", "off"), default="default",
                         help="ClusterConfig.refine of the fits (the principal-mask refinement "
                              "of the centroids): the package's default, or on / off")
+    parser.add_argument("--ema-span", default="default",
+                        help="TrainConfig.ema_span of the fits (the head kept is the moving "
+                             "average of its weights, with a time constant of this fraction "
+                             "of the steps): 'default' (the package's), 'off' or a fraction")
     parser.add_argument("--probe", type=Path, default=None,
                         help="JSON of benchmarks/linear_probe.py: report results as a fraction "
                              "of the probe's mIoU")

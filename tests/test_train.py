@@ -7,7 +7,7 @@ import torch
 
 from napari_stego.errors import Cancelled
 from napari_stego.loss import LossConfig
-from napari_stego.train import TrainConfig, train_head
+from napari_stego.train import TrainConfig, ema_decay, train_head
 
 SMALL = TrainConfig(steps=6, batch_size=4, code_dim=8, window=6,
                     loss=LossConfig(feature_samples=5, neg_samples=2))
@@ -47,6 +47,40 @@ def test_loss_decreases_on_structured_maps():
     losses = train_head(fmaps, cfg, seed=0, n_clusters=3).losses
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.02
 
+
+
+def test_ema_head_is_the_running_average_of_the_trained_weights():
+    """``ema_span``: the returned head holds the exponential moving average of the weights
+    after each step (recomputed here from the plain run's trajectory), not the last weights."""
+    from dataclasses import replace
+
+    steps = []
+
+    class Record(torch.optim.Adam):  # the weights after every optimiser step
+        def step(self, *a, **k):
+            out = super().step(*a, **k)
+            steps.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            return out
+
+    plain_adam = torch.optim.Adam
+    torch.optim.Adam = Record
+    try:
+        plain = train_head(maps(), SMALL, seed=5, n_clusters=2)
+    finally:
+        torch.optim.Adam = plain_adam
+    config = replace(SMALL, ema_span=0.5)  # a time constant of 3 of the 6 steps
+    decay = ema_decay(config)
+    assert decay == pytest.approx(2 / 3)
+    ema = train_head(maps(), config, seed=5, n_clusters=2)
+    assert ema.losses == plain.losses  # the average never feeds back into training
+    expect = [w.clone() for w in steps[0]]  # the average starts at the first step's weights
+    for weights in steps[1:]:
+        expect = [decay * e + (1 - decay) * w for e, w in zip(expect, weights)]
+    got = list(ema.head.parameters())
+    for e, g_ in zip(expect, got):
+        torch.testing.assert_close(g_, e)
+    assert any(not torch.allclose(g_, p) for g_, p in zip(got, plain.head.parameters()))
+    assert not ema.head.training
 
 
 def test_knn_stage_reports_progress_per_chunk_and_batch_and_ends_at_total():
@@ -192,3 +226,31 @@ def test_cpu_fits_pack_float32_maps_only_up_to_the_cap(monkeypatch):
     monkeypatch.setattr(train, "CPU_FLOAT32_PACK_MB", 0)  # any real set of maps is over it
     assert train._packed_dtype(small, torch.device("cpu")) == torch.float16
     assert len(train_head(small, SMALL, n_clusters=2).losses) == SMALL.steps
+
+
+def test_model_files_from_before_the_average_load_with_the_last_weights(untrained_model, tmp_path):
+    """A file written before ``TrainConfig.ema_span`` existed has no such key: its head holds
+    the last weights, and the loaded config must say so (not take today's default)."""
+    import json
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from napari_stego import StegoModel
+    from napari_stego.io import META_KEY
+
+    before = untrained_model.train_config  # the fixture is shared by the module: put it back
+    untrained_model.train_config = replace(before, ema_span=0.2)
+    try:
+        path = untrained_model.save(tmp_path / "new.stego")
+    finally:
+        untrained_model.train_config = before
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    assert meta["train_config"]["ema_span"] == 0.2
+    del meta["train_config"]["ema_span"]
+    old = tmp_path / "old.stego"
+    save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
+    assert StegoModel.load(old).train_config.ema_span is None
+    assert StegoModel.load(path).train_config.ema_span == 0.2

@@ -579,7 +579,7 @@ def _guarded(head: SegmentationHead, codes: torch.Tensor, maps, centroids: torch
 def _train_config(d: dict) -> TrainConfig:
     from .modelfile import strict
 
-    d = dict(d)
+    d = {"ema_span": None, **d}  # files from before the weights' average kept the last ones
     d["loss"] = strict(LossConfig, d["loss"])
     if isinstance(d.get("appearance"), dict):
         d["appearance"] = strict(AppearanceConfig, d["appearance"])
