@@ -115,3 +115,44 @@ def test_degenerate_codes_keep_finite_unit_centroids():
         assert theta.norm(dim=1).allclose(torch.ones(k), atol=1e-5)
         assert report["masks_per_image"] >= 1
     assert refine_centroids([], start)[0].shape == start.shape
+
+
+def test_cancel_stops_the_fit_during_the_kmeans_restarts_and_during_the_refinement(
+        offline_backbone, mosaics):
+    """The "cluster" stage (k-means restarts, then the refinement) takes seconds to tens of
+    seconds; Cancel set in it stops the fit there instead of after it."""
+    import threading
+
+    import pytest
+
+    from napari_stego import StegoModel
+    from napari_stego.errors import Cancelled
+    from napari_stego.features import FeatureConfig
+    from napari_stego.refine import refine_for_head
+    from napari_stego.train import TrainConfig
+
+    images, _ = mosaics
+    kwargs = dict(backbone=offline_backbone, train=TrainConfig(steps=4, batch_size=4), seed=0,
+                  features=FeatureConfig(min_side=224))
+    for when in ("restart", "refinement"):
+        cancel, seen = threading.Event(), []
+
+        def progress(stage, done, total):
+            seen.append((stage, done, total))
+            # 1 = the codes; then 1 + i after restart i; total - 1: the last restart, just
+            # before the refinement
+            if stage == "cluster" and done == (2 if when == "restart" else total - 1):
+                cancel.set()
+
+        with pytest.raises(Cancelled):
+            StegoModel.fit(images, 3, progress=progress, cancel=cancel, **kwargs)
+        done = [d for s, d, t in seen if s == "cluster"]
+        total = [t for s, d, t in seen if s == "cluster"][0]
+        assert done[-1] == (2 if when == "restart" else total - 1)  # stopped right there
+    # and the refinement on its own
+    cancel = threading.Event()
+    cancel.set()
+    head = torch.nn.Conv2d(4, 3, 1)
+    maps = [torch.randn(4, 6, 6) for _ in range(2)]
+    with pytest.raises(Cancelled):
+        refine_for_head(head, maps, F.normalize(torch.randn(2, 3), dim=1), cancel=cancel)

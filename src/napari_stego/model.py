@@ -20,7 +20,7 @@ from .appearance import AppearanceConfig, stores_with_appearance, with_appearanc
 from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig, assign, spherical_kmeans
 from .device import resolve_device
-from .errors import StegoError
+from .errors import Cancelled, StegoError
 from .feature_cache import ensure_features, feature_store
 from .features import (
     FeatureConfig,
@@ -179,7 +179,12 @@ class StegoModel:
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
         if progress is not None:
             progress("cluster", 1, total)
-        restart = None if progress is None else (lambda i, n: progress("cluster", 1 + i, total))
+        def restart(i: int, n: int) -> None:  # progress, and Cancel between restarts
+            if progress is not None:
+                progress("cluster", 1 + i, total)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"clustering cancelled after {i} of {n} k-means restarts")
+
         centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster,
                                      on_restart=restart)
         train = replace(train, loss=result.loss)  # record the shifts actually used
@@ -191,7 +196,8 @@ class StegoModel:
             if cluster.guard else (result.head, codes, centroids, {})
         # the centroids moved so that each training image's principal masks are units
         refined = refine_for_head(head, train_maps, centroids, device=dev, seed=seed,
-                                  max_maps=cluster.refine_maps, alpha=PredictConfig().alpha) \
+                                  max_maps=cluster.refine_maps, alpha=PredictConfig().alpha,
+                                  cancel=cancel) \
             if cluster.refine else None
         if refined is not None:
             centroids = refined[0]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import Cancelled
 from .head import map_codes
 
 MAX_MASKS = 8
@@ -78,7 +79,7 @@ def principal_masks(x: torch.Tensor, *, max_masks: int = MAX_MASKS,
 
 @torch.inference_mode()
 def refine_centroids(codes: Sequence[torch.Tensor], centroids: torch.Tensor, *,
-                     alpha: float = 2.0, n_iter: int = 20, tol: float = 1e-5
+                     alpha: float = 2.0, n_iter: int = 20, tol: float = 1e-5, cancel=None
                      ) -> tuple[torch.Tensor, dict]:
     """Centroids refined so that each image's principal masks are assigned as units.
 
@@ -87,6 +88,8 @@ def refine_centroids(codes: Sequence[torch.Tensor], centroids: torch.Tensor, *,
         centroids: ``(K, C)`` from k-means on the same codes.
         alpha: the softmax temperature of the predictions (``PredictConfig.alpha``).
         n_iter: at most this many updates.
+        cancel: anything with ``is_set()``; checked per image's masks and per update
+            (raises :class:`~napari_stego.errors.Cancelled`).
 
     Returns:
         ``(K, C)`` unit centroids on ``centroids``' device and dtype, and a report
@@ -95,12 +98,16 @@ def refine_centroids(codes: Sequence[torch.Tensor], centroids: torch.Tensor, *,
     """
     cells = [F.normalize((c.flatten(1).T if c.ndim == 3 else c).float(), dim=1) for c in codes]
     start = F.normalize(centroids.float(), dim=1).to(cells[0].device if cells else "cpu")
-    masks = [principal_masks(x) for x in cells]
+    masks = []
+    for x in cells:
+        _check(cancel)
+        masks.append(principal_masks(x))
     # per image with masks: its cells, its masks and each mask's sum of codes (computed once)
     units = [(x, ms, torch.stack([x[m].sum(0) for m in ms])) for x, ms in zip(cells, masks) if ms]
     theta = start
     it = 0
     for it in range(1, n_iter + 1):
+        _check(cancel)
         new = torch.zeros_like(theta)
         for x, ms, sums in units:
             p = torch.softmax(alpha * x @ theta.T, dim=1)
@@ -119,7 +126,7 @@ def refine_centroids(codes: Sequence[torch.Tensor], centroids: torch.Tensor, *,
 
 def refine_for_head(head, maps: Sequence, centroids: torch.Tensor, *,
                     device: torch.device | str = "cpu", seed: int = 0, max_maps: int = 256,
-                    alpha: float = 2.0) -> tuple[torch.Tensor, dict]:
+                    alpha: float = 2.0, cancel=None) -> tuple[torch.Tensor, dict]:
     """:func:`refine_centroids` on ``head``'s codes of at most ``max_maps`` of ``maps``
     (``(D, h, w)`` tensors or lazy maps with ``load()``; a seeded subset when there are more).
     """
@@ -127,5 +134,13 @@ def refine_for_head(head, maps: Sequence, centroids: torch.Tensor, *,
     if len(pick) > max_maps:
         gen = torch.Generator().manual_seed(seed)
         pick = sorted(torch.randperm(len(pick), generator=gen)[:max_maps].tolist())
-    return refine_centroids([map_codes(head, maps[i], device) for i in pick], centroids,
-                            alpha=alpha)
+    codes = []
+    for i in pick:
+        _check(cancel)
+        codes.append(map_codes(head, maps[i], device))
+    return refine_centroids(codes, centroids, alpha=alpha, cancel=cancel)
+
+
+def _check(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the refinement of the clusters was cancelled")
