@@ -179,6 +179,7 @@ class StegoModel:
         codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
         if progress is not None:
             progress("cluster", 1, total)
+
         def restart(i: int, n: int) -> None:  # progress, and Cancel between restarts
             if progress is not None:
                 progress("cluster", 1 + i, total)
