@@ -120,6 +120,18 @@ def test_progress_and_cancel():
     with pytest.raises(Cancelled, match="step 2"):
         train_head(maps(), SMALL, n_clusters=2, progress=stop_after_two, cancel=cancel)
 
+    # and while the nearest neighbours are mined: stopped at the next "knn" step
+    cancel, knn_seen = threading.Event(), []
+
+    def stop_in_mining(stage, i, n):
+        knn_seen.append((stage, i))
+        if stage == "knn" and i == 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="preparing"):
+        train_head(maps(), SMALL, n_clusters=2, progress=stop_in_mining, cancel=cancel)
+    assert knn_seen[-1] == ("knn", 1)
+
 
 def test_single_small_image_trains():
     result = train_head([torch.randn(16, 3, 4).half()], SMALL, n_clusters=2)

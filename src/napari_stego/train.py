@@ -160,7 +160,8 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
             appearance weight, the shifts (a step per measured batch) and the initial head
             are chosen, then
             ``progress("train", step, steps)`` after every step.
-        cancel: anything with ``is_set()``; checked every step (raises :class:`Cancelled`).
+        cancel: anything with ``is_set()``; checked at every "knn" progress step and every
+            training step (raises :class:`Cancelled`).
         on_loss: called as ``on_loss(step, total_loss)`` for every step, in bursts of
             :data:`LOSS_READ_EVERY` steps (for live display).
         appearance_channels: the last this many channels of every map are the cells' colours
@@ -185,7 +186,7 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
     n_batches = config.auto_shifts.n_batches if config.auto_shifts is not None else 0
     tick = _Ticker(progress, "knn", len(descriptor_chunks(len(units)))
                    + len(table_chunks(len(units))) + bool(appearance_channels)
-                   + (n_batches + 1 if config.auto_shifts is not None else 0) + 1)
+                   + (n_batches + 1 if config.auto_shifts is not None else 0) + 1, cancel)
     dim = maps[0].shape[0] - appearance_channels
     feats_only = [m[:dim] for m in maps] if appearance_channels else list(maps)
     table = knn_table(unit_descriptors(feats_only, units, on_chunk=tick), config.n_neighbors,
@@ -269,10 +270,12 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
 
 
 class _Ticker:
-    """``progress(stage, 0, total)`` now, then ``progress(stage, i, total)`` at the i-th call."""
+    """``progress(stage, 0, total)`` now, then ``progress(stage, i, total)`` at the i-th call,
+    after which a set ``cancel`` raises :class:`Cancelled`."""
 
-    def __init__(self, progress: Progress | None, stage: str, total: int) -> None:
+    def __init__(self, progress: Progress | None, stage: str, total: int, cancel=None) -> None:
         self.progress, self.stage, self.total, self.done = progress, stage, total, 0
+        self.cancel = cancel
         if progress is not None:
             progress(stage, 0, total)
 
@@ -280,6 +283,8 @@ class _Ticker:
         self.done += 1
         if self.progress is not None:
             self.progress(self.stage, min(self.done, self.total), self.total)
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"cancelled while preparing training ({self.done} of {self.total})")
 
 
 def _packed_dtype(maps: Sequence[torch.Tensor], device: torch.device) -> torch.dtype:
