@@ -489,7 +489,6 @@ def _thin(values: list[float], n: int) -> list[float]:
     return [round(float(c.mean()), 5) for c in chunks]
 
 
-@torch.inference_mode()
 def _feature_config(d: dict) -> FeatureConfig:
     from .modelfile import strict
 
