@@ -82,6 +82,34 @@ def test_rule_gives_a_small_weight_for_textures_of_one_mean_grey():
     assert w < 0.1, report
 
 
+def test_rule_gives_no_weight_for_a_flat_spread_of_grey_levels():
+    """Grey levels spread evenly (no groups, but flatter than a Gaussian, like the broad
+    unimodal grey of an electron micrograph): the Gaussian reference alone calls them
+    separable (s about 0.3); the uniform reference must close the weight."""
+    rng = np.random.default_rng(2)
+    images = []
+    for _ in range(6):
+        field = gaussian_filter(rng.standard_normal((96, 96)), 6)
+        ranks = field.ravel().argsort().argsort().reshape(field.shape)
+        grey = (ranks / ranks.size).astype(np.float32)  # uniform grey levels, smooth regions
+        images.append(np.repeat(grey[..., None], 3, -1))
+    w, report = appearance_weight(maps_of(images), 2, AUTO, seed=0)
+    assert report["separability"] > 0.2, report  # what the Gaussian reference alone says
+    assert report["groups"] == 0.0 and w == 0.0, report
+
+
+def test_two_grey_levels_pass_the_uniform_reference():
+    """Bright objects on a dark ground (a nuclear stain): grouped grey levels keep their weight."""
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(6):
+        lab = blob_labels(rng, k=2)
+        grey = np.where(lab == 1, 0.6, 0.05) + 0.03 * rng.standard_normal((96, 96))
+        images.append(np.repeat(np.clip(grey, 0, 1)[..., None], 3, -1).astype(np.float32))
+    w, report = appearance_weight(maps_of(images), 2, AUTO, seed=0)
+    assert report["groups"] == 1.0 and w > 0.35, report
+
+
 def test_a_fixed_weight_is_used_as_given_and_checked():
     maps = [torch.rand(3, 8, 8)]
     assert appearance_weight(maps, 3, AppearanceConfig(weight=0.2))[0] == 0.2

@@ -27,6 +27,12 @@ solar images). This module adds an *appearance affinity* to the correlation targ
   dimensions as the colours), and ``w = max_weight * s * clip((s - s_f) / 0.1, 0, 1)``. Where
   the features already fall into clear groups (street scenes, texture mosaics) the target
   stays theirs; where they do not and the colours do (stains), appearance enters.
+  The Gaussian reference alone is too lenient for colour clouds flatter than a Gaussian: a
+  *uniform* cloud, which has no groups at all, gives ``s`` of about 0.3 (k-means splits a
+  flat distribution more cleanly than a peaked one), and so do the broad unimodal grey levels
+  of electron micrographs. So the colours must also split more clearly than a uniform cloud
+  with their mean and covariance: ``s_flat = (R2 - R2_flat) / (1 - R2_flat)`` and a second
+  gate ``clip(s_flat / 0.1, 0, 1)`` (the same width) multiplies the weight.
 """
 
 from __future__ import annotations
@@ -127,17 +133,31 @@ def _r2(x: np.ndarray, k: int, seed: int, n_init: int = 3) -> float:
     return 1.0 - best / total
 
 
+def _reference(x: np.ndarray, seed: int, kind: str) -> np.ndarray:
+    """A cloud without groups with the mean and covariance of ``x (N, C)``: ``"gauss"``
+    (normal) or ``"flat"`` (uniform along each principal axis)."""
+    rng = np.random.default_rng(seed)
+    vals, vecs = np.linalg.eigh(np.cov(x.T) + 1e-12 * np.eye(x.shape[1]))
+    if kind == "gauss":
+        z = rng.standard_normal(x.shape)
+    else:
+        z = rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), x.shape)  # unit variance
+    return x.mean(0) + (z * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def _excess(r2: float, r2_ref: float) -> float:
+    """``(R2 - R2_ref) / (1 - R2_ref)`` clipped to [0, 1]."""
+    return float(np.clip((r2 - r2_ref) / max(1.0 - r2_ref, 1e-6), 0.0, 1.0))
+
+
 def separability(x: np.ndarray, k: int, seed: int = 0) -> tuple[float, float, float]:
     """How much better k-means with ``k`` clusters splits the points ``x (N, C)`` than it
     splits a Gaussian cloud with their mean and covariance: ``(s, R2, R2_gauss)`` with
     ``s = clip((R2 - R2_gauss) / (1 - R2_gauss), 0, 1)`` and ``R2`` the between-cluster
     fraction of the variance (see the module doc)."""
     r2 = _r2(x, k, seed)
-    rng = np.random.default_rng(seed)
-    vals, vecs = np.linalg.eigh(np.cov(x.T) + 1e-12 * np.eye(x.shape[1]))
-    gauss = x.mean(0) + (rng.standard_normal(x.shape) * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-    r2_gauss = _r2(gauss, k, seed)
-    return float(np.clip((r2 - r2_gauss) / max(1.0 - r2_gauss, 1e-6), 0.0, 1.0)), r2, r2_gauss
+    r2_gauss = _r2(_reference(x, seed, "gauss"), k, seed)
+    return _excess(r2, r2_gauss), r2, r2_gauss
 
 
 def _feature_separability(f: np.ndarray, k: int, seed: int) -> float:
@@ -164,7 +184,8 @@ def appearance_weight(maps: Sequence[torch.Tensor], n_clusters: int | None,
 
     Returns:
         ``(w, report)``; the report holds ``separability`` (of the colours),
-        ``feature_separability``, ``gate``, ``r2``, ``r2_gauss`` and ``weight``.
+        ``feature_separability``, ``gate``, ``r2``, ``r2_gauss``, ``r2_flat``, ``groups``
+        (the gate of the uniform reference) and ``weight``.
     """
     if config.weight is not None:
         return float(config.weight), dict(weight=float(config.weight), rule="fixed")
@@ -177,14 +198,17 @@ def appearance_weight(maps: Sequence[torch.Tensor], n_clusters: int | None,
     if len(x) <= k:
         return 0.0, dict(weight=0.0, rule="too few cells")
     sep, r2, r2_gauss = separability(x, k, seed)
+    r2_flat = _r2(_reference(x, seed, "flat"), k, seed)
+    groups = float(np.clip(_excess(r2, r2_flat) / GATE_WIDTH, 0.0, 1.0))
     report = dict(rule="auto", r2=round(r2, 4), r2_gauss=round(r2_gauss, 4),
-                  separability=round(sep, 4), k=k)
+                  separability=round(sep, 4), k=k, r2_flat=round(r2_flat, 4),
+                  groups=round(groups, 4))
     gate = 1.0
     if f is not None:
         sep_f = _feature_separability(f, k, seed)
         gate = float(np.clip((sep - sep_f) / GATE_WIDTH, 0.0, 1.0))
         report.update(feature_separability=round(sep_f, 4), gate=round(gate, 4))
-    w = round(config.max_weight * sep * gate, 4)
+    w = round(config.max_weight * sep * gate * groups, 4)
     report["weight"] = w
     return w, report
 
