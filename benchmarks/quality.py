@@ -217,7 +217,7 @@ def run_dataset(root: Path, args, backbone) -> dict:
                                    train=train, cluster=cluster, seed=seed, cache=cache)
             # from the features computed above, not per seed (the backbone runs twice per
             # dataset: for these maps, and into the fit's cache on the first seed)
-            probs = [model.proba_from_features(m, im.shape[:2]) for m, im in zip(maps, images)]
+            probs = [model.proba_from_features(m, im.shape[:2], im) for m, im in zip(maps, images)]
             fit_s = time.perf_counter() - t0 + features_s / len(args.seeds)  # + its share of the backbone
             record("stego", [p.argmax(0) for p in probs], fit_s)
             t0 = time.perf_counter()

@@ -42,6 +42,8 @@ from napari_stego.train import TrainConfig
 def flip_proba(model: StegoModel, feats: torch.Tensor, mirrored: torch.Tensor, size) -> np.ndarray:
     """Probabilities ``(K, H, W)`` from the mean of the image's code and its mirror image's
     code flipped back (both up-sampled to the image first, so padding cannot shift them)."""
+    if model.colour_space is not None:
+        raise SystemExit("--flip averages codes only: fit with ClusterConfig(colour=False)")
     code = (model.upsampled_code(feats, size) + model.upsampled_code(mirrored, size).flip(-1)) / 2
     probs = cluster_probabilities(code, model.centroids, model.predict_config.alpha)
     return probs[0].cpu().numpy().astype(np.float32)
@@ -117,7 +119,7 @@ def main() -> None:
             out["fit_s"] = round(time.perf_counter() - t0, 1)
             for alpha in args.alphas:
                 model.predict_config = PredictConfig(alpha=alpha)
-                probs = [model.proba_from_features(m, im.shape[:2]) for m, im in zip(maps, images)]
+                probs = [model.proba_from_features(m, im.shape[:2], im) for m, im in zip(maps, images)]
                 if alpha == args.alphas[0]:
                     out["stego"] = miou([q.argmax(0) for q in probs])
                 for c in crfs:

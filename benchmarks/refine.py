@@ -36,7 +36,7 @@ from quality import dataset_dirs, open_dataset, score  # benchmarks/ is on sys.p
 
 
 def _scores(model, maps, images, labels, k, per_image) -> dict:
-    probs = [model.proba_from_features(m, im.shape[:2]) for m, im in zip(maps, images)]
+    probs = [model.proba_from_features(m, im.shape[:2], im) for m, im in zip(maps, images)]
     plain = score([p.argmax(0) for p in probs], labels, k, k, per_image)["miou"]
     crf = score([dense_crf(im, p).argmax(0) for im, p in zip(images, probs)],
                 labels, k, k, per_image)["miou"]
@@ -57,7 +57,7 @@ def run_dataset(root: Path, args, net) -> dict:
             model = StegoModel.load(path)
         else:
             model = StegoModel.fit(images, k, backbone=net, seed=seed,
-                                   cluster=ClusterConfig(refine=False),
+                                   cluster=ClusterConfig(refine=False, colour=False),
                                    cache=args.models / "cache" / root.name)
             model.save(path)
         fit_s = time.perf_counter() - t0

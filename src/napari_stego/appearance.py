@@ -93,12 +93,7 @@ def appearance_map(rgb: np.ndarray, grid: tuple[int, int], stride: int,
     t = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
     if tuple(t.shape[-2:]) != tuple(work):
         t = F.interpolate(t, size=tuple(work), mode="bilinear", align_corners=False)
-    h, w = grid
-    ph, pw = max(h * stride - t.shape[-2], 0), max(w * stride - t.shape[-1], 0)
-    if ph or pw:  # the backbone pads the same way (replicate, bottom and right)
-        t = F.pad(t, (0, pw, 0, ph), mode="replicate")
-    t = t[..., : h * stride, : w * stride]
-    return F.avg_pool2d(t, stride)[0]
+    return cell_colours(t[0], grid, stride)
 
 
 def _sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator,
@@ -256,6 +251,74 @@ class AppearanceTeacher:
         f = F.normalize(f.float(), dim=1, eps=1e-10)
         z = self.fourier(x[:, self.dim:].float())
         return torch.cat([math.sqrt(1.0 - self.weight) * f, math.sqrt(self.weight) * z], dim=1)
+
+
+@dataclass(frozen=True)
+class ColourSpace:
+    """Where the clusters live after a fit with appearance in its target.
+
+    The head is trained so that its codes' correlations reproduce those of the teacher vector
+    ``[sqrt(1 - w) f/|f|, sqrt(w) z(a)]`` (:class:`AppearanceTeacher`). k-means and the
+    refinement then run on the same vector with the codes in place of the features,
+    ``v = [sqrt(1 - w) c/|c|, sqrt(w) z(a)]`` (``a`` the cell's mean colour), so a cluster
+    is decided by what the target was: the codes and, with weight ``w``, the colour. A
+    centroid ``(theta_c, theta_z)`` scores a pixel by ``v . theta``; the code part is taken
+    at the pixel (the up-sampled code), the colour part ``z(a) . theta_z`` on the cells and
+    up-sampled with them (it is linear in ``z``, so that equals up-sampling ``z``).
+
+    ``weight``, ``sigma``, ``n_fourier`` and ``seed`` are the fit's appearance weight and
+    kernel (the same random Fourier features as the teacher). ``weight == 0``: no colour.
+    """
+
+    weight: float = 0.0
+    sigma: float = 1.0
+    n_fourier: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.weight) < 1.0 or not float(self.sigma) > 0 \
+                or int(self.n_fourier) < 1:
+            raise StegoError(f"bad ColourSpace {self!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+    def _z(self, colours: torch.Tensor) -> torch.Tensor:
+        teacher = AppearanceTeacher(0, self.weight, self.sigma, self.n_fourier, self.seed)
+        return teacher.fourier(colours.float())
+
+    def vectors(self, codes: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` codes and ``(N, 3)`` colours of the same cells -> ``(N, C + M)``."""
+        c = F.normalize(codes.float(), dim=1) * math.sqrt(1.0 - self.weight)
+        return torch.cat([c, math.sqrt(self.weight) * self._z(colours.to(c.device))], dim=1)
+
+    def split(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, C + M)`` unit centroids of :meth:`vectors` -> the code part ``(K, C)`` and
+        the colour part ``(K, M)``, each as stored in a model."""
+        return centroids[:, : -self.n_fourier], centroids[:, -self.n_fourier:]
+
+    def code_weights(self, code_centroids: torch.Tensor) -> torch.Tensor:
+        """The code part as it multiplies a unit code: ``sqrt(1 - w) theta_c``."""
+        return math.sqrt(1.0 - self.weight) * code_centroids
+
+    def colour_scores(self, colours: torch.Tensor, colour_centroids: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, h, w)`` cell colours -> ``(B, K, h, w)`` colour part of the scores."""
+        z = self._z(colours)
+        return math.sqrt(self.weight) * torch.einsum("bmhw,km->bkhw", z,
+                                                     colour_centroids.to(z))
+
+
+def cell_colours(rgb: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:
+    """Mean colour of every cell of ``grid`` from a work image ``(3, H, W)`` (already at the
+    backbone's size) padded as the backbone pads (replicate, bottom and right):
+    ``(3, h, w)``."""
+    t = rgb.float()[None]
+    h, w = grid
+    ph, pw = max(h * stride - t.shape[-2], 0), max(w * stride - t.shape[-1], 0)
+    if ph or pw:
+        t = F.pad(t, (0, pw, 0, ph), mode="replicate")
+    return F.avg_pool2d(t[..., : h * stride, : w * stride], stride)[0]
 
 
 def with_appearance(maps: Sequence[torch.Tensor], images: Sequence[np.ndarray], stride: int,

@@ -31,6 +31,9 @@ class ClusterConfig:
     benchmark datasets it raised STEGO + CRF by 3.2 mIoU on average over three seeds
     (Jiangxi's blood cells +18.3, the Outex mosaics -1.0; docs/benchmarks.md,
     ``benchmarks/refine.py``).
+    ``colour``: when the head was trained with appearance in its target, cluster (and refine)
+    the codes together with the cells' colours, weighted as in the target
+    (:class:`~napari_stego.appearance.ColourSpace`); off: the codes alone, as before.
     """
 
     n_iter: int = 200
@@ -41,6 +44,7 @@ class ClusterConfig:
     guard: bool = True
     refine: bool = True
     refine_maps: int = 256
+    colour: bool = True
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .appearance import cell_colours
 from .errors import Cancelled
 from ._device_runner import _autocast
 from .features import _Job, _load_job, feature_grid, plane_grid, work_size
@@ -121,6 +122,33 @@ class TilePredictor:
         c0, _ = cells(tile.x.read, m.backbone.stride)
         return f[..., ya - r0:yb - r0, xa - c0:xb - c0]
 
+    def _colours(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> torch.Tensor:
+        """Mean colours of cells ``[ya, yb) x [xa, xb)``: ``(1, 3, n, m)``, mapped as the
+        backbone's input (for a model that clusters with colours)."""
+        s = self.model.backbone.stride
+        if self.whole:  # the whole plane, up-sampled as for the backbone
+            job = _Job(plane, None, tuple(self.work), True)
+            x = torch.from_numpy(_load_job(self.source, self.stats, job,
+                                           self.model.feature_config.min_side))
+            return cell_colours(x, self.grid, s)[None, :, ya:yb, xa:xb]
+        h, w = self.source.shape2d
+        y0, x0 = ya * s, xa * s
+        rgb = self.stats.apply(self.source.block(plane, slice(y0, min(yb * s, h)),
+                                                 slice(x0, min(xb * s, w))))
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        return cell_colours(x, (yb - ya, xb - xa), s)[None]
+
+    def _colour_args(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> tuple:
+        """The extra arguments of ``cluster_probabilities`` on cells ``[ya, yb) x [xa, xb)``:
+        ``(centroids, alpha)``, or with a colour space ``(centroids, alpha, scores)`` with
+        the colour part of the scores on the cells ``(1, K, n, m)``."""
+        m = self.model
+        if m.colour_space is None:
+            return m.centroids, m.predict_config.alpha
+        colours = self._colours(plane, ya, yb, xa, xb)
+        scores = m.colour_space.colour_scores(colours.to(m.device), m.colour_centroids)
+        return m.colour_space.code_weights(m.centroids), m.predict_config.alpha, scores
+
     @torch.inference_mode()
     def probs(self, plane: int, iy: int, ix: int) -> np.ndarray:
         """``(K, h, w)`` float32 probabilities of tile ``(iy, ix)``'s core in ``plane``."""
@@ -129,10 +157,14 @@ class TilePredictor:
         m = self.model
         if self.whole:
             f = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
+            args = self._colour_args(plane, 0, self.grid[0], 0, self.grid[1])
             with self.lock:
                 code = m.head(f)
                 up = upsample_code(code, m.backbone.stride, self.work, self.source.shape2d)
-                p = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0].cpu()
+                if len(args) == 3:  # the colour part up-sampled as the codes
+                    args = (*args[:2], upsample_code(args[2], m.backbone.stride, self.work,
+                                                     self.source.shape2d))
+                p = cluster_probabilities(up, *args)[0].cpu()
         else:
             p = self._tile_probs(plane, self.plane_grid.tile(iy, ix))
         out = p.numpy().astype(np.float32, copy=False)
@@ -162,13 +194,16 @@ class TilePredictor:
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
         f = self._features(plane, tile, ya, yb, xa, xb)
+        args = self._colour_args(plane, ya, yb, xa, xb)
         p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
         with self.lock:
             code = m.head(f)
             for q0 in range(sy.core[0], sy.core[1], BAND):
                 q1 = min(q0 + BAND, sy.core[1])
                 up = _upsample_band(code, ya, xa, s, (q0, q1), sx.core)
-                band = cluster_probabilities(up, m.centroids, m.predict_config.alpha)[0]
+                extra = args if len(args) == 2 else \
+                    (*args[:2], _upsample_band(args[2], ya, xa, s, (q0, q1), sx.core))
+                band = cluster_probabilities(up, *extra)[0]
                 p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
         return p
 

@@ -16,11 +16,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .appearance import AppearanceConfig, stores_with_appearance, with_appearance
+from .appearance import (
+    AppearanceConfig,
+    ColourSpace,
+    appearance_map,
+    stores_with_appearance,
+    with_appearance,
+)
 from .backbones import Backbone, create_backbone, upsampled
-from .cluster import ClusterConfig, assign, spherical_kmeans
+from .cluster import ClusterConfig
 from .device import resolve_device
-from .errors import Cancelled, StegoError
+from .errors import StegoError
 from .feature_cache import ensure_features, feature_store
 from .features import (
     FeatureConfig,
@@ -29,13 +35,13 @@ from .features import (
     is_single_tile,
     work_size,
 )
-from .head import SegmentationHead, map_codes
-from .intensity import IntensityConfig
+from .fit_cluster import cluster_stage
+from .head import SegmentationHead
+from .intensity import IntensityConfig, to_rgb
 from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
 from .loss import LossConfig
 from .predict import PredictConfig, cluster_probabilities, upsample_code
-from .refine import refine_for_head
 from .shifts import AutoShiftConfig
 from .tiling import TileConfig
 from .train import TrainConfig, train_head
@@ -59,13 +65,20 @@ class StegoModel:
                  cluster_config: ClusterConfig = ClusterConfig(),
                  predict_config: PredictConfig = PredictConfig(),
                  tile_config: TileConfig = TileConfig(),
-                 device: str | torch.device | None = None, info: dict | None = None) -> None:
+                 device: str | torch.device | None = None, info: dict | None = None,
+                 colour_space: ColourSpace | None = None,
+                 colour_centroids: torch.Tensor | None = None) -> None:
         self.device = resolve_device(device)
         if backbone.upsample != feature_config.upsample:
             backbone = upsampled(backbone, int(feature_config.upsample))
         self.backbone = backbone.to(self.device)
         self.head = head.to(self.device).eval()
         self.centroids = centroids.to(self.device, torch.float32)
+        # clusters decided with the cells' colours too (see appearance.ColourSpace)
+        self.colour_space = colour_space if colour_space is not None and colour_space.active \
+            and colour_centroids is not None else None
+        self.colour_centroids = None if self.colour_space is None else \
+            colour_centroids.to(self.device, torch.float32)
         self.feature_config = feature_config
         self.train_config = train_config
         self.cluster_config = cluster_config
@@ -170,54 +183,38 @@ class StegoModel:
         result = train_head(train_maps, train, stride=net.stride, device=dev, seed=seed,
                             n_clusters=int(n_clusters), progress=progress, cancel=cancel,
                             on_loss=on_loss, appearance_channels=colour_channels)
+        colours = None
         if colour_channels:
+            colours = [m[-colour_channels:] for m in train_maps]
             train_maps = [m[:-colour_channels] for m in train_maps]
-        # "cluster": computing the codes, one step per k-means restart, then the refinement
-        total = 1 + max(cluster.n_init, 1) + int(cluster.refine)
-        if progress is not None:
-            progress("cluster", 0, total)
-        codes = _cluster_codes(result.head, train_maps, dev, cluster.max_points, seed)
-        if progress is not None:
-            progress("cluster", 1, total)
-
-        def restart(i: int, n: int) -> None:  # progress, and Cancel between restarts
-            if progress is not None:
-                progress("cluster", 1 + i, total)
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"clustering cancelled after {i} of {n} k-means restarts")
-
-        centroids = spherical_kmeans(codes, int(n_clusters), seed=seed, config=cluster,
-                                     on_restart=restart)
         train = replace(train, loss=result.loss)  # record the shifts actually used
+        space = None
         if result.appearance_report:  # and the appearance weight
-            train = replace(train, appearance=replace(
-                train.appearance, weight=result.appearance_report["weight"]))
-        head, codes, centroids, guard = _guarded(
-            result.head, codes, train_maps, centroids, dev, cluster, seed) \
-            if cluster.guard else (result.head, codes, centroids, {})
-        # the centroids moved so that each training image's principal masks are units
-        refined = refine_for_head(head, train_maps, centroids, device=dev, seed=seed,
-                                  max_maps=cluster.refine_maps, alpha=PredictConfig().alpha,
-                                  cancel=cancel) \
-            if cluster.refine else None
-        if refined is not None:
-            centroids = refined[0]
-            if progress is not None:
-                progress("cluster", total, total)
+            report = result.appearance_report
+            train = replace(train, appearance=replace(train.appearance, weight=report["weight"]))
+            if report["weight"] > 0:
+                space = ColourSpace(report["weight"], report["sigma"],
+                                    train.appearance.n_fourier, seed)
+        # "cluster": the codes, one step per k-means restart, then the refinement
+        found = cluster_stage(result.head, train_maps, int(n_clusters), cluster, device=dev,
+                              seed=seed, colours=colours, space=space, progress=progress,
+                              cancel=cancel)
         # what a user can judge a fit by: how the codes split, how the loss went
-        shares = torch.bincount(assign(codes, centroids).cpu(), minlength=int(n_clusters))
+        guard = found.guard
         info = dict(seed=seed, n_images=n_images, n_train_maps=len(train_maps),
                     shifts=result.shift_report,
                     appearance=result.appearance_report or dict(
                         weight=0.0, rule="not used (off, or features over 512 MB)"),
                     final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
-                    cluster_shares=[round(float(v), 4) for v in shares / max(len(codes), 1)],
+                    cluster_shares=found.shares,
                     loss_curve=_thin(result.losses, 100),
-                    guard=guard, warnings=[guard["warning"]] if guard.get("warning") else [])
-        if refined is not None:
-            info["refine"] = refined[1]
-        return cls(net, head, centroids, feature_config=features, train_config=train,
-                   cluster_config=cluster, tile_config=tiles, device=dev, info=info)
+                    guard=guard, warnings=[guard["warning"]] if guard.get("warning") else [],
+                    colour_clustering=found.space is not None)
+        if found.refine is not None:
+            info["refine"] = found.refine
+        return cls(net, found.head, found.centroids, feature_config=features,
+                   train_config=train, cluster_config=cluster, tile_config=tiles, device=dev,
+                   info=info, colour_space=found.space, colour_centroids=found.colour_centroids)
 
     # --------------------------------------------------------------- prediction
     @property
@@ -249,19 +246,40 @@ class StegoModel:
             # in-process threads: never ship the model to a dask.distributed Client that
             # happens to exist (a dask worker, a napari console with a cluster)
             return self._lazy_one(image)[1].compute(scheduler="threads")
-        return self.proba_from_features(self.features(image), image.shape[:2])
+        return self.proba_from_features(self.features(image), image.shape[:2], image)
 
     @torch.inference_mode()
-    def proba_from_features(self, feats: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    def proba_from_features(self, feats: torch.Tensor, size: tuple[int, int],
+                            image: np.ndarray | None = None) -> np.ndarray:
         """Cluster probabilities ``(K, H, W)`` float32 of an image of ``size`` ``(H, W)`` from
         its backbone features ``(D, h, w)`` (from :meth:`features` or a feature cache), so
-        refitting on the same images need not run the backbone again."""
-        return self._proba(feats, size).cpu().numpy().astype(np.float32)
+        refitting on the same images need not run the backbone again. A model that clusters
+        with colours (``model.colour_space``) also needs the ``image`` itself."""
+        return self._proba(feats, size, image).cpu().numpy().astype(np.float32)
 
-    def _proba(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _proba(self, feats: torch.Tensor, size: tuple[int, int],
+               image: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`proba_from_features` as a ``(K, H, W)`` tensor on the model's device."""
-        return cluster_probabilities(self.upsampled_code(feats, size), self.centroids,
-                                     self.predict_config.alpha)[0]
+        code = self.upsampled_code(feats, size)
+        if self.colour_space is None:
+            return cluster_probabilities(code, self.centroids, self.predict_config.alpha)[0]
+        if image is None:
+            raise StegoError("this model clusters the codes with the image's colours: pass "
+                             "the image too (proba_from_features(feats, size, image))")
+        work = work_size(tuple(size), self.feature_config.min_side)
+        colours = appearance_map(to_rgb(_one_image(image), self.feature_config.intensity),
+                                 tuple(feats.shape[-2:]), self.backbone.stride, work)
+        return cluster_probabilities(code, *self.colour_parts(colours[None], work, size))[0]
+
+    def colour_parts(self, colours: torch.Tensor, work: tuple[int, int],
+                     size: tuple[int, int]) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """For a model with a colour space: the arguments after ``code`` of
+        :func:`~napari_stego.predict.cluster_probabilities` for cell colours ``(1, 3, h, w)``
+        of an image of ``size`` (``work`` as :func:`~napari_stego.features.work_size`)."""
+        space = self.colour_space
+        scores = space.colour_scores(colours.to(self.device), self.colour_centroids)
+        up = upsample_code(scores, self.backbone.stride, work, tuple(size))
+        return space.code_weights(self.centroids), self.predict_config.alpha, up
 
     @torch.inference_mode()
     def upsampled_code(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -406,6 +424,8 @@ class StegoModel:
             predict_config=asdict(self.predict_config),
             tile_config=asdict(self.tile_config),
             info=self.info,
+            **({} if self.colour_space is None else
+               dict(colour_space=asdict(self.colour_space))),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -419,6 +439,8 @@ class StegoModel:
         path = Path(path)
         tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         tensors["centroids"] = self.centroids.detach().cpu().contiguous()
+        if self.colour_space is not None:
+            tensors["colour_centroids"] = self.colour_centroids.detach().cpu().contiguous()
         write_model_file(path, tensors, self.metadata())
         return path
 
@@ -444,7 +466,9 @@ class StegoModel:
         configs = build_configs(meta, path, dict(
             feature_config=_feature_config, train_config=_train_config,
             # files from before the refinement existed were not refined
-            cluster_config=lambda d: strict(ClusterConfig, {"refine": False, **d}),
+            # files from before colour clustering clustered the codes alone
+            cluster_config=lambda d: strict(ClusterConfig, {"refine": False, "colour": False,
+                                                            **d}),
             predict_config=lambda d: strict(PredictConfig, d),
             tile_config=lambda d: strict(TileConfig, d)))
         recorded = meta["weights_source"]
@@ -467,7 +491,9 @@ class StegoModel:
                    feature_config=configs["feature_config"], train_config=train,
                    cluster_config=configs["cluster_config"],
                    predict_config=configs["predict_config"],
-                   tile_config=configs["tile_config"], device=device, info=meta.get("info"))
+                   tile_config=configs["tile_config"], device=device, info=meta.get("info"),
+                   colour_space=_colour_space(meta.get("colour_space"), path),
+                   colour_centroids=tensors.get("colour_centroids"))
 
     def __repr__(self) -> str:
         return (f"StegoModel(backbone={self.backbone.spec.name!r}, n_clusters={self.n_clusters}, "
@@ -541,45 +567,15 @@ def _stores(net, sources, features, tiles, cache, device, data_hash, progress, c
     return [store for store, _ in opened], [stats for _, stats in opened]
 
 
-@torch.inference_mode()
-def _cluster_codes(head: SegmentationHead, maps, device, max_points: int, seed: int) -> torch.Tensor:
-    """Codes for k-means: all cells when there are at most ``max_points`` (as in 0.1), else
-    a seeded random subset spread over the maps in proportion to their size."""
-    sizes = [int(m.shape[-2]) * int(m.shape[-1]) for m in maps]
-    total = sum(sizes)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for m, n in zip(maps, sizes):
-        code = map_codes(head, m, device).flatten(1).T
-        take = n if total <= max_points else max(1, round(max_points * n / total))
-        if take < n:
-            code = code[torch.randperm(n, generator=gen)[:take].to(code.device)]
-        out.append(code)
-    return torch.cat(out)
+def _colour_space(d: dict | None, path) -> ColourSpace | None:
+    from .modelfile import strict
 
-
-def _guarded(head: SegmentationHead, codes: torch.Tensor, maps, centroids: torch.Tensor, device,
-             cluster: ClusterConfig, seed: int):
-    """The usefulness guard (:mod:`napari_stego.guard`): ``(head, codes, centroids, report)``
-    as given, or the untrained PCA head with its clustered codes and centroids when the
-    trained codes collapsed or are worse."""
-    from .guard import check_codes, warning_text
-    from .head import init_from_features
-    from .knn import sample_vectors
-
-    report = check_codes(head, maps, centroids, seed=seed, device=device)
-    if not report["fallback"]:
-        return head, codes, centroids, report
-    report["warning"] = warning_text(report)
-    _log.warning("napari-stego fit: %s", report["warning"])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        plain = SegmentationHead(head.in_dim, head.code_dim, float(head.dropout.p))
-    plain = init_from_features(plain, sample_vectors(maps, 20_000, gen)).to(device).eval()
-    codes = _cluster_codes(plain, maps, device, cluster.max_points, seed)
-    return plain, codes, spherical_kmeans(codes, centroids.shape[0], seed=seed,
-                                          config=cluster), report
+    if d is None:
+        return None
+    try:
+        return strict(ColourSpace, d)
+    except (StegoError, TypeError, ValueError) as exc:
+        raise StegoError(f"{path} is a damaged model file: bad colour_space ({exc})") from None
 
 
 def _train_config(d: dict) -> TrainConfig:

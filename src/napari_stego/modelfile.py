@@ -24,7 +24,7 @@ _REQUIRED = dict(format_version=int, backbone=str, weights_source=str,
                  weights_fingerprint=str, in_dim=int, code_dim=int, n_clusters=int,
                  feature_config=dict, train_config=dict, cluster_config=dict,
                  predict_config=dict)
-_OPTIONAL = dict(package_version=str, tile_config=dict, info=dict)
+_OPTIONAL = dict(package_version=str, tile_config=dict, info=dict, colour_space=dict)
 
 
 def write_model_file(path: Path, tensors: dict, metadata: dict) -> Path:
@@ -117,6 +117,12 @@ def _check_tensors(tensors: dict, meta: dict, path) -> None:
                 "head.linear.bias": (code,), "head.nonlinear.0.weight": (in_dim, in_dim, 1, 1),
                 "head.nonlinear.0.bias": (in_dim,), "head.nonlinear.2.weight": (code, in_dim, 1, 1),
                 "head.nonlinear.2.bias": (code,)}
+    space = meta.get("colour_space")
+    if space is not None:  # a model that clusters the codes with the cells' colours
+        m = space.get("n_fourier")
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise _damaged(path, f"colour_space has a bad n_fourier {m!r}")
+        expected["colour_centroids"] = (k, m)
     for name, t in tensors.items():
         if name not in expected:
             raise _damaged(path, f"unexpected tensor '{name}'")

@@ -45,15 +45,24 @@ def upsample_code(code: torch.Tensor, stride: int, work_size: tuple[int, int],
     return up
 
 
-def cluster_probabilities(code: torch.Tensor, centroids: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+def cluster_probabilities(code: torch.Tensor, centroids: torch.Tensor, alpha: float = 2.0,
+                          colour: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(alpha * cos(code, centroid_k))`` over clusters.
 
     Args:
         code: ``(B, C, H, W)``.
         centroids: ``(K, C)``.
+        colour: for a model that clusters codes with colours
+            (:class:`~napari_stego.appearance.ColourSpace`): the colour part of the scores
+            ``(B, K, H, W)``, added to ``code/|code| . centroids`` (``centroids`` is then the
+            weighted code part, used as it is, not normalised).
 
     Returns:
         ``(B, K, H, W)`` probabilities.
     """
-    cos = torch.einsum("bchw,kc->bkhw", F.normalize(code, dim=1), F.normalize(centroids, dim=1))
+    unit = F.normalize(code, dim=1)
+    if colour is None:
+        cos = torch.einsum("bchw,kc->bkhw", unit, F.normalize(centroids, dim=1))
+    else:
+        cos = torch.einsum("bchw,kc->bkhw", unit, centroids.to(unit)) + colour.to(unit)
     return torch.softmax(alpha * cos, dim=1)

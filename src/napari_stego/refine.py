@@ -126,9 +126,12 @@ def refine_centroids(codes: Sequence[torch.Tensor], centroids: torch.Tensor, *,
 
 def refine_for_head(head, maps: Sequence, centroids: torch.Tensor, *,
                     device: torch.device | str = "cpu", seed: int = 0, max_maps: int = 256,
-                    alpha: float = 2.0, cancel=None) -> tuple[torch.Tensor, dict]:
+                    alpha: float = 2.0, cancel=None, colours: Sequence | None = None,
+                    space=None) -> tuple[torch.Tensor, dict]:
     """:func:`refine_centroids` on ``head``'s codes of at most ``max_maps`` of ``maps``
     (``(D, h, w)`` tensors or lazy maps with ``load()``; a seeded subset when there are more).
+    With a :class:`~napari_stego.appearance.ColourSpace` ``space`` and the maps' cell
+    ``colours`` ``(3, h, w)``, on the codes with colours (``space.vectors``).
     """
     pick = list(range(len(maps)))
     if len(pick) > max_maps:
@@ -137,7 +140,10 @@ def refine_for_head(head, maps: Sequence, centroids: torch.Tensor, *,
     codes = []
     for i in pick:
         _check(cancel)
-        codes.append(map_codes(head, maps[i], device))
+        code = map_codes(head, maps[i], device)
+        if space is not None:
+            code = space.vectors(code.flatten(1).T, colours[i].flatten(1).T)
+        codes.append(code)
     return refine_centroids(codes, centroids, alpha=alpha, cancel=cancel)
 
 

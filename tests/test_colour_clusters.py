@@ -1,0 +1,125 @@
+"""Clustering the codes with the cells' colours (``appearance.ColourSpace``) after a fit
+with appearance in its target: the space, the fit, prediction (whole, tiled, from cached
+features) and the model file."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_stego import StegoError, StegoModel
+from napari_stego.appearance import AppearanceConfig, ColourSpace
+from napari_stego.cluster import ClusterConfig
+from napari_stego.features import FeatureConfig
+from napari_stego.predict import cluster_probabilities
+from napari_stego.tiling import TileConfig
+from napari_stego.train import TrainConfig
+
+from test_appearance import colour_classes
+
+FEATURES = FeatureConfig(min_side=224)
+TRAIN = TrainConfig(steps=30, batch_size=8, appearance=AppearanceConfig(weight=None))
+
+
+def test_the_space_blends_code_cosines_and_the_colour_kernel():
+    space = ColourSpace(weight=0.4, sigma=0.2, n_fourier=4096, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    codes, colours = torch.randn(50, 16, generator=gen), torch.rand(50, 3, generator=gen)
+    v = space.vectors(codes, colours)
+    assert v.shape == (50, 16 + 4096)
+    cos = F.normalize(codes, dim=1) @ F.normalize(codes, dim=1).T
+    kernel = torch.exp(-torch.cdist(colours, colours) ** 2 / (2 * 0.2**2))
+    expected = 0.6 * cos + 0.4 * kernel
+    assert (v @ v.T - expected).abs().max() < 0.05  # random Fourier features: approximate
+    # a centroid scores a cell by v . theta, split into the code part and the colour part
+    theta = F.normalize(torch.randn(4, 16 + 4096, generator=gen), dim=1)
+    code_c, colour_c = space.split(theta)
+    scores = space.colour_scores(colours.T.reshape(1, 3, 5, 10), colour_c)  # (1, 4, 5, 10)
+    unit = F.normalize(codes, dim=1).T.reshape(1, 16, 5, 10)
+    total = torch.einsum("bchw,kc->bkhw", unit, space.code_weights(code_c)) + scores
+    torch.testing.assert_close(total, (v @ theta.T).T.reshape(1, 4, 5, 10), atol=1e-4,
+                               rtol=1e-4)
+    probs = cluster_probabilities(codes.T.reshape(1, 16, 5, 10), space.code_weights(code_c),
+                                  2.0, colour=scores)
+    torch.testing.assert_close(probs, torch.softmax(2.0 * total, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(StegoError):
+        ColourSpace(weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def coloured(offline_backbone):
+    images, labels = colour_classes()
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0, train=TRAIN,
+                           features=FEATURES)
+    return model, images, labels
+
+
+def test_a_fit_with_appearance_clusters_with_colours_and_finds_the_classes(coloured):
+    from napari_stego.metrics import confusion_matrix, hungarian_scores
+
+    model, images, labels = coloured
+    report = model.info["appearance"]
+    assert report["weight"] > 0.3 and model.info["colour_clustering"], model.info
+    space = model.colour_space
+    assert space.weight == report["weight"] and space.sigma == report["sigma"]
+    assert model.centroids.shape == (3, model.head.code_dim)
+    assert model.colour_centroids.shape == (3, space.n_fourier)
+    conf = sum(confusion_matrix(model.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
+    assert hungarian_scores(conf)["miou"] > 75, hungarian_scores(conf)
+
+
+def test_cached_features_need_the_image_and_give_the_same_probabilities(coloured):
+    model, images, _ = coloured
+    image = images[0]
+    feats = model.features(image)
+    with pytest.raises(StegoError, match="colours"):
+        model.proba_from_features(feats, image.shape[:2])
+    np.testing.assert_allclose(model.proba_from_features(feats, image.shape[:2], image),
+                               model.predict_proba(image), atol=1e-6)
+
+
+def test_the_colour_space_survives_save_and_load(coloured, tmp_path):
+    model, images, _ = coloured
+    loaded = StegoModel.load(model.save(tmp_path / "m.stego"))
+    assert loaded.colour_space == model.colour_space
+    np.testing.assert_allclose(loaded.predict_proba(images[1]), model.predict_proba(images[1]),
+                               atol=1e-6)
+
+
+def test_a_file_with_a_colour_space_but_no_colour_centroids_is_refused(coloured, tmp_path):
+    from napari_stego.modelfile import read_model_file, write_model_file
+
+    model, _, _ = coloured
+    path = model.save(tmp_path / "m.stego")
+    meta, tensors = read_model_file(path, 99)
+    del tensors["colour_centroids"]
+    write_model_file(tmp_path / "bad.stego", tensors, meta)
+    with pytest.raises(StegoError, match="colour_centroids"):
+        StegoModel.load(tmp_path / "bad.stego")
+
+
+def test_tiled_prediction_of_a_colour_model_agrees_with_the_whole_image(coloured):
+    model, images, _ = coloured
+    big = np.concatenate([np.concatenate(images[:2], 1), np.concatenate(images[2:4], 1)], 0)
+    kw = dict(feature_config=model.feature_config, info=model.info,
+              colour_space=model.colour_space, colour_centroids=model.colour_centroids)
+    whole = StegoModel(model.backbone, model.head, model.centroids,
+                       tile_config=TileConfig(tile=4096), **kw).predict(big)
+    tiled = StegoModel(model.backbone, model.head, model.centroids,
+                       tile_config=TileConfig(tile=96, halo=48), **kw).predict(big)
+    assert (tiled != whole).mean() < 0.01
+
+
+def test_colour_false_clusters_the_codes_alone(offline_backbone):
+    images, _ = colour_classes(n=3)
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0,
+                           train=TrainConfig(steps=2, batch_size=4,
+                                             appearance=AppearanceConfig(weight=None)),
+                           features=FEATURES, cluster=ClusterConfig(colour=False))
+    assert model.info["appearance"]["weight"] > 0.3
+    assert model.colour_space is None and not model.info["colour_clustering"]
+    feats = model.features(images[0])
+    model.proba_from_features(feats, images[0].shape[:2])  # no image needed
+    assert math.isclose(float(model.centroids.norm(dim=1).mean()), 1.0, rel_tol=1e-4)
