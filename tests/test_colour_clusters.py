@@ -68,6 +68,7 @@ def test_a_fit_with_appearance_clusters_with_colours_and_finds_the_classes(colou
     assert model.colour_centroids.shape == (3, space.n_fourier)
     conf = sum(confusion_matrix(model.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
     assert hungarian_scores(conf)["miou"] > 75, hungarian_scores(conf)
+    assert model.predict(images[0], crf=True).shape == images[0].shape[:2]
 
 
 def test_cached_features_need_the_image_and_give_the_same_probabilities(coloured):

@@ -329,7 +329,7 @@ class StegoModel:
         if (self._single_tile(image) and self.device.type == "cuda"
                 and (backend or default_backend(self.device)) == "torch"):
             with torch.inference_mode():  # the probabilities stay on the GPU
-                q = dense_crf(image, self._proba(self.features(image), image.shape[:2]),
+                q = dense_crf(image, self._proba(self.features(image), image.shape[:2], image),
                               config=config, backend="torch")
                 return q.argmax(0).to(torch.int32).cpu().numpy().astype(dtype)
         probs = refine(image, self.predict_proba(image), config=config, backend=backend,
