@@ -12,8 +12,9 @@ solar images). This module adds an *appearance affinity* to the correlation targ
   correlation of one concatenated teacher vector ``[sqrt(1 - w) f/|f|, sqrt(w) z(a)]`` and
   the loss's spatial centring and the automatic shifts apply to it unchanged
   (:class:`AppearanceTeacher`). ``sigma`` is the median distance between cells' colours
-  (the median heuristic). The head still sees only the backbone features, so prediction is
-  unchanged; only what the head is trained to reproduce changes.
+  (the median heuristic). The head still sees only the backbone features; after training
+  the clusters are found on the same blend with the codes in place of the features
+  (:class:`ColourSpace`), so prediction adds the colour part of each cluster's score.
 * **Weight rule** (no labels): ``w = max_weight * s`` where ``s`` says how much better
   k-means with K clusters splits the cells' colours than it splits a Gaussian cloud with the
   same mean and covariance (:func:`appearance_weight`):
