@@ -124,3 +124,14 @@ def test_colour_false_clusters_the_codes_alone(offline_backbone):
     feats = model.features(images[0])
     model.proba_from_features(feats, images[0].shape[:2])  # no image needed
     assert math.isclose(float(model.centroids.norm(dim=1).mean()), 1.0, rel_tol=1e-4)
+
+
+def test_lazy_prediction_of_a_colour_model_equals_predict(coloured, tmp_path):
+    """One plane, one tile: the dask path reads the plane's colours itself (from the image,
+    also when the features come from the cache)."""
+    model, images, _ = coloured
+    image = images[2]
+    direct = model.predict(image)
+    for cache in (None, tmp_path):
+        lazy = model.predict_lazy(image, cache=cache).compute()
+        assert (lazy == direct).mean() > 0.999

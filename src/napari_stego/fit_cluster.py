@@ -10,6 +10,7 @@ what the head was trained to reproduce.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -127,7 +128,6 @@ def _guarded(head: SegmentationHead, maps, centroids: torch.Tensor, device,
     from .guard import check_codes, warning_text
     from .head import init_from_features
     from .knn import sample_vectors
-    import logging
 
     report = check_codes(head, maps, centroids, seed=seed, device=device)
     if not report["fallback"]:

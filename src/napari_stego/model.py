@@ -6,7 +6,6 @@ training -> spherical k-means on the codes -> per-pixel probabilities (-> CRF).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -48,7 +47,6 @@ from .train import TrainConfig, train_head
 from .train_crops import training_maps
 
 Progress = Callable[[str, int, int], None]
-_log = logging.getLogger("napari_stego")
 FORMAT_VERSION = 1
 
 
@@ -269,9 +267,9 @@ class StegoModel:
         work = work_size(tuple(size), self.feature_config.min_side)
         colours = appearance_map(to_rgb(_one_image(image), self.feature_config.intensity),
                                  tuple(feats.shape[-2:]), self.backbone.stride, work)
-        return cluster_probabilities(code, *self.colour_parts(colours[None], work, size))[0]
+        return cluster_probabilities(code, *self._colour_parts(colours[None], work, size))[0]
 
-    def colour_parts(self, colours: torch.Tensor, work: tuple[int, int],
+    def _colour_parts(self, colours: torch.Tensor, work: tuple[int, int],
                      size: tuple[int, int]) -> tuple[torch.Tensor, float, torch.Tensor]:
         """For a model with a colour space: the arguments after ``code`` of
         :func:`~napari_stego.predict.cluster_probabilities` for cell colours ``(1, 3, h, w)``
