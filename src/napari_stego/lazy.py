@@ -138,16 +138,15 @@ class TilePredictor:
         x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return cell_colours(x, (yb - ya, xb - xa), s)[None]
 
-    def _colour_args(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> tuple:
-        """The extra arguments of ``cluster_probabilities`` on cells ``[ya, yb) x [xa, xb)``:
-        ``(centroids, alpha)``, or with a colour space ``(centroids, alpha, scores)`` with
-        the colour part of the scores on the cells ``(1, K, n, m)``."""
+    def _centroids(self, plane: int, ya: int, yb: int, xa: int, xb: int):
+        """The centroids ``cluster_probabilities`` takes and the colour part of the scores on
+        cells ``[ya, yb) x [xa, xb)`` ``(1, K, n, m)`` (``None`` without a colour space)."""
         m = self.model
         if m.colour_space is None:
-            return m.centroids, m.predict_config.alpha
+            return m.centroids, None
         colours = self._colours(plane, ya, yb, xa, xb)
         scores = m.colour_space.colour_scores(colours.to(m.device), m.colour_centroids)
-        return m.colour_space.code_weights(m.centroids), m.predict_config.alpha, scores
+        return m.colour_space.code_weights(m.centroids), scores
 
     @torch.inference_mode()
     def probs(self, plane: int, iy: int, ix: int) -> np.ndarray:
@@ -157,14 +156,15 @@ class TilePredictor:
         m = self.model
         if self.whole:
             f = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
-            args = self._colour_args(plane, 0, self.grid[0], 0, self.grid[1])
+            centroids, colour = self._centroids(plane, 0, self.grid[0], 0, self.grid[1])
             with self.lock:
                 code = m.head(f)
                 up = upsample_code(code, m.backbone.stride, self.work, self.source.shape2d)
-                if len(args) == 3:  # the colour part up-sampled as the codes
-                    args = (*args[:2], upsample_code(args[2], m.backbone.stride, self.work,
-                                                     self.source.shape2d))
-                p = cluster_probabilities(up, *args)[0].cpu()
+                if colour is not None:  # the colour part, up-sampled as the codes
+                    colour = upsample_code(colour, m.backbone.stride, self.work,
+                                           self.source.shape2d)
+                p = cluster_probabilities(up, centroids, m.predict_config.alpha,
+                                          colour)[0].cpu()
         else:
             p = self._tile_probs(plane, self.plane_grid.tile(iy, ix))
         out = p.numpy().astype(np.float32, copy=False)
@@ -194,16 +194,17 @@ class TilePredictor:
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
         f = self._features(plane, tile, ya, yb, xa, xb)
-        args = self._colour_args(plane, ya, yb, xa, xb)
+        centroids, colour = self._centroids(plane, ya, yb, xa, xb)
         p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
         with self.lock:
             code = m.head(f)
             for q0 in range(sy.core[0], sy.core[1], BAND):
                 q1 = min(q0 + BAND, sy.core[1])
                 up = _upsample_band(code, ya, xa, s, (q0, q1), sx.core)
-                extra = args if len(args) == 2 else \
-                    (*args[:2], _upsample_band(args[2], ya, xa, s, (q0, q1), sx.core))
-                band = cluster_probabilities(up, *extra)[0]
+                band_colour = None if colour is None else \
+                    _upsample_band(colour, ya, xa, s, (q0, q1), sx.core)
+                band = cluster_probabilities(up, centroids, m.predict_config.alpha,
+                                             band_colour)[0]
                 p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
         return p
 

@@ -267,17 +267,12 @@ class StegoModel:
         work = work_size(tuple(size), self.feature_config.min_side)
         colours = appearance_map(to_rgb(_one_image(image), self.feature_config.intensity),
                                  tuple(feats.shape[-2:]), self.backbone.stride, work)
-        return cluster_probabilities(code, *self._colour_parts(colours[None], work, size))[0]
-
-    def _colour_parts(self, colours: torch.Tensor, work: tuple[int, int],
-                     size: tuple[int, int]) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """For a model with a colour space: the arguments after ``code`` of
-        :func:`~napari_stego.predict.cluster_probabilities` for cell colours ``(1, 3, h, w)``
-        of an image of ``size`` (``work`` as :func:`~napari_stego.features.work_size`)."""
         space = self.colour_space
-        scores = space.colour_scores(colours.to(self.device), self.colour_centroids)
-        up = upsample_code(scores, self.backbone.stride, work, tuple(size))
-        return space.code_weights(self.centroids), self.predict_config.alpha, up
+        scores = space.colour_scores(colours[None].to(self.device), self.colour_centroids)
+        return cluster_probabilities(code, space.code_weights(self.centroids),
+                                     self.predict_config.alpha,
+                                     upsample_code(scores, self.backbone.stride, work,
+                                                   tuple(size)))[0]
 
     @torch.inference_mode()
     def upsampled_code(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
