@@ -135,3 +135,28 @@ def test_lazy_prediction_of_a_colour_model_equals_predict(coloured, tmp_path):
     for cache in (None, tmp_path):
         lazy = model.predict_lazy(image, cache=cache).compute()
         assert (lazy == direct).mean() > 0.999
+
+
+def test_tiles_take_their_colours_from_the_pixels_read_for_the_backbone(coloured):
+    """Without a feature cache a tile's colours come from the pixels the backbone read; they
+    must equal the colours read for the same cells on their own (as with cached features),
+    also at the bottom and right borders of an image that is not a multiple of the stride."""
+    from napari_stego.intensity import fit_intensity
+    from napari_stego.io import open_image
+    from napari_stego.lazy import TilePredictor
+    from napari_stego.tiling import cells
+
+    model, images, _ = coloured
+    big = np.concatenate([np.concatenate(images[:2], 1),
+                          np.concatenate(images[2:4], 1)], 0)[:310, :301]
+    source = open_image(big)
+    pred = TilePredictor(model, source, fit_intensity(source, model.feature_config.intensity),
+                         TileConfig(tile=96, halo=48))
+    s = model.backbone.stride
+    assert len(pred.ys) * len(pred.xs) > 4
+    for iy in range(len(pred.ys)):
+        for ix in range(len(pred.xs)):
+            tile = pred.plane_grid.tile(iy, ix)
+            (ya, yb), (xa, xb) = cells(tile.y.core, s), cells(tile.x.core, s)
+            _, read_with_features = pred._features(0, tile, ya, yb, xa, xb)
+            torch.testing.assert_close(read_with_features, pred._colours(0, ya, yb, xa, xb))

@@ -101,14 +101,18 @@ class TilePredictor:
         return self.plane_grid.chunks
 
     def _features(self, plane: int, tile: Tile | None, ya: int, yb: int, xa: int,
-                  xb: int) -> torch.Tensor:
-        """Features of cells ``[ya, yb) x [xa, xb)``: ``(1, D, n, m)`` float32 on the device."""
+                  xb: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features of cells ``[ya, yb) x [xa, xb)``: ``(1, D, n, m)`` float32 on the device,
+        and the cells' mean colours ``(1, 3, n, m)`` when the model clusters with colours
+        (from the pixels read for the backbone; read for them alone when the features come
+        from the store), else ``None``."""
         m = self.model
         if self.store is not None and self.store.is_done(plane):
             f = torch.from_numpy(np.ascontiguousarray(self.store.read(plane, slice(ya, yb),
                                                                        slice(xa, xb))))
+            colours = None if m.colour_space is None else self._colours(plane, ya, yb, xa, xb)
             with self.lock:
-                return f.to(m.device, torch.float32)[None]
+                return f.to(m.device, torch.float32)[None], colours
         job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work), True)
         x = torch.from_numpy(_load_job(self.source, self.stats, job, m.feature_config.min_side))
         with self.lock, torch.inference_mode():
@@ -116,15 +120,18 @@ class TilePredictor:
             with _autocast(m.device, m.feature_config):
                 f = m.backbone(m.backbone.normalize(xd))
             f = f.to(torch.float16).float()  # the cache's precision: same codes either way
-        if tile is None:
-            return f
-        r0, _ = cells(tile.y.read, m.backbone.stride)
-        c0, _ = cells(tile.x.read, m.backbone.stride)
-        return f[..., ya - r0:yb - r0, xa - c0:xb - c0]
+        r0 = c0 = 0
+        if tile is not None:
+            r0, _ = cells(tile.y.read, m.backbone.stride)
+            c0, _ = cells(tile.x.read, m.backbone.stride)
+        colours = None if m.colour_space is None else \
+            cell_colours(x, tuple(f.shape[-2:]), m.backbone.stride)[None]
+        crop = (..., slice(ya - r0, yb - r0), slice(xa - c0, xb - c0))
+        return f[crop], None if colours is None else colours[crop]
 
     def _colours(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> torch.Tensor:
         """Mean colours of cells ``[ya, yb) x [xa, xb)``: ``(1, 3, n, m)``, mapped as the
-        backbone's input (for a model that clusters with colours)."""
+        backbone's input, read from the source (features from the store)."""
         s = self.model.backbone.stride
         if self.whole:  # the whole plane, up-sampled as for the backbone
             job = _Job(plane, None, tuple(self.work), True)
@@ -138,13 +145,13 @@ class TilePredictor:
         x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return cell_colours(x, (yb - ya, xb - xa), s)[None]
 
-    def _centroids(self, plane: int, ya: int, yb: int, xa: int, xb: int):
-        """The centroids ``cluster_probabilities`` takes and the colour part of the scores on
-        cells ``[ya, yb) x [xa, xb)`` ``(1, K, n, m)`` (``None`` without a colour space)."""
+    def _centroids(self, colours: torch.Tensor | None):
+        """The centroids ``cluster_probabilities`` takes and the colour part of the scores
+        ``(1, K, n, m)`` of cells with ``colours`` ``(1, 3, n, m)`` (``None`` without a
+        colour space)."""
         m = self.model
         if m.colour_space is None:
             return m.centroids, None
-        colours = self._colours(plane, ya, yb, xa, xb)
         scores = m.colour_space.colour_scores(colours.to(m.device), m.colour_centroids)
         return m.colour_space.code_weights(m.centroids), scores
 
@@ -155,8 +162,8 @@ class TilePredictor:
             raise Cancelled("segmentation cancelled")
         m = self.model
         if self.whole:
-            f = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
-            centroids, colour = self._centroids(plane, 0, self.grid[0], 0, self.grid[1])
+            f, colours = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
+            centroids, colour = self._centroids(colours)
             with self.lock:
                 code = m.head(f)
                 up = upsample_code(code, m.backbone.stride, self.work, self.source.shape2d)
@@ -193,8 +200,8 @@ class TilePredictor:
             not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
-        f = self._features(plane, tile, ya, yb, xa, xb)
-        centroids, colour = self._centroids(plane, ya, yb, xa, xb)
+        f, colours = self._features(plane, tile, ya, yb, xa, xb)
+        centroids, colour = self._centroids(colours)
         p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
         with self.lock:
             code = m.head(f)
