@@ -38,7 +38,7 @@ from scipy import ndimage as ndi
 
 from napari_stego import StegoModel
 from napari_stego.crf import dense_crf
-from napari_stego.features import FeatureConfig, extract_features
+from napari_stego.features import extract_features
 
 from quality import colour_kmeans, features_kmeans, score  # benchmarks/ is on sys.path when run
 
