@@ -12,6 +12,7 @@ from napari_stego.appearance import (
     AppearanceTeacher,
     appearance_map,
     appearance_weight,
+    coherence,
     median_distance,
 )
 
@@ -82,23 +83,49 @@ def test_rule_gives_a_small_weight_for_textures_of_one_mean_grey():
     assert w < 0.1, report
 
 
-def test_rule_gives_no_weight_for_a_flat_spread_of_grey_levels():
-    """Grey levels spread evenly (no groups, but flatter than a Gaussian, like the broad
-    unimodal grey of an electron micrograph): the Gaussian reference alone calls them
-    separable (s about 0.3); the uniform reference must close the weight."""
+def test_rule_keeps_the_weight_for_evenly_spread_brightness_that_makes_regions():
+    """Smooth regions whose grey levels are spread evenly (a solar disk's broad brightness,
+    where the dark regions are the class): no groups in the histogram (s about 0.3, no better
+    than a uniform cloud), but the bright/dark split makes regions, so the weight stays."""
     rng = np.random.default_rng(2)
     images = []
-    for _ in range(6):
-        field = gaussian_filter(rng.standard_normal((96, 96)), 6)
+    for _ in range(6):  # regions a few feature cells (8 px) across
+        field = gaussian_filter(rng.standard_normal((96, 96)), 16)
         ranks = field.ravel().argsort().argsort().reshape(field.shape)
         grey = (ranks / ranks.size).astype(np.float32)  # uniform grey levels, smooth regions
         images.append(np.repeat(grey[..., None], 3, -1))
     w, report = appearance_weight(maps_of(images), 2, AUTO, seed=0)
-    assert report["separability"] > 0.2, report  # what the Gaussian reference alone says
-    assert report["groups"] == 0.0 and w == 0.0, report
+    assert report["coherence"] > 0.7 and report["groups"] == 1.0, report
+    assert w == report["separability"] > 0.2, report
 
 
-def test_two_grey_levels_pass_the_uniform_reference():
+def test_rule_gives_no_weight_when_the_brightness_groups_speckle():
+    """Two clearly separate grey levels, drawn cell by cell at random (brightness as texture,
+    like the dark organelles and one-cell-wide membranes of an electron micrograph): the
+    colours split well, but their groups make no regions, so the coherence gate closes."""
+    rng = np.random.default_rng(4)
+    images = []
+    for _ in range(6):
+        cells = np.where(rng.random((12, 12)) < 0.5, 0.25, 0.7)
+        grey = np.kron(cells, np.ones((8, 8))) + 0.03 * rng.standard_normal((96, 96))
+        images.append(np.repeat(np.clip(grey, 0, 1)[..., None], 3, -1).astype(np.float32))
+    w, report = appearance_weight(maps_of(images), 2, AUTO, seed=0)
+    assert report["separability"] > 0.5, report  # what the histogram alone says
+    assert abs(report["coherence"]) < 0.15 and w == 0.0, report
+
+
+def test_coherence_is_the_neighbour_agreement_of_the_colour_groups_beyond_chance():
+    centres = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    halves = torch.zeros(3, 8, 8)
+    halves[:, :, 4:] = 1.0  # 56 of 112 neighbour pairs... all but the 8 across the border agree
+    assert coherence([halves], centres) == pytest.approx((104 / 112 - 0.5) / 0.5)
+    checkers = torch.from_numpy(np.indices((8, 8)).sum(0) % 2).float().expand(3, 8, 8)
+    assert coherence([checkers], centres) == pytest.approx(-1.0)  # no neighbour agrees
+    assert coherence([torch.zeros(3, 8, 8)], centres) == 0.0  # one group: undefined -> 0
+    assert coherence([torch.zeros(3, 1, 1)], centres) == 0.0  # no neighbour pair
+
+
+def test_two_grey_levels_pass_the_coherence_gate():
     """Bright objects on a dark ground (a nuclear stain): grouped grey levels keep their weight."""
     rng = np.random.default_rng(3)
     images = []
