@@ -117,7 +117,7 @@ def test_rule_gives_no_weight_when_the_brightness_groups_speckle():
 def test_coherence_is_the_neighbour_agreement_of_the_colour_groups_beyond_chance():
     centres = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     halves = torch.zeros(3, 8, 8)
-    halves[:, :, 4:] = 1.0  # 56 of 112 neighbour pairs... all but the 8 across the border agree
+    halves[:, :, 4:] = 1.0  # 112 neighbour pairs; all but the 8 across the border agree
     assert coherence([halves], centres) == pytest.approx((104 / 112 - 0.5) / 0.5)
     checkers = torch.from_numpy(np.indices((8, 8)).sum(0) % 2).float().expand(3, 8, 8)
     assert coherence([checkers], centres) == pytest.approx(-1.0)  # no neighbour agrees

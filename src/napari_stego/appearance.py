@@ -35,8 +35,8 @@ solar images). This module adds an *appearance affinity* to the correlation targ
   groups speckle. ``coherence`` is Cohen's kappa of the groups of 4-neighbour cell pairs
   (0: as speckled as random groups of the same sizes, 1: every neighbour agrees), and a
   second gate ``clip((coherence - 0.45) / 0.1, 0, 1)`` multiplies the weight. On the six
-  visible sets: ISBI 0.41 (closed), the texture mosaics 0.26, CamVid 0.62, the stains and
-  nuclei 0.84-0.88; drawn solar disks (``benchmarks/standins.py``) 0.90. It replaced a
+  visible sets: ISBI 0.41 (closed), the texture mosaics 0.25, CamVid 0.61, the stains and
+  nuclei 0.83-0.94; drawn solar disks (``benchmarks/standins.py``) 0.90. It replaced a
   uniform-cloud reference (the colours had to split more clearly than a uniform cloud of
   their covariance), which closed ISBI too but also the solar disks, whose broad, evenly
   spread brightness splits no better than a uniform cloud although it is the class.
@@ -168,7 +168,8 @@ def coherence(maps: Sequence[torch.Tensor], centres: np.ndarray) -> float:
     counts = torch.zeros(len(c), dtype=torch.float64)
     for m in maps:
         x = m.float().permute(1, 2, 0)  # (h, w, 3)
-        g = torch.cdist(x.reshape(-1, x.shape[-1]), c).argmin(1).reshape(x.shape[:2])
+        g = torch.cdist(x.reshape(-1, x.shape[-1]), c.to(x.device)).argmin(1).reshape(x.shape[:2])
+        g = g.cpu()
         counts += torch.bincount(g.flatten(), minlength=len(c)).double()
         same += int((g[1:] == g[:-1]).sum()) + int((g[:, 1:] == g[:, :-1]).sum())
         pairs += g[1:].numel() + g[:, 1:].numel()
