@@ -66,9 +66,42 @@ def test_a_fit_with_appearance_clusters_with_colours_and_finds_the_classes(colou
     assert space.weight == report["weight"] and space.sigma == report["sigma"]
     assert model.centroids.shape == (3, model.head.code_dim)
     assert model.colour_centroids.shape == (3, space.n_fourier)
+    merged = model.info["merged_clusters"]  # found with K + 1, two merged by colour
+    assert len(merged["pair"]) == 2 and len(model.info["cluster_shares"]) == 3, merged
     conf = sum(confusion_matrix(model.predict(im), gt, 3, 3) for im, gt in zip(images, labels))
     assert hungarian_scores(conf)["miou"] > 75, hungarian_scores(conf)
     assert model.predict(images[0], crf=True).shape == images[0].shape[:2]
+
+
+def test_the_two_clusters_of_closest_mean_colour_are_merged():
+    from napari_stego.fit_cluster import merge_closest_colours
+
+    gen = torch.Generator().manual_seed(0)
+    # four clusters of vectors along four axes; clusters 1 and 3 share a colour (dark),
+    # 0 and 2 have colours of their own
+    axes = torch.eye(4, 8)
+    groups = torch.arange(4).repeat_interleave(torch.tensor([30, 10, 20, 40]))
+    vectors = F.normalize(axes[groups] + 0.05 * torch.randn(100, 8, generator=gen), dim=1)
+    palette = torch.tensor([[0.9, 0.1, 0.1], [0.05, 0.05, 0.05], [0.1, 0.1, 0.9],
+                            [0.07, 0.06, 0.05]])
+    colours = palette[groups] + 0.01 * torch.randn(100, 3, generator=gen)
+    merged, report = merge_closest_colours(vectors, axes.clone(), colours)
+    assert report["pair"] == [1, 3] and report["shares"] == [0.1, 0.4], report
+    assert merged.shape == (3, 8)
+    torch.testing.assert_close(merged[[0, 2]], axes[[0, 2]])  # the others kept, in order
+    torch.testing.assert_close(merged[1], F.normalize(10 * axes[1] + 40 * axes[3], dim=0))
+    # an empty cluster is the one dropped
+    merged, report = merge_closest_colours(vectors[groups != 2], axes.clone(),
+                                           colours[groups != 2])
+    assert report == {"dropped_empty": 2} and merged.shape == (3, 8)
+
+
+def test_merge_false_finds_k_clusters_without_merging(offline_backbone):
+    images, _ = colour_classes(n=4)
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0, train=TRAIN,
+                           features=FEATURES, cluster=ClusterConfig(merge=False))
+    assert model.info["colour_clustering"] and "merged_clusters" not in model.info
+    assert model.centroids.shape[0] == 3 and model.colour_centroids.shape[0] == 3
 
 
 def test_cached_features_need_the_image_and_give_the_same_probabilities(coloured):

@@ -210,6 +210,8 @@ class StegoModel:
                     colour_clustering=found.space is not None)
         if found.refine is not None:
             info["refine"] = found.refine
+        if found.merged is not None:
+            info["merged_clusters"] = found.merged
         return cls(net, found.head, found.centroids, feature_config=features,
                    train_config=train, cluster_config=cluster, tile_config=tiles, device=dev,
                    info=info, colour_space=found.space, colour_centroids=found.colour_centroids)
