@@ -104,6 +104,28 @@ def test_merge_false_finds_k_clusters_without_merging(offline_backbone):
     assert model.centroids.shape[0] == 3 and model.colour_centroids.shape[0] == 3
 
 
+def test_the_guards_fallback_clusters_k_not_k_plus_one(offline_backbone, monkeypatch):
+    """A collapsed head with colours: the fallback clusters the untrained head's codes alone,
+    K of them (the K + 1 of the merge belong to the codes with colours)."""
+    import napari_stego.model as model_module
+    from test_guard import collapse
+
+    original = model_module.train_head
+
+    def train_then_collapse(*args, **kwargs):
+        result = original(*args, **kwargs)
+        collapse(result.head)
+        return result
+
+    monkeypatch.setattr(model_module, "train_head", train_then_collapse)
+    images, _ = colour_classes(n=4)
+    model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0, train=TRAIN,
+                           features=FEATURES)
+    assert model.info["guard"]["fallback"], model.info["guard"]
+    assert model.centroids.shape[0] == 3 and len(model.info["cluster_shares"]) == 3
+    assert model.colour_space is None and "merged_clusters" not in model.info
+
+
 def test_cached_features_need_the_image_and_give_the_same_probabilities(coloured):
     model, images, _ = coloured
     image = images[0]

@@ -48,11 +48,12 @@ class Clusters:
 @torch.inference_mode()
 def sample_codes(head: SegmentationHead, maps, device, max_points: int, seed: int,
                  colours: Sequence[torch.Tensor] | None = None,
-                 space: ColourSpace | None = None, return_colours: bool = False):
+                 space: ColourSpace | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes for k-means: all cells when there are at most ``max_points`` (as in 0.1), else
-    a seeded random subset spread over the maps in proportion to their size. With ``space``
-    and the maps' cell ``colours`` ``(3, h, w)``: the :meth:`ColourSpace.vectors` of the
-    same cells; with ``return_colours`` also those cells' colours ``(N, 3)``."""
+    a seeded random subset spread over the maps in proportion to their size, and ``None``.
+    With ``space`` and the maps' cell ``colours`` ``(3, h, w)``: the
+    :meth:`ColourSpace.vectors` of the same cells, and those cells' colours ``(N, 3)``."""
     sizes = [int(m.shape[-2]) * int(m.shape[-1]) for m in maps]
     total = sum(sizes)
     gen = torch.Generator().manual_seed(seed)
@@ -69,9 +70,7 @@ def sample_codes(head: SegmentationHead, maps, device, max_points: int, seed: in
             code = space.vectors(code, col)
             cells.append(col.float().cpu())
         out.append(code)
-    if return_colours:
-        return torch.cat(out), (torch.cat(cells) if cells else None)
-    return torch.cat(out)
+    return torch.cat(out), (torch.cat(cells) if cells else None)
 
 
 def merge_closest_colours(vectors: torch.Tensor, centroids: torch.Tensor,
@@ -126,8 +125,7 @@ def cluster_stage(head: SegmentationHead, maps, n_clusters: int, cluster: Cluste
     total = 1 + max(cluster.n_init, 1) + int(cluster.refine)
     if progress is not None:
         progress("cluster", 0, total)
-    codes, cells = sample_codes(head, maps, device, cluster.max_points, seed, colours, space,
-                                return_colours=True)
+    codes, cells = sample_codes(head, maps, device, cluster.max_points, seed, colours, space)
     if progress is not None:
         progress("cluster", 1, total)
 
@@ -184,5 +182,5 @@ def _guarded(head: SegmentationHead, maps, centroids: torch.Tensor, device,
         torch.manual_seed(seed)
         plain = SegmentationHead(head.in_dim, head.code_dim, float(head.dropout.p))
     plain = init_from_features(plain, sample_vectors(maps, 20_000, gen)).to(device).eval()
-    codes = sample_codes(plain, maps, device, cluster.max_points, seed)
+    codes = sample_codes(plain, maps, device, cluster.max_points, seed)[0]
     return plain, codes, spherical_kmeans(codes, n_clusters, seed=seed, config=cluster), report
