@@ -1,10 +1,10 @@
-"""Synthetic stand-ins for two kinds of data the unseen sets hold: solar EUV disks and
-two-channel fluorescence cells.
+"""Synthetic stand-ins for three kinds of data the unseen sets hold: solar EUV disks,
+two-channel fluorescence cells and H&E histology.
 
 Usage:
-    python benchmarks/standins.py --kinds solar cells --seeds 0 --threads 1
+    python benchmarks/standins.py --kinds solar cells he --seeds 0 --threads 1
 
-Issue 14 scores the defaults on labelled sets that stay unseen; two of their kinds have no
+Issue 14 scores the defaults on labelled sets that stay unseen; three of their kinds have no
 visible counterpart in ../shared/data, so a rule that acts on them (the appearance weight, its
 gates, the kernel width, colour clustering) can only be checked here on drawn images. They are
 drawn, not real: the backbone sees blobs and smoothed noise, so their absolute numbers say
@@ -17,6 +17,10 @@ expects where brightness or a stain alone defines the classes.
   regions included) and coronal hole, K = 2; off-disk pixels are ignored (255).
 * ``cells``: RGB (384 px): cells with a dim, textured cell-body stain (green) around a bright
   nucleus stain (blue) on a dark background. Classes: background, cytoplasm, nucleus, K = 3.
+* ``he``: RGB H&E tiles (384 px) rendered from stain concentrations
+  (:func:`skimage.color.hed2rgb`): fibrous eosin-pink stroma, white lumina with soft edges,
+  hematoxylin-blue nuclei with grainy chromatin, in clusters and scattered. Classes: background
+  (stroma and lumen) and nucleus, K = 2, so the background holds two colours.
 
 Each kind and seed is scored exactly as the unseen sets are: ``StegoModel.fit(images, K,
 backbone="efficientnet_lite0", seed=seed)`` then ``predict(image)`` and ``predict(image,
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+from skimage.color import hed2rgb
 
 from napari_stego import StegoModel
 from napari_stego.crf import dense_crf
@@ -117,7 +122,49 @@ def two_channel_cells(n: int = 16, size: int = 384, seed: int = 0):
     return images, labels
 
 
-KINDS = {"solar": (solar_disks, 2), "cells": (two_channel_cells, 3)}
+def _ellipse(yy, xx, cy, cx, a, b, angle) -> np.ndarray:
+    u = ((yy - cy) * np.cos(angle) + (xx - cx) * np.sin(angle)) / a
+    v = (-(yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)) / b
+    return u ** 2 + v ** 2 < 1
+
+
+def he_tiles(n: int = 16, size: int = 384, seed: int = 0):
+    """``n`` RGB ``(size, size, 3)`` uint8 H&E tiles and their labels (0 background: stroma
+    and lumen, 1 nucleus)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    shape = (size, size)
+    images, labels = [], []
+    for _ in range(n):
+        lumen = _noise(rng, shape, 30) > rng.uniform(0.7, 1.3)
+        edge = ndi.gaussian_filter(lumen.astype(float), 2)
+        fibres = ndi.rotate(ndi.gaussian_filter(rng.standard_normal(shape), (1, 6)),
+                            rng.uniform(0, 180), reshape=False, mode="reflect")
+        eosin = np.clip(1 + 0.35 * fibres / fibres.std() + 0.2 * _noise(rng, shape, 10), 0.1, None)
+        nuclei, hema = np.zeros(shape, bool), np.zeros(shape)
+        spots = [(rng.uniform(0, size, 2), rng.uniform(30, 50), rng.integers(15, 35), (5, 11, 4, 8))
+                 for _ in range(rng.integers(3, 7))]  # clustered nuclei
+        spots.append((None, None, rng.integers(20, 50), (4, 9, 2.5, 5)))  # scattered ones
+        for centre, spread, count, (a0, a1, b0, b1) in spots:
+            for _ in range(count):
+                cy, cx = (rng.uniform(0, size, 2) if centre is None
+                          else centre + rng.normal(0, spread, 2))
+                e = _ellipse(yy, xx, cy, cx, rng.uniform(a0, a1), rng.uniform(b0, b1),
+                             rng.uniform(0, np.pi))
+                nuclei |= e
+                hema = np.maximum(hema, e * rng.uniform(0.6, 1.0))
+        nuclei &= ~lumen
+        chromatin = np.clip(1 + 0.35 * _noise(rng, shape, 1.2), 0.2, None)
+        h = ndi.gaussian_filter(hema * ~lumen * chromatin, 0.8) * 0.11 + 0.006
+        e = ndi.gaussian_filter(eosin * (1 - 0.7 * nuclei), 0.8) * 0.03 * rng.uniform(0.7, 1.3)
+        hed = np.stack([h * (1 - edge), e * (1 - edge), np.zeros(shape)], -1)
+        rgb = hed2rgb(hed) + rng.normal(0, 0.012, (size, size, 3))
+        images.append((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+        labels.append(nuclei.astype(np.uint8))
+    return images, labels
+
+
+KINDS = {"solar": (solar_disks, 2), "cells": (two_channel_cells, 3), "he": (he_tiles, 2)}
 
 
 def run(kind: str, seed: int, n_images: int, save: str | None = None) -> dict:
