@@ -149,10 +149,10 @@ def he_tiles(n: int = 16, size: int = 384, seed: int = 0):
             for _ in range(count):
                 cy, cx = (rng.uniform(0, size, 2) if centre is None
                           else centre + rng.normal(0, spread, 2))
-                e = _ellipse(yy, xx, cy, cx, rng.uniform(a0, a1), rng.uniform(b0, b1),
-                             rng.uniform(0, np.pi))
-                nuclei |= e
-                hema = np.maximum(hema, e * rng.uniform(0.6, 1.0))
+                blob = _ellipse(yy, xx, cy, cx, rng.uniform(a0, a1), rng.uniform(b0, b1),
+                                rng.uniform(0, np.pi))
+                nuclei |= blob
+                hema = np.maximum(hema, blob * rng.uniform(0.6, 1.0))
         nuclei &= ~lumen
         chromatin = np.clip(1 + 0.35 * _noise(rng, shape, 1.2), 0.2, None)
         h = ndi.gaussian_filter(hema * ~lumen * chromatin, 0.8) * 0.11 + 0.006
