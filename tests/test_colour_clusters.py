@@ -107,17 +107,9 @@ def test_merge_false_finds_k_clusters_without_merging(offline_backbone):
 def test_the_guards_fallback_clusters_k_not_k_plus_one(offline_backbone, monkeypatch):
     """A collapsed head with colours: the fallback clusters the untrained head's codes alone,
     K of them (the K + 1 of the merge belong to the codes with colours)."""
-    import napari_stego.model as model_module
-    from test_guard import collapse
+    from test_guard import collapse_after_training
 
-    original = model_module.train_head
-
-    def train_then_collapse(*args, **kwargs):
-        result = original(*args, **kwargs)
-        collapse(result.head)
-        return result
-
-    monkeypatch.setattr(model_module, "train_head", train_then_collapse)
+    collapse_after_training(monkeypatch)
     images, _ = colour_classes(n=4)
     model = StegoModel.fit(images, 3, backbone=offline_backbone, seed=0, train=TRAIN,
                            features=FEATURES)

@@ -24,6 +24,18 @@ def collapse(head: SegmentationHead) -> SegmentationHead:
     return head
 
 
+def collapse_after_training(patch: pytest.MonkeyPatch) -> None:
+    """Make every fit's trained head collapse (before the guard sees it), through ``patch``."""
+    original = model_module.train_head
+
+    def train_then_collapse(*args, **kwargs):
+        result = original(*args, **kwargs)
+        collapse(result.head)
+        return result
+
+    patch.setattr(model_module, "train_head", train_then_collapse)
+
+
 def two_blobs(n=400, dim=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(2, dim, generator=gen) * 3
@@ -55,19 +67,10 @@ def test_check_codes_flags_a_collapsed_head_and_passes_a_working_one():
 @pytest.fixture(scope="module")
 def collapsed_fit(offline_backbone, mosaics):
     images, _ = mosaics
-    original = model_module.train_head
-
-    def train_then_collapse(*args, **kwargs):
-        result = original(*args, **kwargs)
-        collapse(result.head)
-        return result
-
-    model_module.train_head = train_then_collapse
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        collapse_after_training(patch)
         return StegoModel.fit(images, 3, backbone=offline_backbone, train=FAST, seed=0,
                               features=SMALL)
-    finally:
-        model_module.train_head = original
 
 
 def test_fit_with_a_collapsed_head_warns_and_falls_back(collapsed_fit, mosaics, tmp_path):
@@ -100,14 +103,7 @@ def test_cli_fit_prints_the_guard_warning(offline_backbone, mosaics, tmp_path, c
 
     images, _ = mosaics
     tifffile.imwrite(tmp_path / "a.tif", images[0])
-    original = model_module.train_head
-
-    def train_then_collapse(*args, **kwargs):
-        result = original(*args, **kwargs)
-        collapse(result.head)
-        return result
-
-    monkeypatch.setattr(model_module, "train_head", train_then_collapse)
+    collapse_after_training(monkeypatch)
     assert main(["fit", str(tmp_path / "a.tif"), "--out", str(tmp_path / "m.stego"),
                  "--backbone", "efficientnet_lite0", "--steps", "2", "--quiet"]) == 0
     assert "warning: the head collapsed" in capsys.readouterr().err
