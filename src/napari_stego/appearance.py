@@ -193,14 +193,16 @@ def _excess(r2: float, r2_ref: float) -> float:
     return float(np.clip((r2 - r2_ref) / max(1.0 - r2_ref, 1e-6), 0.0, 1.0))
 
 
-def separability(x: np.ndarray, k: int, seed: int = 0) -> tuple[float, float, float]:
+def separability(x: np.ndarray, k: int, seed: int = 0
+                 ) -> tuple[float, float, float, np.ndarray]:
     """How much better k-means with ``k`` clusters splits the points ``x (N, C)`` than it
-    splits a Gaussian cloud with their mean and covariance: ``(s, R2, R2_gauss)`` with
-    ``s = clip((R2 - R2_gauss) / (1 - R2_gauss), 0, 1)`` and ``R2`` the between-cluster
-    fraction of the variance (see the module doc)."""
-    r2 = _r2(x, k, seed)
+    splits a Gaussian cloud with their mean and covariance: ``(s, R2, R2_gauss, centres)``
+    with ``s = clip((R2 - R2_gauss) / (1 - R2_gauss), 0, 1)``, ``R2`` the between-cluster
+    fraction of the variance (see the module doc) and ``centres`` ``(k, C)`` that k-means'."""
+    fit = _kmeans(x, k, seed)
+    r2 = _r2(x, k, seed, fit=fit)
     r2_gauss = _r2(_reference(x, seed), k, seed)
-    return _excess(r2, r2_gauss), r2, r2_gauss
+    return _excess(r2, r2_gauss), r2, r2_gauss, fit[1]
 
 
 def _feature_separability(f: np.ndarray, k: int, seed: int) -> float:
@@ -240,11 +242,8 @@ def appearance_weight(maps: Sequence[torch.Tensor], n_clusters: int | None,
     k = max(int(n_clusters or 2), 2)
     if len(x) <= k:
         return 0.0, dict(weight=0.0, rule="too few cells")
-    fit = _kmeans(x, k, seed)
-    r2 = _r2(x, k, seed, fit=fit)
-    r2_gauss = _r2(_reference(x, seed), k, seed)
-    sep = _excess(r2, r2_gauss)
-    coh = coherence(maps, fit[1])
+    sep, r2, r2_gauss, centres = separability(x, k, seed)
+    coh = coherence(maps, centres)
     groups = float(np.clip((coh - COHERENCE_MIN) / GATE_WIDTH, 0.0, 1.0))
     report = dict(rule="auto", r2=round(r2, 4), r2_gauss=round(r2_gauss, 4),
                   separability=round(sep, 4), k=k, coherence=round(coh, 4),
