@@ -53,3 +53,27 @@ def test_rejects_bad_input():
         spherical_kmeans(torch.zeros(0, 3), 2)
     with pytest.raises(ValueError):
         spherical_kmeans(torch.ones(5, 3), 0)
+
+
+def _lloyd_step(x, c):
+    """One full Lloyd update of unit centroids ``c`` on ``x``."""
+    x = F.normalize(x, dim=1)
+    onehot = F.one_hot(assign(x, c), c.shape[0]).to(x.dtype)
+    return F.normalize(onehot.T @ x, dim=1)
+
+
+def _mean_cos(x, c):
+    return float((F.normalize(x, dim=1) @ c.T).max(1).values.mean())
+
+
+def test_mini_batches_end_at_a_fixed_point():
+    """Mini-batch updates (step 1 / count) stop short of a fixed point on overlapping
+    clusters; the Lloyd passes after them finish the job: one more full update moves nothing
+    and the mean cosine (k-means' objective) is at least as high."""
+    x, _, _ = planted(n_per=2000, k=4, dim=8, noise=0.6, seed=5)
+    mini = dict(batch_size=256, n_iter=60, n_init=1)
+    rough = spherical_kmeans(x, 4, seed=0, config=ClusterConfig(lloyd_iter=0, **mini))
+    done = spherical_kmeans(x, 4, seed=0, config=ClusterConfig(**mini))
+    assert float((_lloyd_step(x, rough) - rough).norm(dim=1).max()) > 1e-2  # not converged
+    assert float((_lloyd_step(x, done) - done).norm(dim=1).max()) < 1e-4
+    assert _mean_cos(x, done) >= _mean_cos(x, rough)

@@ -82,12 +82,14 @@ def test_fit_refines_by_default_reports_it_and_round_trips(offline_backbone, mos
 
 def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_model, tmp_path):
     """A file written before ``ClusterConfig.refine`` existed has no such key: its centroids
-    were not refined, and the loaded model must say so (not take today's default)."""
+    were not refined (nor given Lloyd passes, ``lloyd_iter``, which came later), and the
+    loaded model must say so (not take today's default)."""
     import json
 
     from safetensors.torch import load_file, save_file
 
     from napari_stego import StegoModel
+    from napari_stego.cluster import ClusterConfig
     from napari_stego.io import META_KEY
 
     path = untrained_model.save(tmp_path / "new.stego")
@@ -97,11 +99,14 @@ def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_mode
         meta = json.loads(f.metadata()[META_KEY])
     assert meta["cluster_config"]["refine"] is True
     del meta["cluster_config"]["refine"], meta["cluster_config"]["refine_maps"]
+    del meta["cluster_config"]["lloyd_iter"]
     old = tmp_path / "old.stego"
     save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
     back = StegoModel.load(old)
     assert back.cluster_config.refine is False
+    assert back.cluster_config.lloyd_iter == 0  # nor given the Lloyd passes
     assert StegoModel.load(path).cluster_config.refine is True
+    assert StegoModel.load(path).cluster_config.lloyd_iter == ClusterConfig().lloyd_iter > 0
 
 
 def test_degenerate_codes_keep_finite_unit_centroids():

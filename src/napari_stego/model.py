@@ -461,9 +461,10 @@ class StegoModel:
         configs = build_configs(meta, path, dict(
             feature_config=_feature_config, train_config=_train_config,
             # files from before the refinement existed were not refined
-            # files from before colour clustering clustered the codes alone
+            # files from before colour clustering clustered the codes alone, and from before
+            # the Lloyd passes kept the mini-batch k-means result
             cluster_config=lambda d: strict(ClusterConfig, {"refine": False, "colour": False,
-                                                            **d}),
+                                                            "lloyd_iter": 0, **d}),
             predict_config=lambda d: strict(PredictConfig, d),
             tile_config=lambda d: strict(TileConfig, d)))
         recorded = meta["weights_source"]

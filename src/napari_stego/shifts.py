@@ -112,9 +112,12 @@ def same_cluster_rates(samples: Sequence[PairSamples], centroids: torch.Tensor) 
 
 def feature_centroids(maps: Sequence[torch.Tensor], n_clusters: int, seed: int = 0,
                       max_points: int = 50_000) -> torch.Tensor:
-    """Spherical k-means centres ``(K, D)`` of the raw feature vectors of ``maps``."""
+    """Spherical k-means centres ``(K, D)`` of the raw feature vectors of ``maps``: one
+    mini-batch restart, without Lloyd passes (a rough partition for the pair rates; the
+    attracted fractions were measured with it)."""
     vectors = sample_vectors(maps, max_points, torch.Generator().manual_seed(seed))
-    return spherical_kmeans(vectors, n_clusters, seed=seed, config=ClusterConfig(n_init=1))
+    return spherical_kmeans(vectors, n_clusters, seed=seed,
+                            config=ClusterConfig(n_init=1, lloyd_iter=0))
 
 
 def choose_shifts(corrs: dict[str, torch.Tensor], attract: dict[str, float],
