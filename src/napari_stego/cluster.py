@@ -37,7 +37,9 @@ class ClusterConfig:
     ``refine_maps`` training maps (a seeded subset) are used. On by default: on the six
     benchmark datasets it raised STEGO + CRF by 3.2 mIoU on average over three seeds
     (Jiangxi's blood cells +18.3, the Outex mosaics -1.0; docs/benchmarks.md,
-    ``benchmarks/refine.py``).
+    ``benchmarks/refine.py``). Since the Lloyd passes and the merge its effect is a wash:
+    -0.5 on average over the six sets (CamVid +2.6, Jiangxi -2.4, Outex -2.3), -0.1 to +5.7
+    on the stand-ins for unseen kinds.
     ``colour``: when the head was trained with appearance in its target, cluster (and refine)
     the codes together with the cells' colours, weighted as in the target
     (:class:`~napari_stego.appearance.ColourSpace`); off: the codes alone, as before.
