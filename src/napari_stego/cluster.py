@@ -26,10 +26,10 @@ class ClusterConfig:
     ``lloyd_iter``: when the points were more than one mini-batch, at most this many full
     passes over all of them (Lloyd's algorithm) after the mini-batch updates, until no
     centroid moves more than ``tol``. Mini-batch updates, whose per-centroid step shrinks as
-    ``1 / count``, stop short of a fixed point: on ISBI's codes a restart ended at a mean
-    cosine of 0.256 where the passes reach 0.262, and the raw features of the Outex mosaics
-    scored 41-49 mIoU from seed to seed where the passes give 50.7 on every seed
-    (docs/benchmarks.md). 0: the mini-batch result as it is (before 0.2).
+    ``1 / count``, stop short of a fixed point: on ISBI's codes the best of 10 restarts
+    ended at a mean cosine of 0.256 where the passes reach 0.262, and the raw features of the
+    Outex mosaics scored 41-49 mIoU from seed to seed where the passes give 50.7 on every
+    seed (docs/benchmarks.md). 0: the mini-batch result as it is (before 0.2).
     ``guard``: after a fit, check that the codes cluster, and better than the raw features,
     else warn and fall back to the untrained head (:mod:`napari_stego.guard`).
     ``refine``: after k-means, move the centroids so that each training image's principal
