@@ -96,26 +96,24 @@ def _mean_cosine(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -
 def _fit_once(x: torch.Tensor, k: int, config: ClusterConfig, gen: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     centroids = _kmeans_plus_plus(x, k, gen)
+    if n <= config.batch_size:  # one batch holds every point: Lloyd's algorithm throughout
+        return _lloyd(x, centroids, config.n_iter, config.tol)
     counts = torch.zeros(k, dtype=x.dtype, device=x.device)
-    full = n <= config.batch_size
     for _ in range(config.n_iter):
-        batch = x if full else x[torch.randint(n, (config.batch_size,), generator=gen).to(x.device)]
+        # Sculley's mini-batch update with per-centroid learning rate 1 / count
+        batch = x[torch.randint(n, (config.batch_size,), generator=gen).to(x.device)]
         onehot = F.one_hot(batch.matmul(centroids.T).argmax(1), k).to(x.dtype)  # (b, k)
         sums = onehot.T @ batch  # (k, C); a matmul is far faster than index_add_ on CPU
         hits = onehot.sum(0)
-        if full:
-            new = torch.where(hits[:, None] > 0, sums, centroids)
-        else:  # Sculley's mini-batch update with per-centroid learning rate 1 / count
-            counts += hits
-            rate = torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits))
-            means = sums / hits.clamp_min(1)[:, None]
-            new = centroids + rate[:, None] * (means - centroids)
-        new = F.normalize(new, dim=1)
+        counts += hits
+        rate = torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits))
+        means = sums / hits.clamp_min(1)[:, None]
+        new = F.normalize(centroids + rate[:, None] * (means - centroids), dim=1)
         moved = float((new - centroids).norm(dim=1).max())
         centroids = new
         if moved < config.tol:
             break
-    return centroids if full else _lloyd(x, centroids, config.lloyd_iter, config.tol)
+    return _lloyd(x, centroids, config.lloyd_iter, config.tol)
 
 
 def _lloyd(x: torch.Tensor, centroids: torch.Tensor, n_iter: int, tol: float,
