@@ -13,7 +13,7 @@ from napari_stego import StegoError, StegoModel
 from napari_stego.appearance import AppearanceConfig, ColourSpace
 from napari_stego.cluster import ClusterConfig
 from napari_stego.features import FeatureConfig
-from napari_stego.predict import cluster_probabilities
+from napari_stego.predict import PredictConfig, cluster_probabilities
 from napari_stego.tiling import TileConfig
 from napari_stego.train import TrainConfig
 
@@ -169,7 +169,8 @@ def test_colour_false_clusters_the_codes_alone(offline_backbone):
     assert model.info["appearance"]["weight"] > 0.3
     assert model.colour_space is None and not model.info["colour_clustering"]
     feats = model.features(images[0])
-    model.proba_from_features(feats, images[0].shape[:2])  # no image needed
+    model.predict_config = PredictConfig(guide=None)  # bilinear up-sampling: no image needed
+    model.proba_from_features(feats, images[0].shape[:2])
     assert math.isclose(float(model.centroids.norm(dim=1).mean()), 1.0, rel_tol=1e-4)
 
 

@@ -11,10 +11,17 @@ import zarr
 from skimage import data
 
 from napari_stego import Cancelled, StegoModel
+from napari_stego.appearance import work_rgb
 from napari_stego.cluster import spherical_kmeans
 from napari_stego.features import FeatureConfig, extract_features
 from napari_stego.head import SegmentationHead
-from napari_stego.predict import cluster_probabilities, upsample_code
+from napari_stego.intensity import to_rgb
+from napari_stego.predict import (
+    PredictConfig,
+    cluster_probabilities,
+    guided_probabilities,
+    upsample_code,
+)
 from napari_stego.tiling import TileConfig
 from napari_stego.train import TrainConfig
 
@@ -51,15 +58,25 @@ def _with_tiles(model, tiles):
                       tile_config=tiles)
 
 
-def test_cached_lazy_prediction_equals_the_assembled_map(model, camera, tmp_path):
+@pytest.mark.parametrize("guide", [0.05, None])
+def test_cached_lazy_prediction_equals_the_assembled_map(model, camera, tmp_path, guide):
+    """Tile by tile from the cache equals the whole map: guided up-sampling (the default)
+    and the bilinear up-sampling of model files from before it."""
+    model = StegoModel(model.backbone, model.head, model.centroids, feature_config=CFG,
+                       tile_config=TILES, predict_config=PredictConfig(guide=guide))
     labels, probs = model.predict_lazy(camera, cache=tmp_path, proba=True)
     assert labels.shape == camera.shape and labels.dtype == np.uint8
     assert probs.shape == (3, *camera.shape) and labels.chunks == ((128, 128, 64), (128, 128, 128))
     store = model.extract(camera, cache=tmp_path)  # found, not recomputed
     with torch.inference_mode():
         feats = torch.from_numpy(store.read(0)).float()[None]
-        code = upsample_code(model.head(feats), 8, camera.shape, camera.shape)
-        ref = cluster_probabilities(code, model.centroids, 2.0)[0].numpy()
+        if guide is None:
+            code = upsample_code(model.head(feats), 8, camera.shape, camera.shape)
+            ref = cluster_probabilities(code, model.centroids, 2.0)[0].numpy()
+        else:
+            rgb = work_rgb(to_rgb(camera, CFG.intensity), camera.shape)
+            ref = guided_probabilities(model.head(feats), rgb, camera.shape, 8,
+                                       model.predict_config, model.score_parts)[0].numpy()
     p = probs.compute()
     np.testing.assert_allclose(p, ref, atol=1e-5)
     agree = (labels.compute() == ref.argmax(0)).mean()

@@ -56,7 +56,7 @@ def test_proba_from_features_of_a_feature_cache(fitted, mosaics, tmp_path):
     for image in (mosaics[0][0], small):
         store = fitted.extract(image, cache=tmp_path / "cache")
         feats = torch.from_numpy(np.asarray(store.read(0)))
-        proba = fitted.proba_from_features(feats, image.shape[:2])
+        proba = fitted.proba_from_features(feats, image.shape[:2], image)
         assert proba.shape == (3, *image.shape[:2]) and proba.dtype == np.float32
         code = fitted.upsampled_code(feats, image.shape[:2])
         assert code.shape == (1, fitted.head.code_dim, *image.shape[:2])

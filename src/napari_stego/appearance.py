@@ -101,10 +101,16 @@ def appearance_map(rgb: np.ndarray, grid: tuple[int, int], stride: int,
         work: the size the image is resized to for the backbone
             (:func:`~napari_stego.features.work_size`).
     """
+    return cell_colours(work_rgb(rgb, work), grid, stride)
+
+
+def work_rgb(rgb: np.ndarray, work: tuple[int, int]) -> torch.Tensor:
+    """The image as the backbone sees it, ``(H, W, 3)`` in [0, 1], resized to the ``work``
+    size: ``(3, *work)`` float32."""
     t = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
     if tuple(t.shape[-2:]) != tuple(work):
         t = F.interpolate(t, size=tuple(work), mode="bilinear", align_corners=False)
-    return cell_colours(t[0], grid, stride)
+    return t[0]
 
 
 def _sample(maps: Sequence[torch.Tensor], n: int, gen: torch.Generator,
@@ -369,6 +375,16 @@ def cell_colours(rgb: torch.Tensor, grid: tuple[int, int], stride: int) -> torch
     if ph or pw:
         t = F.pad(t, (0, pw, 0, ph), mode="replicate")
     return F.avg_pool2d(t[..., : h * stride, : w * stride], stride)[0]
+
+
+def cell_moments(rgb: torch.Tensor, grid: tuple[int, int], stride: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean colour ``(3, h, w)`` and colour variance ``(1, h, w)`` (summed over the three
+    channels) of every cell of ``grid`` from a work image ``(3, H, W)``, padded as
+    :func:`cell_colours` pads."""
+    mean = cell_colours(rgb, grid, stride)
+    square = cell_colours(rgb.float() ** 2, grid, stride)
+    return mean, (square - mean ** 2).sum(0, keepdim=True).clamp_min(0)
 
 
 def with_appearance(maps: Sequence[torch.Tensor], images: Sequence[np.ndarray], stride: int,

@@ -9,9 +9,10 @@ until a chunk is asked for (napari computes the slices it shows; ``da.store`` /
 
 A chunk's features come from a :class:`~napari_stego.cache.FeatureStore` when one is given
 (complete planes), else from the backbone on the tile plus its halo. Codes are taken one
-feature cell beyond the core on every side, so the bilinear up-sampling inside a chunk is
-exactly the up-sampling of the whole map: with cached features, tiled prediction equals
-prediction on the assembled feature map.
+feature cell beyond the core on every side, so the up-sampling inside a chunk (guided by the
+pixels, :func:`~napari_stego.predict.guided_upsample`, or bilinear for model files from
+before it) is exactly the up-sampling of the whole map: with cached features, tiled
+prediction equals prediction on the assembled feature map.
 """
 
 from __future__ import annotations
@@ -24,14 +25,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .appearance import cell_colours
+from .appearance import cell_colours, cell_moments
 from .errors import Cancelled
 from ._device_runner import _autocast
 from .features import _Job, _load_job, feature_grid, plane_grid, work_size
 from .intensity import IntensityStats
 from .io import ImageSource
 from .labels import labels_dtype
-from .predict import cluster_probabilities, upsample_code
+from .predict import (
+    cluster_probabilities,
+    cluster_scores,
+    guided_probabilities,
+    guided_upsample,
+    upsample_code,
+)
 from .tiling import PlaneGrid, Tile, TileConfig, cells
 
 Progress = Callable[[str, int, int], None]
@@ -129,31 +136,33 @@ class TilePredictor:
         crop = (..., slice(ya - r0, yb - r0), slice(xa - c0, xb - c0))
         return f[crop], None if colours is None else colours[crop]
 
+    def _pixels(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> torch.Tensor:
+        """The pixels of cells ``[ya, yb) x [xa, xb)`` as the backbone's input ``(3, P, Q)``
+        (those inside the image), read from the source; for a ``whole`` plane, the whole
+        work image (the plane up-sampled as for the backbone), whatever the cells."""
+        if self.whole:
+            job = _Job(plane, None, tuple(self.work), True)
+            return torch.from_numpy(_load_job(self.source, self.stats, job,
+                                              self.model.feature_config.min_side))
+        s = self.model.backbone.stride
+        h, w = self.source.shape2d
+        rgb = self.stats.apply(self.source.block(plane, slice(ya * s, min(yb * s, h)),
+                                                 slice(xa * s, min(xb * s, w))))
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
     def _colours(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> torch.Tensor:
         """Mean colours of cells ``[ya, yb) x [xa, xb)``: ``(1, 3, n, m)``, mapped as the
         backbone's input, read from the source (features from the store)."""
         s = self.model.backbone.stride
-        if self.whole:  # the whole plane, up-sampled as for the backbone
-            job = _Job(plane, None, tuple(self.work), True)
-            x = torch.from_numpy(_load_job(self.source, self.stats, job,
-                                           self.model.feature_config.min_side))
+        x = self._pixels(plane, ya, yb, xa, xb)
+        if self.whole:
             return cell_colours(x, self.grid, s)[None, :, ya:yb, xa:xb]
-        h, w = self.source.shape2d
-        y0, x0 = ya * s, xa * s
-        rgb = self.stats.apply(self.source.block(plane, slice(y0, min(yb * s, h)),
-                                                 slice(x0, min(xb * s, w))))
-        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return cell_colours(x, (yb - ya, xb - xa), s)[None]
 
     def _centroids(self, colours: torch.Tensor | None):
         """The centroids ``cluster_probabilities`` takes and the colour part of the scores
-        ``(1, K, n, m)`` of cells with ``colours`` ``(1, 3, n, m)`` (``None`` without a
-        colour space)."""
-        m = self.model
-        if m.colour_space is None:
-            return m.centroids, None
-        scores = m.colour_space.colour_scores(colours.to(m.device), m.colour_centroids)
-        return m.colour_space.code_weights(m.centroids), scores
+        (:meth:`~napari_stego.model.StegoModel.score_parts`)."""
+        return self.model.score_parts(colours)
 
     @torch.inference_mode()
     def probs(self, plane: int, iy: int, ix: int) -> np.ndarray:
@@ -161,7 +170,14 @@ class TilePredictor:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("segmentation cancelled")
         m = self.model
-        if self.whole:
+        if self.whole and m.predict_config.guide is not None:
+            f, _ = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
+            rgb = self._pixels(plane, 0, self.grid[0], 0, self.grid[1])
+            with self.lock:
+                p = guided_probabilities(m.head(f), rgb, self.source.shape2d,
+                                         m.backbone.stride, m.predict_config,
+                                         m.score_parts)[0].cpu()
+        elif self.whole:
             f, colours = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
             centroids, colour = self._centroids(colours)
             with self.lock:
@@ -201,6 +217,8 @@ class TilePredictor:
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
         f, colours = self._features(plane, tile, ya, yb, xa, xb)
+        if m.predict_config.guide is not None:
+            return self._guided_tile_probs(plane, tile, f, (ya, yb, xa, xb))
         centroids, colour = self._centroids(colours)
         p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
         with self.lock:
@@ -212,6 +230,33 @@ class TilePredictor:
                     _upsample_band(colour, ya, xa, s, (q0, q1), sx.core)
                 band = cluster_probabilities(up, centroids, m.predict_config.alpha,
                                              band_colour)[0]
+                p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
+        return p
+
+
+    def _guided_tile_probs(self, plane: int, tile: Tile, f: torch.Tensor,
+                           cells_: tuple[int, int, int, int]) -> torch.Tensor:
+        """Probabilities of ``tile``'s core from features ``f`` of cells ``[ya, yb) x
+        [xa, xb)`` (one cell beyond the core, or the grid's edge): the scores per cell, then
+        :func:`~napari_stego.predict.guided_upsample` band by band, as on the whole map."""
+        m = self.model
+        s = m.backbone.stride
+        ya, yb, xa, xb = cells_
+        sy, sx = tile.y, tile.x
+        rgb = self._pixels(plane, ya, yb, xa, xb)  # pixels from (ya * s, xa * s)
+        means, spread = cell_moments(rgb, (yb - ya, xb - xa), s)
+        means, spread = means[None].to(m.device), spread[None].to(m.device)
+        centroids, colour = m.score_parts(means)
+        p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
+        with self.lock:
+            scores = cluster_scores(m.head(f).float(), centroids, colour)
+            for q0 in range(sy.core[0], sy.core[1], BAND):
+                q1 = min(q0 + BAND, sy.core[1])
+                px = rgb[None, :, q0 - ya * s:q1 - ya * s,
+                         sx.core[0] - xa * s:sx.core[1] - xa * s].to(m.device)
+                up = guided_upsample(scores, means, spread, px, s, m.predict_config.guide,
+                                     cells=(ya, xa), pixels=(q0, sx.core[0]))
+                band = torch.softmax(m.predict_config.alpha * up, dim=1)[0]
                 p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
         return p
 

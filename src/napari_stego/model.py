@@ -21,6 +21,7 @@ from .appearance import (
     appearance_map,
     stores_with_appearance,
     with_appearance,
+    work_rgb,
 )
 from .backbones import Backbone, create_backbone, upsampled
 from .cluster import ClusterConfig
@@ -40,7 +41,12 @@ from .intensity import IntensityConfig, to_rgb
 from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
 from .loss import LossConfig
-from .predict import PredictConfig, cluster_probabilities, upsample_code
+from .predict import (
+    PredictConfig,
+    cluster_probabilities,
+    guided_probabilities,
+    upsample_code,
+)
 from .shifts import AutoShiftConfig
 from .tiling import TileConfig
 from .train import TrainConfig, train_head
@@ -260,6 +266,16 @@ class StegoModel:
     def _proba(self, feats: torch.Tensor, size: tuple[int, int],
                image: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`proba_from_features` as a ``(K, H, W)`` tensor on the model's device."""
+        if self.predict_config.guide is not None:
+            if image is None:
+                raise StegoError("this model up-samples its cluster scores guided by the "
+                                 "image's colours: pass the image too "
+                                 "(proba_from_features(feats, size, image))")
+            work = work_size(tuple(size), self.feature_config.min_side)
+            rgb = work_rgb(to_rgb(_one_image(image), self.feature_config.intensity), work)
+            return guided_probabilities(self._head_code(feats), rgb, tuple(size),
+                                        self.backbone.stride, self.predict_config,
+                                        self.score_parts)[0]
         code = self.upsampled_code(feats, size)
         if self.colour_space is None:
             return cluster_probabilities(code, self.centroids, self.predict_config.alpha)[0]
@@ -269,12 +285,19 @@ class StegoModel:
         work = work_size(tuple(size), self.feature_config.min_side)
         colours = appearance_map(to_rgb(_one_image(image), self.feature_config.intensity),
                                  tuple(feats.shape[-2:]), self.backbone.stride, work)
-        space = self.colour_space
-        scores = space.colour_scores(colours[None].to(self.device), self.colour_centroids)
-        return cluster_probabilities(code, space.code_weights(self.centroids),
-                                     self.predict_config.alpha,
+        centroids, scores = self.score_parts(colours[None])
+        return cluster_probabilities(code, centroids, self.predict_config.alpha,
                                      upsample_code(scores, self.backbone.stride, work,
                                                    tuple(size)))[0]
+
+    def score_parts(self, colours: torch.Tensor | None):
+        """The centroids :func:`~napari_stego.predict.cluster_scores` takes and the colour
+        part of the scores ``(1, K, n, m)`` of cells with mean ``colours`` ``(1, 3, n, m)``
+        (``None`` for a model that clusters the codes alone)."""
+        if self.colour_space is None:
+            return self.centroids, None
+        scores = self.colour_space.colour_scores(colours.to(self.device), self.colour_centroids)
+        return self.colour_space.code_weights(self.centroids), scores
 
     @torch.inference_mode()
     def upsampled_code(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -465,7 +488,8 @@ class StegoModel:
             # the Lloyd passes kept the mini-batch k-means result
             cluster_config=lambda d: strict(ClusterConfig, {"refine": False, "colour": False,
                                                             "lloyd_iter": 0, **d}),
-            predict_config=lambda d: strict(PredictConfig, d),
+            # and from before the guided up-sampling up-sampled the codes bilinearly
+            predict_config=lambda d: strict(PredictConfig, {"guide": None, **d}),
             tile_config=lambda d: strict(TileConfig, d)))
         recorded = meta["weights_source"]
         if weights is None and recorded.startswith("file:") and Path(recorded[5:]).is_file():
