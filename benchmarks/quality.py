@@ -39,15 +39,16 @@ from scipy.cluster.vq import kmeans2
 from skimage.io import imread
 
 from napari_stego import StegoModel
-from napari_stego.appearance import AppearanceConfig
+from napari_stego.appearance import AppearanceConfig, work_rgb
 from napari_stego.backbones import create_backbone, upsampled
 from napari_stego.choose_k import suggest_for_model
 from napari_stego.cluster import ClusterConfig, spherical_kmeans
 from napari_stego.crf import default_backend, dense_crf
 from napari_stego.features import FeatureConfig, extract_features, work_size
+from napari_stego.intensity import to_rgb
 from napari_stego.io import to_uint8_rgb
 from napari_stego.metrics import confusion_matrix, hungarian_scores
-from napari_stego.predict import PredictConfig, upsample_code
+from napari_stego.predict import PredictConfig, guided_probabilities
 from napari_stego.train import TrainConfig
 
 METHODS = ("colour_kmeans", "colour_kmeans_crf", "features_kmeans", "features_kmeans_crf",
@@ -145,24 +146,20 @@ def features_kmeans(maps, images, n_clusters: int, seed: int, stride: int,
                     config: FeatureConfig, alpha: float | None = None) -> list:
     """Spherical k-means on the backbone features, up-sampled to the image like codes.
 
-    The label is the nearest centroid of the bilinearly up-sampled feature. Up-sampling is
-    linear and the feature's norm is the same for every centroid, so that is the argmax of
-    the up-sampled dot products ``(K, h, w)``: no ``(D, H, W)`` map is built. With ``alpha``
-    returns ``(K, H, W)`` probabilities ``softmax(alpha * cos)`` as STEGO's (for the CRF),
-    the feature's norm up-sampled alongside the dots.
+    The cosines of each feature cell to the centroids are brought to the pixels as STEGO's
+    scores are (:func:`~napari_stego.predict.guided_probabilities` with the package's default
+    ``PredictConfig``, guided by the image's colours), so the baseline and STEGO differ only
+    in what is clustered. Returns the labels ``(H, W)``, or with ``alpha`` the probabilities
+    ``(K, H, W)`` ``softmax(alpha * score)`` (for the CRF).
     """
     centroids = spherical_kmeans(torch.cat([m.flatten(1).T for m in maps]), n_clusters, seed=seed)
+    predict = replace(PredictConfig(), alpha=alpha or PredictConfig().alpha)
     preds = []
     for im, m in zip(images, maps):
-        dots = torch.einsum("dhw,kd->khw", m, centroids)[None]
-        work = work_size(im.shape[:2], config.min_side)
-        up = upsample_code(dots, stride, work, im.shape[:2])
-        if alpha is None:
-            preds.append(up.argmax(1)[0].numpy())
-            continue
-        norm = m.float().norm(dim=0).clamp_min(1e-10)[None, None]
-        cos = up / upsample_code(norm, stride, work, im.shape[:2]).clamp_min(1e-10)
-        preds.append(torch.softmax(alpha * cos, dim=1)[0].numpy().astype(np.float32))
+        rgb = work_rgb(to_rgb(im, config.intensity), work_size(im.shape[:2], config.min_side))
+        p = guided_probabilities(m[None].float(), rgb, im.shape[:2], stride, predict,
+                                 lambda _colours: (centroids, None))[0]
+        preds.append(p.argmax(0).numpy() if alpha is None else p.numpy().astype(np.float32))
     return preds
 
 
