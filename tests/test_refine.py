@@ -91,6 +91,7 @@ def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_mode
     from napari_stego import StegoModel
     from napari_stego.cluster import ClusterConfig
     from napari_stego.io import META_KEY
+    from napari_stego.predict import PredictConfig
 
     path = untrained_model.save(tmp_path / "new.stego")
     from safetensors import safe_open
@@ -100,6 +101,7 @@ def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_mode
     assert meta["cluster_config"]["refine"] is True
     del meta["cluster_config"]["refine"], meta["cluster_config"]["refine_maps"]
     del meta["cluster_config"]["lloyd_iter"]
+    del meta["predict_config"]["guide"]  # nor up-sampled their scores guided by the image
     old = tmp_path / "old.stego"
     save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
     back = StegoModel.load(old)
@@ -107,6 +109,8 @@ def test_model_files_from_before_the_refinement_load_as_unrefined(untrained_mode
     assert back.cluster_config.lloyd_iter == 0  # nor given the Lloyd passes
     assert StegoModel.load(path).cluster_config.refine is True
     assert StegoModel.load(path).cluster_config.lloyd_iter == ClusterConfig().lloyd_iter > 0
+    assert back.predict_config.guide is None
+    assert StegoModel.load(path).predict_config.guide == PredictConfig().guide > 0
 
 
 def test_degenerate_codes_keep_finite_unit_centroids():
