@@ -233,7 +233,6 @@ class TilePredictor:
                 p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
         return p
 
-
     def _guided_tile_probs(self, plane: int, tile: Tile, f: torch.Tensor,
                            cells_: tuple[int, int, int, int]) -> torch.Tensor:
         """Probabilities of ``tile``'s core from features ``f`` of cells ``[ya, yb) x

@@ -259,8 +259,11 @@ class StegoModel:
                             image: np.ndarray | None = None) -> np.ndarray:
         """Cluster probabilities ``(K, H, W)`` float32 of an image of ``size`` ``(H, W)`` from
         its backbone features ``(D, h, w)`` (from :meth:`features` or a feature cache), so
-        refitting on the same images need not run the backbone again. A model that clusters
-        with colours (``model.colour_space``) also needs the ``image`` itself."""
+        refitting on the same images need not run the backbone again. The ``image`` itself
+        is needed too: the scores are up-sampled guided by its colours
+        (``PredictConfig.guide``), and a model that clusters with colours
+        (``model.colour_space``) scores them. Only a model with ``guide=None`` (files from
+        before the guided up-sampling) and no colour space does without."""
         return self._proba(feats, size, image).cpu().numpy().astype(np.float32)
 
     def _proba(self, feats: torch.Tensor, size: tuple[int, int],
