@@ -107,10 +107,10 @@ def guided_upsample(scores: torch.Tensor, means: torch.Tensor, spread: torch.Ten
     pixel's colour and ``N`` the isotropic Gaussian density of colours around the cell's mean
     colour ``mu_q`` with variance ``sigma^2 + v_q`` in each channel, ``v_q`` the cell's own
     colour variance summed over the channels and ``sigma`` a noise floor (so a cell that
-    straddles an edge accepts colours of either side). A pixel at an edge thus takes the scores of the cells whose colours it
-    shares; inside a cell of one colour the weights are spatial alone. A band of pixels
-    (``pixels``) with the cells around it (``cells``, one cell of margin or the grid's
-    edge) gives the values of the whole map there.
+    straddles an edge accepts colours of either side). A pixel at an edge thus takes the
+    scores of the cells whose colours it shares; inside a cell of one colour the weights are
+    spatial alone. A band of pixels (``pixels``) with the cells around it (``cells``, one
+    cell of margin or the grid's edge) gives the values of the whole map there.
 
     Args:
         scores: ``(B, K, n, m)`` on cells ``[cells[0], cells[0] + n) x [cells[1], cells[1] + m)``.
@@ -131,18 +131,19 @@ def guided_upsample(scores: torch.Tensor, means: torch.Tensor, spread: torch.Ten
     log_norm = 1.5 * torch.log(var)  # the density's normaliser in three channels
     means = means.to(scores)
 
-    def axis(start: int, size: int, first: int, count: int):
+    def axis(start: int, size: int):
+        """Each pixel's own cell and its position in cell units (cell centres at integers)."""
         px = torch.arange(start, start + size, device=scores.device)
-        return torch.div(px, stride, rounding_mode="floor"), (px + 0.5) / stride - 0.5, first, count
+        return torch.div(px, stride, rounding_mode="floor"), (px + 0.5) / stride - 0.5
 
-    (own_y, at_y, y0, ny), (own_x, at_x, x0, nx) = axis(pixels[0], rgb.shape[-2], cells[0], n), \
-        axis(pixels[1], rgb.shape[-1], cells[1], m)
+    (own_y, at_y), (own_x, at_x) = axis(pixels[0], rgb.shape[-2]), axis(pixels[1], rgb.shape[-1])
+    y0, x0 = cells
     best = acc = total = None
     for dy in range(-radius, radius + 1):
-        qy = (own_y + dy).clamp(y0, y0 + ny - 1)
+        qy = (own_y + dy).clamp(y0, y0 + n - 1)
         iy, d2y = qy - y0, (at_y - qy) ** 2
         for dx in range(-radius, radius + 1):
-            qx = (own_x + dx).clamp(x0, x0 + nx - 1)
+            qx = (own_x + dx).clamp(x0, x0 + m - 1)
             ix, d2x = qx - x0, (at_x - qx) ** 2
             v = var[:, :, iy][..., ix]
             logw = -(d2y[:, None] + d2x[None, :]) / 2 \
@@ -168,7 +169,7 @@ def guided_probabilities(code: torch.Tensor, rgb: torch.Tensor, size: tuple[int,
     per cell, :func:`guided_upsample` to the work image's pixels, then bilinear to ``size``
     where the work image was resized. ``score_parts(colours)`` gives the centroids and the
     colour part :func:`cluster_scores` takes for cells of mean ``colours (1, 3, h, w)``
-    (:meth:`napari_stego.StegoModel.score_parts`)."""
+    (:meth:`napari_stego.StegoModel.score_parts`). ``config.guide`` must be set."""
     means, spread = cell_moments(rgb, tuple(code.shape[-2:]), stride)
     means, spread = means[None].to(code.device), spread[None].to(code.device)
     centroids, colour = score_parts(means)
