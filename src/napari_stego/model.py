@@ -16,7 +16,6 @@ import torch
 
 from . import __version__
 from .appearance import (
-    AppearanceConfig,
     ColourSpace,
     appearance_map,
     stores_with_appearance,
@@ -37,7 +36,7 @@ from .features import (
 )
 from .fit_cluster import cluster_stage
 from .head import SegmentationHead
-from .intensity import IntensityConfig, to_rgb
+from .intensity import to_rgb
 from .io import ImageSource, image_list, open_image
 from .labels import labels_dtype
 from .loss import LossConfig
@@ -47,7 +46,6 @@ from .predict import (
     guided_probabilities,
     upsample_code,
 )
-from .shifts import AutoShiftConfig
 from .tiling import TileConfig
 from .train import TrainConfig, train_head
 from .train_crops import training_maps
@@ -478,22 +476,13 @@ class StegoModel:
             StegoError: unreadable file, a newer format, or backbone weights that differ from
                 the ones the model was fitted with (the message names both).
         """
-        from .modelfile import build_configs, read_model_file, strict
+        from .modelfile import model_colour_space, model_configs, read_model_file
 
         path = Path(path)
         if not path.is_file():
             raise StegoError(f"model file {path} does not exist")
         meta, tensors = read_model_file(path, FORMAT_VERSION)
-        configs = build_configs(meta, path, dict(
-            feature_config=_feature_config, train_config=_train_config,
-            # files from before the refinement existed were not refined
-            # files from before colour clustering clustered the codes alone, and from before
-            # the Lloyd passes kept the mini-batch k-means result
-            cluster_config=lambda d: strict(ClusterConfig, {"refine": False, "colour": False,
-                                                            "lloyd_iter": 0, **d}),
-            # and from before the guided up-sampling up-sampled the codes bilinearly
-            predict_config=lambda d: strict(PredictConfig, {"guide": None, **d}),
-            tile_config=lambda d: strict(TileConfig, d)))
+        configs = model_configs(meta, path)
         recorded = meta["weights_source"]
         if weights is None and recorded.startswith("file:") and Path(recorded[5:]).is_file():
             weights = recorded[5:]
@@ -515,7 +504,7 @@ class StegoModel:
                    cluster_config=configs["cluster_config"],
                    predict_config=configs["predict_config"],
                    tile_config=configs["tile_config"], device=device, info=meta.get("info"),
-                   colour_space=_colour_space(meta.get("colour_space"), path),
+                   colour_space=model_colour_space(meta, path),
                    colour_centroids=tensors.get("colour_centroids"))
 
     def __repr__(self) -> str:
@@ -536,18 +525,6 @@ def _thin(values: list[float], n: int) -> list[float]:
         return []
     chunks = np.array_split(np.asarray(values, np.float64), min(n, len(values)))
     return [round(float(c.mean()), 5) for c in chunks]
-
-
-def _feature_config(d: dict) -> FeatureConfig:
-    from .modelfile import strict
-
-    d = dict(d)
-    inten = dict(d.pop("intensity"))
-    channels = inten.get("channels")
-    if isinstance(channels, list):
-        inten["channels"] = tuple(channels)
-    inten["percentiles"] = tuple(inten["percentiles"])
-    return strict(FeatureConfig, dict(d, intensity=strict(IntensityConfig, inten)))
 
 
 def _legacy_input(images, axes, cache) -> bool:
@@ -588,26 +565,3 @@ def _stores(net, sources, features, tiles, cache, device, data_hash, progress, c
     if progress is not None:
         progress("features", total, total)
     return [store for store, _ in opened], [stats for _, stats in opened]
-
-
-def _colour_space(d: dict | None, path) -> ColourSpace | None:
-    from .modelfile import strict
-
-    if d is None:
-        return None
-    try:
-        return strict(ColourSpace, d)
-    except (StegoError, TypeError, ValueError) as exc:
-        raise StegoError(f"{path} is a damaged model file: bad colour_space ({exc})") from None
-
-
-def _train_config(d: dict) -> TrainConfig:
-    from .modelfile import strict
-
-    d = {"ema_span": None, **d}  # files from before the weights' average kept the last ones
-    d["loss"] = strict(LossConfig, d["loss"])
-    if isinstance(d.get("appearance"), dict):
-        d["appearance"] = strict(AppearanceConfig, d["appearance"])
-    if d.get("auto_shifts") is not None:
-        d["auto_shifts"] = strict(AutoShiftConfig, d["auto_shifts"])
-    return strict(TrainConfig, d)

@@ -4,7 +4,9 @@ A model file is a safetensors file (no code runs on load) with the model's setti
 under one metadata key. :func:`read_model_file` checks every field and tensor before anything
 is built from them, so that a damaged or hand-edited file fails at load with one
 :class:`~napari_stego.errors.StegoError` saying what is wrong, not later on every image (or
-silently, with NaN centroids giving all-zero labels).
+silently, with NaN centroids giving all-zero labels). :func:`model_configs` builds each
+stage's config from it, with the values that files written before a setting existed must
+load with (so an old model predicts as it did, not with today's defaults).
 """
 
 from __future__ import annotations
@@ -17,8 +19,17 @@ from pathlib import Path
 
 import torch
 
+from .appearance import AppearanceConfig, ColourSpace
+from .cluster import ClusterConfig
 from .errors import StegoError
+from .features import FeatureConfig
+from .intensity import IntensityConfig
 from .io import META_KEY
+from .loss import LossConfig
+from .predict import PredictConfig
+from .shifts import AutoShiftConfig
+from .tiling import TileConfig
+from .train import TrainConfig
 
 _REQUIRED = dict(format_version=int, backbone=str, weights_source=str,
                  weights_fingerprint=str, in_dim=int, code_dim=int, n_clusters=int,
@@ -173,3 +184,48 @@ def strict(cls, d: dict):
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:200] if text else type(exc).__name__
+
+
+def model_configs(meta: dict, path) -> dict:
+    """The stages' configs of a model file's ``meta`` (see :func:`build_configs`)."""
+    return build_configs(meta, path, dict(
+        feature_config=_feature_config, train_config=_train_config,
+        # files from before the refinement existed were not refined, from before colour
+        # clustering clustered the codes alone, and from before the Lloyd passes kept the
+        # mini-batch k-means result
+        cluster_config=lambda d: strict(ClusterConfig, {"refine": False, "colour": False,
+                                                        "lloyd_iter": 0, **d}),
+        # and from before the guided up-sampling up-sampled the codes bilinearly
+        predict_config=lambda d: strict(PredictConfig, {"guide": None, **d}),
+        tile_config=lambda d: strict(TileConfig, d)))
+
+
+def model_colour_space(meta: dict, path) -> ColourSpace | None:
+    """The :class:`~napari_stego.appearance.ColourSpace` of a model file, or ``None``."""
+    d = meta.get("colour_space")
+    if d is None:
+        return None
+    try:
+        return strict(ColourSpace, d)
+    except (StegoError, TypeError, ValueError) as exc:
+        raise StegoError(f"{path} is a damaged model file: bad colour_space ({exc})") from None
+
+
+def _feature_config(d: dict) -> FeatureConfig:
+    d = dict(d)
+    inten = dict(d.pop("intensity"))
+    channels = inten.get("channels")
+    if isinstance(channels, list):
+        inten["channels"] = tuple(channels)
+    inten["percentiles"] = tuple(inten["percentiles"])
+    return strict(FeatureConfig, dict(d, intensity=strict(IntensityConfig, inten)))
+
+
+def _train_config(d: dict) -> TrainConfig:
+    d = {"ema_span": None, **d}  # files from before the weights' average kept the last ones
+    d["loss"] = strict(LossConfig, d["loss"])
+    if isinstance(d.get("appearance"), dict):
+        d["appearance"] = strict(AppearanceConfig, d["appearance"])
+    if d.get("auto_shifts") is not None:
+        d["auto_shifts"] = strict(AutoShiftConfig, d["auto_shifts"])
+    return strict(TrainConfig, d)
