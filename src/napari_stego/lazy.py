@@ -108,16 +108,17 @@ class TilePredictor:
         return self.plane_grid.chunks
 
     def _features(self, plane: int, tile: Tile | None, ya: int, yb: int, xa: int,
-                  xb: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  xb: int, colours: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features of cells ``[ya, yb) x [xa, xb)``: ``(1, D, n, m)`` float32 on the device,
-        and the cells' mean colours ``(1, 3, n, m)`` when the model clusters with colours
-        (from the pixels read for the backbone; read for them alone when the features come
-        from the store), else ``None``."""
+        and with ``colours`` the cells' mean colours ``(1, 3, n, m)`` when the model clusters
+        with colours (from the pixels read for the backbone; read for them alone when the
+        features come from the store), else ``None``."""
         m = self.model
+        colours = colours and m.colour_space is not None
         if self.store is not None and self.store.is_done(plane):
             f = torch.from_numpy(np.ascontiguousarray(self.store.read(plane, slice(ya, yb),
                                                                        slice(xa, xb))))
-            colours = None if m.colour_space is None else self._colours(plane, ya, yb, xa, xb)
+            colours = self._colours(plane, ya, yb, xa, xb) if colours else None
             with self.lock:
                 return f.to(m.device, torch.float32)[None], colours
         job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work), True)
@@ -131,8 +132,8 @@ class TilePredictor:
         if tile is not None:
             r0, _ = cells(tile.y.read, m.backbone.stride)
             c0, _ = cells(tile.x.read, m.backbone.stride)
-        colours = None if m.colour_space is None else \
-            cell_colours(x, tuple(f.shape[-2:]), m.backbone.stride)[None]
+        colours = cell_colours(x, tuple(f.shape[-2:]), m.backbone.stride)[None] if colours \
+            else None
         crop = (..., slice(ya - r0, yb - r0), slice(xa - c0, xb - c0))
         return f[crop], None if colours is None else colours[crop]
 
@@ -171,7 +172,7 @@ class TilePredictor:
             raise Cancelled("segmentation cancelled")
         m = self.model
         if self.whole and m.predict_config.guide is not None:
-            f, _ = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
+            f, _ = self._features(plane, None, 0, self.grid[0], 0, self.grid[1], colours=False)
             rgb = self._pixels(plane, 0, self.grid[0], 0, self.grid[1])
             with self.lock:
                 p = guided_probabilities(m.head(f), rgb, self.source.shape2d,
@@ -208,55 +209,44 @@ class TilePredictor:
         return self._tile_probs(plane, tile).numpy().astype(np.float32, copy=False)
 
     def _tile_probs(self, plane: int, tile: Tile) -> torch.Tensor:
+        """Probabilities of ``tile``'s core from the features of its cells and one cell
+        beyond (or the grid's edge), band by band: the scores per cell up-sampled guided by
+        the pixels (:func:`~napari_stego.predict.guided_upsample`), or the codes bilinearly
+        for ``guide=None``, as on the whole map."""
         m = self.model
         s = m.backbone.stride
+        guide = m.predict_config.guide
         sy, sx = tile.y, tile.x
         c_y, c_x = cells(sy.core, s), cells(sx.core, s)
         r_y, r_x = (cells(sy.read, s), cells(sx.read, s)) if self.store is None or \
             not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
-        f, colours = self._features(plane, tile, ya, yb, xa, xb)
-        if m.predict_config.guide is not None:
-            return self._guided_tile_probs(plane, tile, f, (ya, yb, xa, xb))
+        f, colours = self._features(plane, tile, ya, yb, xa, xb, colours=guide is None)
+        if guide is not None:  # the cells' colours come with the pixels the guidance reads
+            rgb = self._pixels(plane, ya, yb, xa, xb)  # pixels from (ya * s, xa * s)
+            colours, spread = (t[None].to(m.device)
+                               for t in cell_moments(rgb, (yb - ya, xb - xa), s))
         centroids, colour = self._centroids(colours)
         p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
         with self.lock:
             code = m.head(f)
+            if guide is not None:
+                scores = cluster_scores(code.float(), centroids, colour)
             for q0 in range(sy.core[0], sy.core[1], BAND):
                 q1 = min(q0 + BAND, sy.core[1])
-                up = _upsample_band(code, ya, xa, s, (q0, q1), sx.core)
-                band_colour = None if colour is None else \
-                    _upsample_band(colour, ya, xa, s, (q0, q1), sx.core)
-                band = cluster_probabilities(up, centroids, m.predict_config.alpha,
-                                             band_colour)[0]
-                p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
-        return p
-
-    def _guided_tile_probs(self, plane: int, tile: Tile, f: torch.Tensor,
-                           cells_: tuple[int, int, int, int]) -> torch.Tensor:
-        """Probabilities of ``tile``'s core from features ``f`` of cells ``[ya, yb) x
-        [xa, xb)`` (one cell beyond the core, or the grid's edge): the scores per cell, then
-        :func:`~napari_stego.predict.guided_upsample` band by band, as on the whole map."""
-        m = self.model
-        s = m.backbone.stride
-        ya, yb, xa, xb = cells_
-        sy, sx = tile.y, tile.x
-        rgb = self._pixels(plane, ya, yb, xa, xb)  # pixels from (ya * s, xa * s)
-        means, spread = cell_moments(rgb, (yb - ya, xb - xa), s)
-        means, spread = means[None].to(m.device), spread[None].to(m.device)
-        centroids, colour = m.score_parts(means)
-        p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
-        with self.lock:
-            scores = cluster_scores(m.head(f).float(), centroids, colour)
-            for q0 in range(sy.core[0], sy.core[1], BAND):
-                q1 = min(q0 + BAND, sy.core[1])
-                px = rgb[None, :, q0 - ya * s:q1 - ya * s,
-                         sx.core[0] - xa * s:sx.core[1] - xa * s].to(m.device)
-                up = guided_upsample(scores, means, spread, px, s, m.predict_config.guide,
-                                     cells=(ya, xa), pixels=(q0, sx.core[0]))
-                band = torch.softmax(m.predict_config.alpha * up, dim=1)[0]
-                p[:, q0 - sy.core[0]:q1 - sy.core[0]] = band.cpu()
+                if guide is None:
+                    band = cluster_scores(
+                        _upsample_band(code, ya, xa, s, (q0, q1), sx.core), centroids,
+                        None if colour is None else
+                        _upsample_band(colour, ya, xa, s, (q0, q1), sx.core))
+                else:
+                    px = rgb[None, :, q0 - ya * s:q1 - ya * s,
+                             sx.core[0] - xa * s:sx.core[1] - xa * s].to(m.device)
+                    band = guided_upsample(scores, colours, spread, px, s, guide,
+                                           cells=(ya, xa), pixels=(q0, sx.core[0]))
+                p[:, q0 - sy.core[0]:q1 - sy.core[0]] = \
+                    torch.softmax(m.predict_config.alpha * band, dim=1)[0].cpu()
         return p
 
 
