@@ -208,3 +208,26 @@ def test_tiles_take_their_colours_from_the_pixels_read_for_the_backbone(coloured
             (ya, yb), (xa, xb) = cells(tile.y.core, s), cells(tile.x.core, s)
             _, read_with_features = pred._features(0, tile, ya, yb, xa, xb)
             torch.testing.assert_close(read_with_features, pred._colours(0, ya, yb, xa, xb))
+
+
+def test_guided_tiles_from_the_cache_read_their_colours_once(coloured, tmp_path, monkeypatch):
+    """A colour model's guided tiles take the cells' colours from the pixels the guidance
+    reads; the separate colour read (``TilePredictor._colours``) is for bilinear ones."""
+    from napari_stego.lazy import TilePredictor
+
+    model, images, _ = coloured
+    big = np.concatenate([np.concatenate(images[:2], 1), np.concatenate(images[2:4], 1)], 0)
+    tiled = StegoModel(model.backbone, model.head, model.centroids,
+                       feature_config=model.feature_config, info=model.info,
+                       colour_space=model.colour_space, colour_centroids=model.colour_centroids,
+                       tile_config=TileConfig(tile=96, halo=48))
+    tiled.extract(big, cache=tmp_path)
+    calls = []
+    real = TilePredictor._colours
+    monkeypatch.setattr(TilePredictor, "_colours",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    labels = tiled.predict_lazy(big, cache=tmp_path).compute(scheduler="synchronous")
+    assert labels.shape == big.shape[:2] and calls == []
+    tiled.predict_config = PredictConfig(guide=None)  # the bilinear tiles do read them
+    tiled.predict_lazy(big, cache=tmp_path).compute(scheduler="synchronous")
+    assert calls

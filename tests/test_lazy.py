@@ -100,6 +100,22 @@ def test_images_of_one_tile_are_predicted_as_before(model):
     np.testing.assert_allclose(lazy_probs.compute(), model.predict_proba(image), atol=1e-6)
 
 
+def test_a_whole_plane_is_read_once_for_the_backbone_and_the_guidance(model, monkeypatch):
+    import napari_stego.lazy as lazy
+
+    reads = []
+    real = lazy._load_job
+
+    def counted(*args, **kwargs):
+        reads.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lazy, "_load_job", counted)
+    image = data.coins()[:40, :50]  # up-sampled for the backbone: a whole plane
+    labels = model.predict_lazy(image).compute(scheduler="synchronous")
+    assert labels.shape == image.shape and len(reads) == 1, reads
+
+
 def test_big_in_memory_images_predict_tile_by_tile(model, camera):
     labels = model.predict(camera)
     np.testing.assert_array_equal(labels, model.predict_lazy(camera).compute())

@@ -108,11 +108,13 @@ class TilePredictor:
         return self.plane_grid.chunks
 
     def _features(self, plane: int, tile: Tile | None, ya: int, yb: int, xa: int,
-                  xb: int, colours: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  xb: int, colours: bool = True, x: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features of cells ``[ya, yb) x [xa, xb)``: ``(1, D, n, m)`` float32 on the device,
         and with ``colours`` the cells' mean colours ``(1, 3, n, m)`` when the model clusters
         with colours (from the pixels read for the backbone; read for them alone when the
-        features come from the store), else ``None``."""
+        features come from the store), else ``None``. ``x``: the backbone's input, when the
+        caller has read it already (a ``whole`` plane's :meth:`_pixels`)."""
         m = self.model
         colours = colours and m.colour_space is not None
         if self.store is not None and self.store.is_done(plane):
@@ -121,8 +123,11 @@ class TilePredictor:
             colours = self._colours(plane, ya, yb, xa, xb) if colours else None
             with self.lock:
                 return f.to(m.device, torch.float32)[None], colours
-        job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work), True)
-        x = torch.from_numpy(_load_job(self.source, self.stats, job, m.feature_config.min_side))
+        if x is None:
+            job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work),
+                       True)
+            x = torch.from_numpy(_load_job(self.source, self.stats, job,
+                                           m.feature_config.min_side))
         with self.lock, torch.inference_mode():
             xd = x[None].to(m.device)
             with _autocast(m.device, m.feature_config):
@@ -160,11 +165,6 @@ class TilePredictor:
             return cell_colours(x, self.grid, s)[None, :, ya:yb, xa:xb]
         return cell_colours(x, (yb - ya, xb - xa), s)[None]
 
-    def _centroids(self, colours: torch.Tensor | None):
-        """The centroids ``cluster_probabilities`` takes and the colour part of the scores
-        (:meth:`~napari_stego.model.StegoModel.score_parts`)."""
-        return self.model.score_parts(colours)
-
     @torch.inference_mode()
     def probs(self, plane: int, iy: int, ix: int) -> np.ndarray:
         """``(K, h, w)`` float32 probabilities of tile ``(iy, ix)``'s core in ``plane``."""
@@ -172,15 +172,16 @@ class TilePredictor:
             raise Cancelled("segmentation cancelled")
         m = self.model
         if self.whole and m.predict_config.guide is not None:
-            f, _ = self._features(plane, None, 0, self.grid[0], 0, self.grid[1], colours=False)
-            rgb = self._pixels(plane, 0, self.grid[0], 0, self.grid[1])
+            rgb = self._pixels(plane, 0, self.grid[0], 0, self.grid[1])  # read once for both
+            f, _ = self._features(plane, None, 0, self.grid[0], 0, self.grid[1],
+                                  colours=False, x=rgb)
             with self.lock:
                 p = guided_probabilities(m.head(f), rgb, self.source.shape2d,
                                          m.backbone.stride, m.predict_config,
                                          m.score_parts)[0].cpu()
         elif self.whole:
             f, colours = self._features(plane, None, 0, self.grid[0], 0, self.grid[1])
-            centroids, colour = self._centroids(colours)
+            centroids, colour = m.score_parts(colours)
             with self.lock:
                 code = m.head(f)
                 up = upsample_code(code, m.backbone.stride, self.work, self.source.shape2d)
@@ -227,7 +228,7 @@ class TilePredictor:
             rgb = self._pixels(plane, ya, yb, xa, xb)  # pixels from (ya * s, xa * s)
             colours, spread = (t[None].to(m.device)
                                for t in cell_moments(rgb, (yb - ya, xb - xa), s))
-        centroids, colour = self._centroids(colours)
+        centroids, colour = m.score_parts(colours)
         p = torch.empty(m.n_clusters, sy.core[1] - sy.core[0], sx.core[1] - sx.core[0])
         with self.lock:
             code = m.head(f)
