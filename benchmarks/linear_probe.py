@@ -8,8 +8,10 @@ For each dataset (the same subsets as ``benchmarks/quality.py``): the images are
 two halves (seeded); a linear softmax classifier is trained on the backbone features of the
 first half's cells (each cell labelled with the majority of its pixels' classes, ignore
 pixels left out, cells without a valid pixel dropped) and scored on the second half, its
-logits up-sampled to the pixels as STEGO's codes are. mIoU and accuracy (%) with the true
-class ids (no matching). Datasets whose label ids are regions, not classes (``--per-image``,
+logits up-sampled to the pixels as STEGO's scores are (guided by the pixels' colours,
+:func:`napari_stego.predict.guided_upsample` with the default ``PredictConfig.guide``; the
+result ``probe``), and bilinearly as they were before the guided up-sampling became the
+default (``probe_bilinear``). mIoU and accuracy (%) with the true class ids (no matching). Datasets whose label ids are regions, not classes (``--per-image``,
 e.g. the Outex mosaics), have nothing a probe could learn across images and are skipped.
 Prints one JSON object.
 """
@@ -26,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from quality import dataset_dirs, open_dataset
 
+from napari_stego.appearance import cell_moments, work_rgb
 from napari_stego.backbones import create_backbone
 from napari_stego.features import FeatureConfig, extract_features, work_size
+from napari_stego.intensity import to_rgb
 from napari_stego.metrics import confusion_matrix
-from napari_stego.predict import upsample_code
+from napari_stego.predict import PredictConfig, guided_upsample, upsample_code
 
 
 def cell_labels(label: np.ndarray, grid: tuple[int, int], stride: int, work: tuple[int, int],
@@ -65,6 +69,32 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int = 
     return probe
 
 
+def upsampled_logits(logits: torch.Tensor, image: np.ndarray, stride: int, config: FeatureConfig,
+                     guided: bool) -> torch.Tensor:
+    """Cell logits ``(K, h, w)`` -> ``(K, H, W)`` at the image's pixels, guided by its colours
+    (as :func:`napari_stego.predict.guided_probabilities` brings STEGO's scores to the
+    pixels) or bilinearly."""
+    size, work = image.shape[:2], work_size(image.shape[:2], config.min_side)
+    if not guided:
+        return upsample_code(logits[None], stride, work, size)[0]
+    rgb = work_rgb(to_rgb(image, config.intensity), work)
+    means, spread = cell_moments(rgb, tuple(logits.shape[-2:]), stride)
+    up = guided_upsample(logits[None], means[None], spread[None], rgb[None], stride,
+                         PredictConfig().guide)
+    if tuple(up.shape[-2:]) != tuple(size):
+        up = F.interpolate(up, size=tuple(size), mode="bilinear", align_corners=False)
+    return up[0]
+
+
+def scores(conf: np.ndarray) -> dict:
+    """mIoU and accuracy (%) of a confusion matrix with the true class ids."""
+    inter = np.diag(conf).astype(float)
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = inter[union > 0] / union[union > 0]
+    return dict(miou=round(100 * float(iou.mean()), 2),
+                accuracy=round(100 * float(inter.sum() / max(conf.sum(), 1)), 2))
+
+
 def run_dataset(root: Path, args, backbone) -> dict:
     meta, images, labels = open_dataset(root, args.max_images)
     n_classes = int(meta["num_classes"])
@@ -87,21 +117,18 @@ def run_dataset(root: Path, args, backbone) -> dict:
         x, y = x[idx[: args.max_cells]], y[idx[: args.max_cells]]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     probe = train_probe((x - mean) / std, y, n_classes, seed=args.seed)
-    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
+    conf = {g: np.zeros((n_classes, n_classes), dtype=np.int64) for g in (True, False)}
     with torch.no_grad():
         for i in test_ids:
             m = (maps[i] - mean[:, None, None]) / std[:, None, None]
             logits = torch.einsum("dhw,kd->khw", m, probe.weight) + probe.bias[:, None, None]
-            up = upsample_code(logits[None], backbone.stride,
-                               work_size(images[i].shape[:2], config.min_side), images[i].shape[:2])
-            conf += confusion_matrix(up.argmax(1)[0].numpy(), labels[i], n_classes, n_classes)
-    inter = np.diag(conf).astype(float)
-    union = conf.sum(0) + conf.sum(1) - inter
-    iou = inter[union > 0] / union[union > 0]
+            for guided in conf:
+                up = upsampled_logits(logits, images[i], backbone.stride, config, guided)
+                conf[guided] += confusion_matrix(up.argmax(0).numpy(), labels[i], n_classes,
+                                                 n_classes)
     return dict(n_images=len(images), n_train=len(train_ids), n_test=len(test_ids),
                 n_cells=len(x), seconds=round(time.perf_counter() - t0, 1),
-                probe=dict(miou=round(100 * float(iou.mean()), 2),
-                           accuracy=round(100 * float(inter.sum() / max(conf.sum(), 1)), 2)))
+                probe=scores(conf[True]), probe_bilinear=scores(conf[False]))
 
 
 def main() -> None:
