@@ -116,6 +116,24 @@ def test_a_whole_plane_is_read_once_for_the_backbone_and_the_guidance(model, mon
     assert labels.shape == image.shape and len(reads) == 1, reads
 
 
+def test_guided_tiles_without_a_cache_read_their_pixels_once(model, monkeypatch):
+    """Without a feature cache a guided tile takes the guidance's pixels from its read for
+    the backbone: no second read (``TilePredictor._pixels``), and the borders still land
+    where one pass over the whole image puts them (a guidance misplaced by a cell would
+    move them)."""
+    from napari_stego.lazy import TilePredictor
+
+    image = data.camera()  # 512 x 512: 16 tiles of 128 px
+    whole = _with_tiles(model, TileConfig(tile=4096)).predict(image)
+    calls = []
+    real = TilePredictor._pixels
+    monkeypatch.setattr(TilePredictor, "_pixels",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    tiled = _with_tiles(model, TileConfig(tile=128, halo=128)).predict(image)
+    assert calls == []
+    assert (tiled != whole).mean() < 0.005
+
+
 def test_big_in_memory_images_predict_tile_by_tile(model, camera):
     labels = model.predict(camera)
     np.testing.assert_array_equal(labels, model.predict_lazy(camera).compute())

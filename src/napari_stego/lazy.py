@@ -114,7 +114,8 @@ class TilePredictor:
         and with ``colours`` the cells' mean colours ``(1, 3, n, m)`` when the model clusters
         with colours (from the pixels read for the backbone; read for them alone when the
         features come from the store), else ``None``. ``x``: the backbone's input, when the
-        caller has read it already (a ``whole`` plane's :meth:`_pixels`)."""
+        caller has read it already (a ``whole`` plane's :meth:`_pixels`, a tile's read
+        region)."""
         m = self.model
         colours = colours and m.colour_space is not None
         if self.store is not None and self.store.is_done(plane):
@@ -124,10 +125,7 @@ class TilePredictor:
             with self.lock:
                 return f.to(m.device, torch.float32)[None], colours
         if x is None:
-            job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work),
-                       True)
-            x = torch.from_numpy(_load_job(self.source, self.stats, job,
-                                           m.feature_config.min_side))
+            x = self._input(plane, tile)
         with self.lock, torch.inference_mode():
             xd = x[None].to(m.device)
             with _autocast(m.device, m.feature_config):
@@ -142,14 +140,19 @@ class TilePredictor:
         crop = (..., slice(ya - r0, yb - r0), slice(xa - c0, xb - c0))
         return f[crop], None if colours is None else colours[crop]
 
+    def _input(self, plane: int, tile: Tile | None) -> torch.Tensor:
+        """The backbone's input ``(3, h, w)``: ``tile``'s read region, mapped, or for
+        ``None`` the whole work image (the plane up-sampled as for the backbone)."""
+        job = _Job(plane, tile, tile.read_shape if tile is not None else tuple(self.work), True)
+        return torch.from_numpy(_load_job(self.source, self.stats, job,
+                                          self.model.feature_config.min_side))
+
     def _pixels(self, plane: int, ya: int, yb: int, xa: int, xb: int) -> torch.Tensor:
         """The pixels of cells ``[ya, yb) x [xa, xb)`` as the backbone's input ``(3, P, Q)``
         (those inside the image), read from the source; for a ``whole`` plane, the whole
         work image (the plane up-sampled as for the backbone), whatever the cells."""
         if self.whole:
-            job = _Job(plane, None, tuple(self.work), True)
-            return torch.from_numpy(_load_job(self.source, self.stats, job,
-                                              self.model.feature_config.min_side))
+            return self._input(plane, None)
         s = self.model.backbone.stride
         h, w = self.source.shape2d
         rgb = self.stats.apply(self.source.block(plane, slice(ya * s, min(yb * s, h)),
@@ -223,9 +226,18 @@ class TilePredictor:
             not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
-        f, colours = self._features(plane, tile, ya, yb, xa, xb, colours=guide is None)
+        x = rgb = None
+        if guide is not None and not (self.store is not None and self.store.is_done(plane)):
+            # one read for the backbone and the guidance: the tile's read region holds the
+            # cells' pixels (its start is a multiple of the stride, its end the cells' or
+            # the plane's)
+            x = self._input(plane, tile)
+            (h, w), (ry, rx) = self.source.shape2d, (sy.read[0], sx.read[0])
+            rgb = x[:, ya * s - ry:min(yb * s, h) - ry, xa * s - rx:min(xb * s, w) - rx]
+        f, colours = self._features(plane, tile, ya, yb, xa, xb, colours=guide is None, x=x)
         if guide is not None:  # the cells' colours come with the pixels the guidance reads
-            rgb = self._pixels(plane, ya, yb, xa, xb)  # pixels from (ya * s, xa * s)
+            if rgb is None:  # features from the store: the pixels are read for the guidance
+                rgb = self._pixels(plane, ya, yb, xa, xb)  # pixels from (ya * s, xa * s)
             colours, spread = (t[None].to(m.device)
                                for t in cell_moments(rgb, (yb - ya, xb - xa), s))
         centroids, colour = m.score_parts(colours)
