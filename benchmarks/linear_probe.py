@@ -11,9 +11,9 @@ pixels left out, cells without a valid pixel dropped) and scored on the second h
 logits up-sampled to the pixels as STEGO's scores are (guided by the pixels' colours,
 :func:`napari_stego.predict.guided_upsample` with the default ``PredictConfig.guide``; the
 result ``probe``), and bilinearly as they were before the guided up-sampling became the
-default (``probe_bilinear``). mIoU and accuracy (%) with the true class ids (no matching). Datasets whose label ids are regions, not classes (``--per-image``,
-e.g. the Outex mosaics), have nothing a probe could learn across images and are skipped.
-Prints one JSON object.
+default (``probe_bilinear``). mIoU and accuracy (%) with the true class ids (no matching).
+Datasets whose label ids are regions, not classes (``--per-image``, e.g. the Outex mosaics),
+have nothing a probe could learn across images and are skipped. Prints one JSON object.
 """
 
 from __future__ import annotations

@@ -270,8 +270,8 @@ def predict_dask(model, source: ImageSource, stats: IntensityStats, tiles: TileC
     Returns:
         ``(labels, probs)``: dask arrays of shape ``(*lead, Y, X)`` (0-based cluster
         indices in :func:`~napari_stego.labels.labels_dtype`) and ``(*lead, K, Y, X)``
-        float32, chunked by plane and tile core. ``labels`` is the argmax of ``probs``; computing both together computes each
-        tile once.
+        float32, chunked by plane and tile core. ``labels`` is the argmax of ``probs``;
+        computing both together computes each tile once.
     """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
