@@ -9,7 +9,7 @@ two halves (seeded); a linear softmax classifier is trained on the backbone feat
 first half's cells (each cell labelled with the majority of its pixels' classes, ignore
 pixels left out, cells without a valid pixel dropped) and scored on the second half, its
 logits up-sampled to the pixels as STEGO's scores are (guided by the pixels' colours,
-:func:`napari_stego.predict.guided_upsample` with the default ``PredictConfig.guide``; the
+:func:`napari_stego.predict.guided_scores` with the default ``PredictConfig.guide``; the
 result ``probe``), and bilinearly as they were before the guided up-sampling became the
 default (``probe_bilinear``). mIoU and accuracy (%) with the true class ids (no matching).
 Datasets whose label ids are regions, not classes (``--per-image``, e.g. the Outex mosaics),
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from quality import dataset_dirs, open_dataset
 
-from napari_stego.appearance import cell_moments, work_rgb
+from napari_stego.appearance import work_rgb
 from napari_stego.backbones import create_backbone
 from napari_stego.features import FeatureConfig, extract_features, work_size
 from napari_stego.intensity import to_rgb
 from napari_stego.metrics import confusion_matrix
-from napari_stego.predict import PredictConfig, guided_upsample, upsample_code
+from napari_stego.predict import PredictConfig, guided_scores, upsample_code
 
 
 def cell_labels(label: np.ndarray, grid: tuple[int, int], stride: int, work: tuple[int, int],
@@ -72,18 +72,13 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int = 
 def upsampled_logits(logits: torch.Tensor, image: np.ndarray, stride: int, config: FeatureConfig,
                      guided: bool) -> torch.Tensor:
     """Cell logits ``(K, h, w)`` -> ``(K, H, W)`` at the image's pixels, guided by its colours
-    (as :func:`napari_stego.predict.guided_probabilities` brings STEGO's scores to the
+    (:func:`napari_stego.predict.guided_scores`, as STEGO's scores are brought to the
     pixels) or bilinearly."""
     size, work = image.shape[:2], work_size(image.shape[:2], config.min_side)
     if not guided:
         return upsample_code(logits[None], stride, work, size)[0]
     rgb = work_rgb(to_rgb(image, config.intensity), work)
-    means, spread = cell_moments(rgb, tuple(logits.shape[-2:]), stride)
-    up = guided_upsample(logits[None], means[None], spread[None], rgb[None], stride,
-                         PredictConfig().guide)
-    if tuple(up.shape[-2:]) != tuple(size):
-        up = F.interpolate(up, size=tuple(size), mode="bilinear", align_corners=False)
-    return up[0]
+    return guided_scores(logits[None], rgb, size, stride, PredictConfig().guide)[0]
 
 
 def scores(conf: np.ndarray) -> dict:

@@ -118,7 +118,7 @@ class TilePredictor:
         region)."""
         m = self.model
         colours = colours and m.colour_space is not None
-        if self.store is not None and self.store.is_done(plane):
+        if self._from_store(plane):
             f = torch.from_numpy(np.ascontiguousarray(self.store.read(plane, slice(ya, yb),
                                                                        slice(xa, xb))))
             colours = self._colours(plane, ya, yb, xa, xb) if colours else None
@@ -139,6 +139,10 @@ class TilePredictor:
             else None
         crop = (..., slice(ya - r0, yb - r0), slice(xa - c0, xb - c0))
         return f[crop], None if colours is None else colours[crop]
+
+    def _from_store(self, plane: int) -> bool:
+        """Whether ``plane``'s features are read from the feature store (complete there)."""
+        return self.store is not None and self.store.is_done(plane)
 
     def _input(self, plane: int, tile: Tile | None) -> torch.Tensor:
         """The backbone's input ``(3, h, w)``: ``tile``'s read region, mapped, or for
@@ -175,7 +179,7 @@ class TilePredictor:
             raise Cancelled("segmentation cancelled")
         m = self.model
         if self.whole and m.predict_config.guide is not None:
-            rgb = self._pixels(plane, 0, self.grid[0], 0, self.grid[1])  # read once for both
+            rgb = self._input(plane, None)  # read once, for the backbone and the guidance
             f, _ = self._features(plane, None, 0, self.grid[0], 0, self.grid[1],
                                   colours=False, x=rgb)
             with self.lock:
@@ -222,12 +226,13 @@ class TilePredictor:
         guide = m.predict_config.guide
         sy, sx = tile.y, tile.x
         c_y, c_x = cells(sy.core, s), cells(sx.core, s)
-        r_y, r_x = (cells(sy.read, s), cells(sx.read, s)) if self.store is None or \
-            not self.store.is_done(plane) else ((0, self.grid[0]), (0, self.grid[1]))
+        stored = self._from_store(plane)
+        r_y, r_x = ((0, self.grid[0]), (0, self.grid[1])) if stored else \
+            (cells(sy.read, s), cells(sx.read, s))
         ya, yb = max(c_y[0] - 1, r_y[0]), min(c_y[1] + 1, r_y[1])
         xa, xb = max(c_x[0] - 1, r_x[0]), min(c_x[1] + 1, r_x[1])
         x = rgb = None
-        if guide is not None and not (self.store is not None and self.store.is_done(plane)):
+        if guide is not None and not stored:
             # one read for the backbone and the guidance: the tile's read region holds the
             # cells' pixels (its start is a multiple of the stride, its end the cells' or
             # the plane's)

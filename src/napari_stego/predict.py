@@ -161,20 +161,35 @@ def guided_upsample(scores: torch.Tensor, means: torch.Tensor, spread: torch.Ten
     return acc / total
 
 
+def guided_scores(scores: torch.Tensor, rgb: torch.Tensor, size: tuple[int, int], stride: int,
+                  sigma: float, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """Scores ``(1, K, h, w)`` on the cells of a whole image -> ``(1, K, H, W)`` at its
+    ``size``: :func:`guided_upsample` to the pixels of the work image the backbone saw,
+    ``rgb (3, H', W')`` in [0, 1], then bilinear to ``size`` where the work image was resized.
+    ``moments``: the cells' ``(means, spread)`` when the caller has them
+    (:func:`~napari_stego.appearance.cell_moments`, batched, on the scores' device)."""
+    if moments is None:
+        means, spread = cell_moments(rgb, tuple(scores.shape[-2:]), stride)
+        moments = means[None].to(scores.device), spread[None].to(scores.device)
+    up = guided_upsample(scores, *moments, rgb[None].to(scores.device), stride, sigma)
+    if tuple(up.shape[-2:]) != tuple(size):
+        up = F.interpolate(up, size=tuple(size), mode="bilinear", align_corners=False)
+    return up
+
+
 @torch.inference_mode()
 def guided_probabilities(code: torch.Tensor, rgb: torch.Tensor, size: tuple[int, int],
                          stride: int, config: PredictConfig, score_parts) -> torch.Tensor:
     """Probabilities ``(1, K, H, W)`` of a whole image of ``size`` from its codes
     ``(1, C, h, w)`` and the work image the backbone saw, ``(3, H', W')`` in [0, 1]: scores
-    per cell, :func:`guided_upsample` to the work image's pixels, then bilinear to ``size``
-    where the work image was resized. ``score_parts(colours)`` gives the centroids and the
-    colour part :func:`cluster_scores` takes for cells of mean ``colours (1, 3, h, w)``
-    (:meth:`napari_stego.StegoModel.score_parts`). ``config.guide`` must be set."""
+    per cell, brought to the pixels by :func:`guided_scores`. ``score_parts(colours)`` gives
+    the centroids and the colour part :func:`cluster_scores` takes for cells of mean
+    ``colours (1, 3, h, w)`` (:meth:`napari_stego.StegoModel.score_parts`). ``config.guide``
+    must be set."""
     means, spread = cell_moments(rgb, tuple(code.shape[-2:]), stride)
     means, spread = means[None].to(code.device), spread[None].to(code.device)
     centroids, colour = score_parts(means)
-    up = guided_upsample(cluster_scores(code.float(), centroids, colour), means, spread,
-                         rgb[None].to(code.device), stride, config.guide)
-    if tuple(up.shape[-2:]) != tuple(size):
-        up = F.interpolate(up, size=tuple(size), mode="bilinear", align_corners=False)
+    up = guided_scores(cluster_scores(code.float(), centroids, colour), rgb, size, stride,
+                       config.guide, (means, spread))
     return torch.softmax(config.alpha * up, dim=1)
