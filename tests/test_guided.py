@@ -88,3 +88,24 @@ def test_bad_guide_values_are_refused(guide):
 def test_none_and_positive_guides_are_accepted():
     assert PredictConfig(guide=None).guide is None
     assert PredictConfig().guide == 0.05 and np.isfinite(PredictConfig(guide=1).guide)
+
+
+def test_guided_scores_of_a_whole_image_put_the_boundary_on_its_edge_at_any_size():
+    """``guided_scores`` (the whole-image path, also the linear probe's): the cells' moments
+    computed for the caller equal the ones passed in, and an image the backbone saw
+    up-sampled 2x comes back at its own size with the boundary on its edge."""
+    from napari_stego.predict import guided_scores
+
+    edge = 21
+    rgb = _edge_image(edge=edge)
+    scores, means, spread = _scores_from_cells(rgb)
+    own = guided_scores(scores, rgb, tuple(rgb.shape[1:]), STRIDE, 0.05)
+    given = guided_scores(scores, rgb, tuple(rgb.shape[1:]), STRIDE, 0.05, (means, spread))
+    torch.testing.assert_close(own, given)
+    torch.testing.assert_close(own, guided_upsample(scores, means, spread, rgb[None], STRIDE,
+                                                    0.05))
+    half = (rgb.shape[1] // 2, rgb.shape[2] // 2)  # the original image; rgb is its 2x work
+    small = guided_scores(scores, rgb, half, STRIDE, 0.05)
+    labels = small.argmax(1)[0]
+    assert small.shape == (1, 2, *half)
+    assert (labels[:, : edge // 2] == 0).all() and (labels[:, edge // 2 + 1:] == 1).all()
