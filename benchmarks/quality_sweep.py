@@ -59,7 +59,8 @@ def main() -> None:
     p.add_argument("--code-dim", type=int, default=TrainConfig.code_dim)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--attract", type=float, nargs=3, default=None, metavar=("SELF", "KNN", "RAND"),
-                   help="AutoShiftConfig attracted fractions (default: the package's)")
+                   help="AutoShiftConfig attracted fractions, fixed for the data (default: the "
+                        "package's, whose self fraction follows the features' regions)")
     p.add_argument("--alphas", type=float, nargs="+", default=[PredictConfig.alpha],
                    help="softmax temperatures for the CRF input (the first one also for STEGO)")
     p.add_argument("--crf", nargs="*", default=["{}"], help="JSON dicts of dense_crf parameters")
@@ -112,7 +113,9 @@ def main() -> None:
             t0 = time.perf_counter()
             attract = setting["attract"]
             train = TrainConfig(steps=setting["steps"], lr=setting["lr"],
-                                auto_shifts=AutoShiftConfig(*attract) if attract else AutoShiftConfig(),
+                                # fixed fractions: the regions' rule off
+                                auto_shifts=(AutoShiftConfig(*attract, region_self_attract=None)
+                                             if attract else AutoShiftConfig()),
                                 code_dim=setting["code_dim"], batch_size=setting["batch_size"])
             model = StegoModel.fit(images, k, backbone=backbone, features=config, train=train,
                                    seed=seed, cluster=ClusterConfig(), cache=cache, device=device)

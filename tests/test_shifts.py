@@ -4,8 +4,8 @@ import torch
 
 from napari_stego.knn import knn_table, make_units, unit_descriptors
 from napari_stego.loss import LossConfig
-from napari_stego.shifts import (AutoShiftConfig, auto_shifts, choose_shifts, pair_correlations,
-                                 same_cluster_rates, sample_pair_points)
+from napari_stego.shifts import (AutoShiftConfig, auto_shifts, choose_shifts, feature_regions,
+                                 pair_correlations, same_cluster_rates, sample_pair_points)
 from napari_stego.train import TrainConfig, train_head
 
 
@@ -24,6 +24,15 @@ def two_class_maps(n=4, seed=0, split=9):
     lab[:, split:] = 1
     return [(protos[lab].permute(2, 0, 1) + 0.3 * torch.randn(16, 12, 12, generator=g)).half()
             for _ in range(n)], protos
+
+
+def speckled_maps(n=4, seed=0):
+    """The two prototypes of :func:`two_class_maps`, each cell's drawn at random: classes as
+    thin and scattered as they come (no regions)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(2, 16, generator=g) * 3
+    return [(protos[torch.randint(0, 2, (12, 12), generator=g)].permute(2, 0, 1)
+             + 0.3 * torch.randn(16, 12, 12, generator=g)).half() for _ in range(n)]
 
 
 def samples_of(fmaps, n_batches=4):
@@ -83,3 +92,47 @@ def test_train_records_auto_shifts_and_fixed_ones_stay():
     assert auto.shift_report["attract"] == {"self": 0.3, "knn": 0.3, "rand": 0.3}
     fixed = train_head(fmaps, TrainConfig(**{**base.__dict__, "auto_shifts": None})).loss
     assert (fixed.self_shift, fixed.knn_shift, fixed.rand_shift) == (0.18, 0.12, 0.46)
+
+
+def test_feature_regions_tell_regions_from_speckle():
+    regions = feature_regions(two_class_maps()[0], 2)
+    speckle = feature_regions(speckled_maps(), 2)
+    # halves: only the pairs across the border (1 column of 11) disagree
+    assert regions["coherence"] > 0.8 and regions["gate"] == 1.0, regions
+    assert abs(speckle["coherence"]) < 0.15 and speckle["gate"] == 0.0, speckle
+
+
+def test_self_fraction_follows_the_features_regions():
+    config = AutoShiftConfig()
+    got = {}
+    for name, fmaps in (("regions", two_class_maps()[0]), ("speckle", speckled_maps())):
+        units, table, _ = samples_of(fmaps)
+        _, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
+                                feature_samples=5, pointwise=True, config=config)
+        got[name] = report
+    assert got["regions"]["attract"] == {"self": 0.5, "knn": 0.3, "rand": 0.3}, got
+    assert got["speckle"]["attract"] == {"self": 0.3, "knn": 0.3, "rand": 0.3}, got
+    # the features decide, not the channels the target adds (appearance)
+    fmaps = two_class_maps()[0]
+    noise = [torch.cat([m, torch.randn(3, 12, 12).half()]) for m in speckled_maps()]
+    units, table, _ = samples_of(fmaps)
+    _, report = auto_shifts(noise, units, table, n_clusters=2, window=8, batch_size=4,
+                            feature_samples=5, pointwise=True, config=config, features=fmaps)
+    assert report["regions"]["gate"] == 1.0, report
+    # off: one fraction for all data
+    _, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
+                            feature_samples=5, pointwise=True,
+                            config=AutoShiftConfig(region_self_attract=None))
+    assert report["attract"]["self"] == 0.3 and "regions" not in report, report
+
+
+def test_model_files_from_before_the_regions_rule_load_with_one_fraction():
+    import json
+    from dataclasses import asdict
+
+    from napari_stego.modelfile import _train_config
+
+    stored = json.loads(json.dumps(asdict(TrainConfig())))  # as a model file holds it
+    assert _train_config(stored).auto_shifts == AutoShiftConfig()
+    del stored["auto_shifts"]["region_self_attract"]
+    assert _train_config(stored).auto_shifts == AutoShiftConfig(region_self_attract=None)

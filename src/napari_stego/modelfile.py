@@ -226,6 +226,7 @@ def _train_config(d: dict) -> TrainConfig:
     d["loss"] = strict(LossConfig, d["loss"])
     if isinstance(d.get("appearance"), dict):
         d["appearance"] = strict(AppearanceConfig, d["appearance"])
-    if d.get("auto_shifts") is not None:
-        d["auto_shifts"] = strict(AutoShiftConfig, d["auto_shifts"])
+    if d.get("auto_shifts") is not None:  # files from before the regions' rule: one fraction
+        d["auto_shifts"] = strict(AutoShiftConfig, {"region_self_attract": None,
+                                                    **d["auto_shifts"]})
     return strict(TrainConfig, d)

@@ -14,6 +14,16 @@ term by default, a balance that does not depend on the backbone's correlation sc
 direction (texture mosaics: 97 % accuracy at step 0, 52 % after 30 steps); at 30 % the blood-
 cell set goes from 33.0 (k-means on the features) to 44.2 mIoU.
 
+Where the classes are regions, more attracted self pairs serve better (``region_self_attract``,
+0.5): the raw features' own K-means groups (the fit's number of clusters) are measured for
+whether they make regions, with the appearance rule's statistic (Cohen's kappa of the groups
+of neighbouring cells, :func:`~napari_stego.appearance.coherence`) and its gate
+``clip((kappa - 0.45) / 0.1, 0, 1)``; the self fraction moves from ``self_attract`` towards
+``region_self_attract`` by that gate (:func:`feature_regions`). Measured (docs/benchmarks.md):
+at 0.5 instead of 0.3 the texture mosaics gain 10 mIoU, CamVid 2-4, where the EM membranes,
+one feature cell wide, lose 5-7; the membranes' feature groups speckle (kappa 0.41), every
+other set's make regions (0.72-0.88).
+
 Alternatively (``*_attract=None``) each fraction is estimated with a label-free proxy:
 spherical k-means on the raw features with the requested number of clusters, a pair "belongs
 together" when both points fall in the same proxy cluster. On the stacks measured this gives
@@ -28,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .appearance import COHERENCE_MIN, GATE_WIDTH, coherence
 from .cluster import ClusterConfig, spherical_kmeans
 from .knn import Unit, draw_pair_points, pack_maps, sample_vectors
 from .loss import centre_correlation, correlation, negative_permutation
@@ -40,13 +51,17 @@ class AutoShiftConfig:
     """How shifts are chosen.
 
     ``*_attract``: fraction of each term's pairs that should attract; ``None`` estimates it
-    from a k-means proxy of the raw features. ``n_batches``: training-like batches to measure
-    on. ``min_attract``/``max_attract`` keep every term in a sane range.
+    from a k-means proxy of the raw features. ``region_self_attract``: the self fraction where
+    the raw features' groups make regions (:func:`feature_regions`; between the two where
+    they partly do); ``None`` keeps ``self_attract`` for all data. ``n_batches``:
+    training-like batches to measure on. ``min_attract``/``max_attract`` keep every term in a
+    sane range.
     """
 
     self_attract: float | None = 0.3
     knn_attract: float | None = 0.3
     rand_attract: float | None = 0.3
+    region_self_attract: float | None = 0.5
     n_batches: int = 8
     min_attract: float = 0.05
     max_attract: float = 0.95
@@ -120,6 +135,31 @@ def feature_centroids(maps: Sequence[torch.Tensor], n_clusters: int, seed: int =
                             config=ClusterConfig(n_init=1, lloyd_iter=0))
 
 
+def feature_regions(maps: Sequence[torch.Tensor], n_clusters: int, seed: int = 0,
+                    n_points: int = 10_000) -> dict:
+    """Whether the raw features' own K-means groups make regions.
+
+    Args:
+        maps: feature maps ``(D, h, w)`` (the backbone's, not the appearance target's).
+        n_clusters: ``K`` of the fit (at least 2 groups are formed).
+        n_points: cells sampled for the spherical k-means (3 restarts, Lloyd passes; with one
+            mini-batch restart the EM membranes' two-way split landed in either of two optima,
+            kappa 0.41 or 0.79).
+
+    Returns:
+        dict with ``coherence`` (Cohen's kappa of the groups of 4-neighbour cells over all
+        maps, :func:`~napari_stego.appearance.coherence`) and ``gate``
+        (``clip((coherence - 0.45) / 0.1, 0, 1)``, the appearance rule's gate).
+    """
+    gen = torch.Generator().manual_seed(seed + 2003)  # apart from the other samples' draws
+    vectors = sample_vectors(maps, n_points, gen)
+    centres = spherical_kmeans(vectors, max(int(n_clusters), 2), seed=seed,
+                               config=ClusterConfig(n_init=3)).cpu()
+    kappa = coherence([F.normalize(m.float(), dim=0) for m in maps], centres.numpy())
+    gate = min(max((kappa - COHERENCE_MIN) / GATE_WIDTH, 0.0), 1.0)
+    return dict(coherence=round(kappa, 4), gate=round(gate, 4))
+
+
 def choose_shifts(corrs: dict[str, torch.Tensor], attract: dict[str, float],
                   config: AutoShiftConfig = AutoShiftConfig()) -> tuple[float, float, float]:
     """``(self, knn, rand)`` shifts: the ``1 - attract`` quantile of each term's correlations."""
@@ -136,18 +176,30 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
                 n_clusters: int | None, window: int, batch_size: int, feature_samples: int,
                 pointwise: bool, config: AutoShiftConfig, seed: int = 0,
                 transform=None, on_batch: Callable[[], None] | None = None,
+                features: Sequence[torch.Tensor] | None = None,
                 ) -> tuple[tuple[float, float, float], dict]:
     """Shifts for training on ``maps``, and a report of what they were derived from
     (``on_batch()`` after each of the ``config.n_batches`` measured batches).
 
+    ``features``: the backbone's maps of the same cells when ``maps`` carry more (appearance
+    channels); :func:`feature_regions` measures them (default: ``maps``).
+
     Returns:
-        ``((self, knn, rand), report)``; the report holds the attracted fractions used.
+        ``((self, knn, rand), report)``; the report holds the attracted fractions used and,
+        when ``region_self_attract`` applies, ``regions`` (:func:`feature_regions`).
     """
     gen = torch.Generator().manual_seed(seed + 1)
     samples = sample_pair_points(maps, units, table, window=window, batch_size=batch_size,
                                  feature_samples=feature_samples, n_batches=config.n_batches, gen=gen,
                                  transform=transform, on_batch=on_batch)
     fixed = {"self": config.self_attract, "knn": config.knn_attract, "rand": config.rand_attract}
+    report: dict = {}
+    if config.region_self_attract is not None and config.self_attract is not None \
+            and n_clusters is not None:
+        regions = feature_regions(maps if features is None else features, n_clusters, seed)
+        fixed["self"] = config.self_attract + regions["gate"] * (
+            config.region_self_attract - config.self_attract)
+        report["regions"] = regions
     if any(v is None for v in fixed.values()):
         if n_clusters is None:
             raise ValueError("automatic attraction fractions need n_clusters")
@@ -155,4 +207,4 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
         rates = same_cluster_rates(samples, feature_centroids(proxy, n_clusters, seed))
         fixed = {t: rates[t] if fixed[t] is None else fixed[t] for t in TERMS}
     shifts = choose_shifts(pair_correlations(samples, pointwise), fixed, config)
-    return shifts, {"attract": {t: round(v, 4) for t, v in fixed.items()}}
+    return shifts, {"attract": {t: round(v, 4) for t, v in fixed.items()}, **report}
