@@ -155,7 +155,9 @@ def feature_regions(maps: Sequence[torch.Tensor], n_clusters: int, seed: int = 0
     vectors = sample_vectors(maps, n_points, gen)
     centres = spherical_kmeans(vectors, max(int(n_clusters), 2), seed=seed,
                                config=ClusterConfig(n_init=3)).cpu()
-    kappa = coherence([F.normalize(m.float(), dim=0) for m in maps], centres.numpy())
+    # the nearest unit centre is the most similar one by cosine: each map is labelled as it
+    # is, one at a time (no float32 copy of all maps)
+    kappa = coherence(maps, centres.numpy())
     gate = min(max((kappa - COHERENCE_MIN) / GATE_WIDTH, 0.0), 1.0)
     return dict(coherence=round(kappa, 4), gate=round(gate, 4))
 
