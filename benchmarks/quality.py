@@ -228,6 +228,8 @@ def run_dataset(root: Path, args, backbone) -> dict:
                                         table=ks.to_dict())
             loss = model.train_config.loss
             out.setdefault("shifts", []).append([loss.self_shift, loss.knn_shift, loss.rand_shift])
+            # the attracted fractions and the regions' measure they came from
+            out.setdefault("shift_rule", []).append(model.info.get("shifts"))
             out.setdefault("appearance", []).append(model.info.get("appearance"))
             out.setdefault("refine", []).append(model.info.get("refine"))
             out.setdefault("ema_span", []).append(model.train_config.ema_span)

@@ -191,7 +191,7 @@ def run(kind: str, seed: int, n_images: int, save: str | None = None) -> dict:
                 stego_crf=miou([model.predict(im, crf=True) for im in images]),
                 colour=miou([p.argmax(0) for p in colour_p]), colour_crf=miou(crf(colour_p)),
                 raw=miou([p.argmax(0) for p in raw_p]), raw_crf=miou(crf(raw_p)),
-                appearance=model.info.get("appearance"),
+                appearance=model.info.get("appearance"), shifts=model.info.get("shifts"),
                 cluster_shares=model.info.get("cluster_shares"))
 
 
