@@ -2,6 +2,7 @@
 
 import torch
 
+from napari_stego.appearance import AppearanceConfig
 from napari_stego.knn import knn_table, make_units, unit_descriptors
 from napari_stego.loss import LossConfig
 from napari_stego.shifts import (AutoShiftConfig, auto_shifts, choose_shifts, feature_regions,
@@ -112,18 +113,38 @@ def test_self_fraction_follows_the_features_regions():
         got[name] = report
     assert got["regions"]["attract"] == {"self": 0.5, "knn": 0.3, "rand": 0.3}, got
     assert got["speckle"]["attract"] == {"self": 0.3, "knn": 0.3, "rand": 0.3}, got
-    # the features decide, not the channels the target adds (appearance)
     fmaps = two_class_maps()[0]
-    noise = [torch.cat([m, torch.randn(3, 12, 12).half()]) for m in speckled_maps()]
     units, table, _ = samples_of(fmaps)
-    _, report = auto_shifts(noise, units, table, n_clusters=2, window=8, batch_size=4,
-                            feature_samples=5, pointwise=True, config=config, features=fmaps)
-    assert report["regions"]["gate"] == 1.0, report
+    # colour in the target: the classes are stained / bright structures, small ones must stay
+    _, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
+                            feature_samples=5, pointwise=True, config=config, appearance=True)
+    assert report["attract"]["self"] == 0.3 and "colour" in report["regions"], report
     # off: one fraction for all data
     _, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
                             feature_samples=5, pointwise=True,
                             config=AutoShiftConfig(region_self_attract=None))
     assert report["attract"]["self"] == 0.3 and "regions" not in report, report
+
+
+def test_a_fit_with_colour_in_its_target_keeps_the_self_fraction():
+    fmaps = two_class_maps()[0]
+    g = torch.Generator().manual_seed(1)
+    # colour channels that split like the features (two colours, left and right)
+    colours = [torch.cat([torch.full((3, 12, 9), 0.2), torch.full((3, 12, 3), 0.9)], 2)
+               + 0.01 * torch.randn(3, 12, 12, generator=g) for _ in fmaps]
+    maps_c = [torch.cat([m, c.half()]) for m, c in zip(fmaps, colours)]
+    base = TrainConfig(steps=1, batch_size=4, code_dim=4, window=8,
+                       loss=LossConfig(feature_samples=5, neg_samples=1))
+    with_colour = train_head(maps_c, TrainConfig(**{**base.__dict__, "appearance":
+                                                    AppearanceConfig(weight=0.5)}),
+                             n_clusters=2, appearance_channels=3)
+    assert with_colour.appearance_report["weight"] == 0.5
+    assert with_colour.shift_report["attract"]["self"] == 0.3, with_colour.shift_report
+    without = train_head(maps_c, TrainConfig(**{**base.__dict__, "appearance":
+                                                AppearanceConfig(weight=0.0)}),
+                         n_clusters=2, appearance_channels=3)
+    assert without.shift_report["regions"]["gate"] == 1.0, without.shift_report
+    assert without.shift_report["attract"]["self"] == 0.5
 
 
 def test_model_files_from_before_the_regions_rule_load_with_one_fraction():

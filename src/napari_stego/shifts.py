@@ -14,16 +14,19 @@ term by default, a balance that does not depend on the backbone's correlation sc
 direction (texture mosaics: 97 % accuracy at step 0, 52 % after 30 steps); at 30 % the blood-
 cell set goes from 33.0 (k-means on the features) to 44.2 mIoU.
 
-Where the classes are regions, more attracted self pairs serve better (``region_self_attract``,
-0.5): the raw features' own K-means groups (the fit's number of clusters) are measured for
-whether they make regions, with the appearance rule's statistic (Cohen's kappa of the groups
-of neighbouring cells, :func:`~napari_stego.appearance.coherence`) and its gate
-``clip((kappa - 0.45) / 0.1, 0, 1)``; the self fraction moves from ``self_attract`` towards
-``region_self_attract`` by that gate (:func:`feature_regions`). Measured (docs/benchmarks.md,
-run 16): at 0.5 instead of 0.3 the texture mosaics gain 9-10 mIoU, CamVid 2-4, the blood
-cells lose 0.4-3, the EM membranes, one feature cell wide, 5-7; the membranes' feature groups
-speckle (kappa 0.41), every other set's make regions (0.75-0.87): the mean margin over the
-best baseline went from +7.7 to +9.0.
+Where the classes are textured regions, more attracted self pairs serve better
+(``region_self_attract``, 0.5). Two conditions, both measured without labels: colour does
+not define the classes (the appearance rule left colour out of the target: weight 0), and
+the raw features' own K-means groups (the fit's number of clusters) make regions, by the
+appearance rule's statistic (Cohen's kappa of the groups of neighbouring cells,
+:func:`~napari_stego.appearance.coherence`) and its gate ``clip((kappa - 0.45) / 0.1, 0, 1)``;
+the self fraction moves from ``self_attract`` towards ``region_self_attract`` by that gate
+(:func:`feature_regions`). Measured (docs/benchmarks.md, runs 16 and 17): at 0.5 instead of
+0.3 the texture mosaics gain 9-10 mIoU and CamVid 2-4 (both without colour in the target,
+kappa 0.87 and 0.75); the EM membranes, one feature cell wide, lose 5-7 (kappa 0.41: their
+groups speckle); where stains define the classes small stained structures are merged away
+(the IHC sample's nuclei at up-sample 2, three seeds of three; the blood cells lose 0.4-3),
+so with colour in the target the fraction stays ``self_attract``.
 
 Alternatively (``*_attract=None``) each fraction is estimated with a label-free proxy:
 spherical k-means on the raw features with the requested number of clusters, a pair "belongs
@@ -53,8 +56,9 @@ class AutoShiftConfig:
 
     ``*_attract``: fraction of each term's pairs that should attract; ``None`` estimates it
     from a k-means proxy of the raw features. ``region_self_attract``: the self fraction where
-    the raw features' groups make regions (:func:`feature_regions`; between the two where
-    they partly do); ``None`` keeps ``self_attract`` for all data. ``n_batches``:
+    colour is not in the target and the raw features' groups make regions
+    (:func:`feature_regions`; between the two where they partly do); ``None`` keeps
+    ``self_attract`` for all data. ``n_batches``:
     training-like batches to measure on. ``min_attract``/``max_attract`` keep every term in a
     sane range.
     """
@@ -179,17 +183,18 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
                 n_clusters: int | None, window: int, batch_size: int, feature_samples: int,
                 pointwise: bool, config: AutoShiftConfig, seed: int = 0,
                 transform=None, on_batch: Callable[[], None] | None = None,
-                features: Sequence[torch.Tensor] | None = None,
+                appearance: bool = False,
                 ) -> tuple[tuple[float, float, float], dict]:
     """Shifts for training on ``maps``, and a report of what they were derived from
     (``on_batch()`` after each of the ``config.n_batches`` measured batches).
 
-    ``features``: the backbone's maps of the same cells when ``maps`` carry more (appearance
-    channels); :func:`feature_regions` measures them (default: ``maps``).
+    ``appearance``: colour is in the training target (``transform`` is the appearance
+    teacher); then ``region_self_attract`` does not apply. Else :func:`feature_regions`
+    measures ``maps``, the backbone's features.
 
     Returns:
-        ``((self, knn, rand), report)``; the report holds the attracted fractions used and,
-        when ``region_self_attract`` applies, ``regions`` (:func:`feature_regions`).
+        ``((self, knn, rand), report)``; the report holds the attracted fractions used and
+        ``regions``: :func:`feature_regions`'s measure, or why it was not taken.
     """
     gen = torch.Generator().manual_seed(seed + 1)
     samples = sample_pair_points(maps, units, table, window=window, batch_size=batch_size,
@@ -197,12 +202,16 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
                                  transform=transform, on_batch=on_batch)
     fixed = {"self": config.self_attract, "knn": config.knn_attract, "rand": config.rand_attract}
     report: dict = {}
-    if config.region_self_attract is not None and config.self_attract is not None \
-            and n_clusters is not None:
-        regions = feature_regions(maps if features is None else features, n_clusters, seed)
-        fixed["self"] = config.self_attract + regions["gate"] * (
-            config.region_self_attract - config.self_attract)
-        report["regions"] = regions
+    if config.region_self_attract is not None and config.self_attract is not None:
+        if appearance:
+            report["regions"] = "not measured: colour is in the target"
+        elif n_clusters is None:
+            report["regions"] = "not measured: no number of clusters"
+        else:
+            regions = feature_regions(maps, n_clusters, seed)
+            fixed["self"] = config.self_attract + regions["gate"] * (
+                config.region_self_attract - config.self_attract)
+            report["regions"] = regions
     if any(v is None for v in fixed.values()):
         if n_clusters is None:
             raise ValueError("automatic attraction fractions need n_clusters")
