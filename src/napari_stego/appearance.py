@@ -161,8 +161,10 @@ def coherence(maps: Sequence[torch.Tensor], centres: np.ndarray) -> float:
     horizontally and vertically neighbouring cells.
 
     Args:
-        maps: appearance maps ``(3, h, w)``.
-        centres: ``(K, 3)`` group centres; a cell's group is its nearest centre.
+        maps: appearance maps ``(3, h, w)`` (or any ``(C, h, w)`` maps: the regions' rule of
+            :mod:`napari_stego.shifts` passes feature maps).
+        centres: ``(K, C)`` group centres; a cell's group is its nearest centre (Euclidean;
+            for unit centres the most similar by cosine).
 
     Returns:
         ``(p_same - p_chance) / (1 - p_chance)``: ``p_same`` the fraction of neighbour pairs in

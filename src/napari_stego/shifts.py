@@ -58,9 +58,8 @@ class AutoShiftConfig:
     from a k-means proxy of the raw features. ``region_self_attract``: the self fraction where
     colour is not in the target and the raw features' groups make regions
     (:func:`feature_regions`; between the two where they partly do); ``None`` keeps
-    ``self_attract`` for all data. ``n_batches``:
-    training-like batches to measure on. ``min_attract``/``max_attract`` keep every term in a
-    sane range.
+    ``self_attract`` for all data. ``n_batches``: training-like batches to measure on.
+    ``min_attract``/``max_attract`` keep every term in a sane range.
     """
 
     self_attract: float | None = 0.3
