@@ -21,12 +21,13 @@ the raw features' own K-means groups (the fit's number of clusters) make regions
 appearance rule's statistic (Cohen's kappa of the groups of neighbouring cells,
 :func:`~napari_stego.appearance.coherence`) and its gate ``clip((kappa - 0.45) / 0.1, 0, 1)``;
 the self fraction moves from ``self_attract`` towards ``region_self_attract`` by that gate
-(:func:`feature_regions`). Measured (docs/benchmarks.md, runs 16 and 17): at 0.5 instead of
-0.3 the texture mosaics gain 9-10 mIoU and CamVid 2-4 (both without colour in the target,
-kappa 0.87 and 0.75); the EM membranes, one feature cell wide, lose 5-7 (kappa 0.41: their
-groups speckle); where stains define the classes small stained structures are merged away
-(the IHC sample's nuclei at up-sample 2, three seeds of three; the blood cells lose 0.4-3),
-so with colour in the target the fraction stays ``self_attract``.
+(:func:`feature_regions`). Measured (docs/benchmarks.md, runs 16 and 17; seeds 0 and 1): at
+0.5 instead of 0.3 the texture mosaics gain 8-10 mIoU with or without the CRF, CamVid 3-4
+without it and 0.4-1.9 with it (both without colour in the target, kappa 0.87 and 0.75); the
+EM membranes, one feature cell wide, lose 5-7 (kappa 0.41: their groups speckle); where
+stains define the classes small stained structures are merged away (the IHC sample's nuclei
+at up-sample 2, three seeds of three; the blood cells lose 0.4-3), so with colour in the
+target the fraction stays ``self_attract``.
 
 Alternatively (``*_attract=None``) each fraction is estimated with a label-free proxy:
 spherical k-means on the raw features with the requested number of clusters, a pair "belongs
