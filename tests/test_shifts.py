@@ -90,7 +90,9 @@ def test_train_records_auto_shifts_and_fixed_ones_stay():
                        loss=LossConfig(feature_samples=5, neg_samples=1))
     auto = train_head(fmaps, base, n_clusters=3)
     assert (auto.loss.self_shift, auto.loss.knn_shift, auto.loss.rand_shift) != (0.18, 0.12, 0.46)
-    assert auto.shift_report["attract"] == {"self": 0.3, "knn": 0.3, "rand": 0.3}
+    # noise maps: the features' groups speckle, so the self fraction is the speckle end's
+    assert auto.shift_report["regions"]["gate"] == 0.0, auto.shift_report
+    assert auto.shift_report["attract"] == {"self": 0.05, "knn": 0.3, "rand": 0.3}
     fixed = train_head(fmaps, TrainConfig(**{**base.__dict__, "auto_shifts": None})).loss
     assert (fixed.self_shift, fixed.knn_shift, fixed.rand_shift) == (0.18, 0.12, 0.46)
 
@@ -112,7 +114,15 @@ def test_self_fraction_follows_the_features_regions():
                                 feature_samples=5, pointwise=True, config=config)
         got[name] = report
     assert got["regions"]["attract"] == {"self": 0.5, "knn": 0.3, "rand": 0.3}, got
-    assert got["speckle"]["attract"] == {"self": 0.3, "knn": 0.3, "rand": 0.3}, got
+    # speckled groups (thin structures): as few attracted self pairs as allowed
+    assert got["speckle"]["attract"] == {"self": 0.05, "knn": 0.3, "rand": 0.3}, got
+    assert got["speckle"]["regions"]["gate"] == 0.0, got
+    # without the speckle end (model files from before it): self_attract there
+    units, table, _ = samples_of(speckled_maps())
+    _, report = auto_shifts(speckled_maps(), units, table, n_clusters=2, window=8, batch_size=4,
+                            feature_samples=5, pointwise=True,
+                            config=AutoShiftConfig(speckle_self_attract=None))
+    assert report["attract"]["self"] == 0.3, report
     fmaps = two_class_maps()[0]
     units, table, _ = samples_of(fmaps)
     # colour in the target: the classes are stained / bright structures, small ones must stay
@@ -155,5 +165,8 @@ def test_model_files_from_before_the_regions_rule_load_with_one_fraction():
 
     stored = json.loads(json.dumps(asdict(TrainConfig())))  # as a model file holds it
     assert _train_config(stored).auto_shifts == AutoShiftConfig()
+    del stored["auto_shifts"]["speckle_self_attract"]
+    assert _train_config(stored).auto_shifts == AutoShiftConfig(speckle_self_attract=None)
     del stored["auto_shifts"]["region_self_attract"]
-    assert _train_config(stored).auto_shifts == AutoShiftConfig(region_self_attract=None)
+    assert _train_config(stored).auto_shifts == AutoShiftConfig(region_self_attract=None,
+                                                                speckle_self_attract=None)

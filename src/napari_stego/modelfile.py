@@ -226,7 +226,10 @@ def _train_config(d: dict) -> TrainConfig:
     d["loss"] = strict(LossConfig, d["loss"])
     if isinstance(d.get("appearance"), dict):
         d["appearance"] = strict(AppearanceConfig, d["appearance"])
-    if d.get("auto_shifts") is not None:  # files from before the regions' rule: one fraction
+    if d.get("auto_shifts") is not None:
+        # files from before the regions' rule: one fraction; from before its speckle end:
+        # ``self_attract`` where the features' groups speckle
         d["auto_shifts"] = strict(AutoShiftConfig, {"region_self_attract": None,
+                                                    "speckle_self_attract": None,
                                                     **d["auto_shifts"]})
     return strict(TrainConfig, d)

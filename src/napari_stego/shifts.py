@@ -15,19 +15,23 @@ direction (texture mosaics: 97 % accuracy at step 0, 52 % after 30 steps); at 30
 cell set goes from 33.0 (k-means on the features) to 44.2 mIoU.
 
 Where the classes are textured regions, more attracted self pairs serve better
-(``region_self_attract``, 0.5). Two conditions, both measured without labels: colour does
-not define the classes (the appearance rule left colour out of the target: weight 0), and
-the raw features' own K-means groups (the fit's number of clusters) make regions, by the
-appearance rule's statistic (Cohen's kappa of the groups of neighbouring cells,
-:func:`~napari_stego.appearance.coherence`) and its gate ``clip((kappa - 0.45) / 0.1, 0, 1)``;
-the self fraction moves from ``self_attract`` towards ``region_self_attract`` by that gate
-(:func:`feature_regions`). Measured (docs/benchmarks.md, runs 16 and 17; seeds 0 and 1): at
-0.5 instead of 0.3 the texture mosaics gain 8-10 mIoU with or without the CRF, CamVid 3-4
-without it and 0.4-1.9 with it (both without colour in the target, kappa 0.87 and 0.75); the
-EM membranes, one feature cell wide, lose 5-7 (kappa 0.41: their groups speckle); where
-stains define the classes small stained structures are merged away (the IHC sample's nuclei
-at up-sample 2, three seeds of three; the blood cells lose 0.4-3), so with colour in the
-target the fraction stays ``self_attract``.
+(``region_self_attract``, 0.5); where the classes are thin structures that the features'
+groups only speckle, fewer (``speckle_self_attract``, 0.05). Two conditions, both measured
+without labels: colour does not define the classes (the appearance rule left colour out of
+the target: weight 0), and whether the raw features' own K-means groups (the fit's number of
+clusters) make regions, by the appearance rule's statistic (Cohen's kappa of the groups of
+neighbouring cells, :func:`~napari_stego.appearance.coherence`) and its gate
+``clip((kappa - 0.45) / 0.1, 0, 1)``: the self fraction moves from ``speckle_self_attract``
+(gate 0) to ``region_self_attract`` (gate 1) by that gate (:func:`feature_regions`; the
+gate's middle gives 0.275, near the 0.3 of the other terms). Measured (docs/benchmarks.md,
+runs 16-18; seeds 0-2): at 0.5 instead of 0.3 the texture mosaics gain 8-10 mIoU with or
+without the CRF, CamVid 3-4 without it and 0.4-1.9 with it (both without colour in the
+target, kappa 0.87 and 0.75); the EM membranes, one feature cell wide (kappa 0.41: their
+groups speckle), lose 5-7 at 0.5 and gain 5 without the CRF at 0.05 (55.8 -> 60.9-61.1
+over three seeds, past the raw features' 60.5; with the CRF 62.9 -> 60.9-61.3: the CRF has
+less to mend). Where stains define the classes small stained structures are merged away at
+0.5 (the IHC sample's nuclei at up-sample 2, three seeds of three; the blood cells lose
+0.4-3), so with colour in the target the fraction stays ``self_attract``.
 
 Alternatively (``*_attract=None``) each fraction is estimated with a label-free proxy:
 spherical k-means on the raw features with the requested number of clusters, a pair "belongs
@@ -58,8 +62,10 @@ class AutoShiftConfig:
     ``*_attract``: fraction of each term's pairs that should attract; ``None`` estimates it
     from a k-means proxy of the raw features. ``region_self_attract``: the self fraction where
     colour is not in the target and the raw features' groups make regions
-    (:func:`feature_regions`; between the two where they partly do); ``None`` keeps
-    ``self_attract`` for all data. ``n_batches``: training-like batches to measure on.
+    (:func:`feature_regions`); ``speckle_self_attract``: the self fraction there when the
+    groups speckle instead (between the two where they partly do; ``None``: ``self_attract``,
+    as model files from before it). ``region_self_attract=None`` keeps ``self_attract`` for
+    all data. ``n_batches``: training-like batches to measure on.
     ``min_attract``/``max_attract`` keep every term in a sane range.
     """
 
@@ -67,6 +73,7 @@ class AutoShiftConfig:
     knn_attract: float | None = 0.3
     rand_attract: float | None = 0.3
     region_self_attract: float | None = 0.5
+    speckle_self_attract: float | None = 0.05
     n_batches: int = 8
     min_attract: float = 0.05
     max_attract: float = 0.95
@@ -189,7 +196,7 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
     (``on_batch()`` after each of the ``config.n_batches`` measured batches).
 
     ``appearance``: colour is in the training target (``transform`` is the appearance
-    teacher); then ``region_self_attract`` does not apply. Else :func:`feature_regions`
+    teacher); then ``region_self_attract`` and ``speckle_self_attract`` do not apply. Else :func:`feature_regions`
     measures ``maps``, the backbone's features.
 
     Returns:
@@ -209,8 +216,9 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
             report["regions"] = "not measured: no number of clusters"
         else:
             regions = feature_regions(maps, n_clusters, seed)
-            fixed["self"] = config.self_attract + regions["gate"] * (
-                config.region_self_attract - config.self_attract)
+            low = (config.self_attract if config.speckle_self_attract is None
+                   else config.speckle_self_attract)
+            fixed["self"] = low + regions["gate"] * (config.region_self_attract - low)
             report["regions"] = regions
     if any(v is None for v in fixed.values()):
         if n_clusters is None:
