@@ -196,8 +196,8 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
     (``on_batch()`` after each of the ``config.n_batches`` measured batches).
 
     ``appearance``: colour is in the training target (``transform`` is the appearance
-    teacher); then ``region_self_attract`` and ``speckle_self_attract`` do not apply. Else :func:`feature_regions`
-    measures ``maps``, the backbone's features.
+    teacher); then ``region_self_attract`` and ``speckle_self_attract`` do not apply. Else
+    :func:`feature_regions` measures ``maps``, the backbone's features.
 
     Returns:
         ``((self, knn, rand), report)``; the report holds the attracted fractions used and
