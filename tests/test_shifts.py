@@ -127,7 +127,8 @@ def test_self_fraction_follows_the_features_regions():
     units, table, _ = samples_of(fmaps)
     # colour in the target: the classes are stained / bright structures, small ones must stay
     _, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,
-                            feature_samples=5, pointwise=True, config=config, appearance=True)
+                            feature_samples=5, pointwise=True, config=config,
+                            transform=lambda x: x)  # an appearance teacher
     assert report["attract"]["self"] == 0.3 and "colour" in report["regions"], report
     # off: one fraction for all data
     _, report = auto_shifts(fmaps, units, table, n_clusters=2, window=8, batch_size=4,

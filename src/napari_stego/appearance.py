@@ -188,6 +188,12 @@ def coherence(maps: Sequence[torch.Tensor], centres: np.ndarray) -> float:
     return (same / pairs - chance) / (1.0 - chance)
 
 
+def coherence_gate(kappa: float) -> float:
+    """The coherence gate: ``clip((kappa - COHERENCE_MIN) / GATE_WIDTH, 0, 1)``, 0 where the
+    groups speckle, 1 where they make regions (:func:`coherence`'s ``kappa``)."""
+    return float(np.clip((kappa - COHERENCE_MIN) / GATE_WIDTH, 0.0, 1.0))
+
+
 def _reference(x: np.ndarray, seed: int) -> np.ndarray:
     """A Gaussian cloud (no groups) with the mean and covariance of ``x (N, C)``."""
     rng = np.random.default_rng(seed)
@@ -252,7 +258,7 @@ def appearance_weight(maps: Sequence[torch.Tensor], n_clusters: int | None,
         return 0.0, dict(weight=0.0, rule="too few cells")
     sep, r2, r2_gauss, centres = separability(x, k, seed)
     coh = coherence(maps, centres)
-    groups = float(np.clip((coh - COHERENCE_MIN) / GATE_WIDTH, 0.0, 1.0))
+    groups = coherence_gate(coh)
     report = dict(rule="auto", r2=round(r2, 4), r2_gauss=round(r2_gauss, 4),
                   separability=round(sep, 4), k=k, coherence=round(coh, 4),
                   groups=round(groups, 4))

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .appearance import COHERENCE_MIN, GATE_WIDTH, coherence
+from .appearance import coherence, coherence_gate
 from .cluster import ClusterConfig, spherical_kmeans
 from .knn import Unit, draw_pair_points, pack_maps, sample_vectors
 from .loss import centre_correlation, correlation, negative_permutation
@@ -170,7 +170,7 @@ def feature_regions(maps: Sequence[torch.Tensor], n_clusters: int, seed: int = 0
     # the nearest unit centre is the most similar one by cosine: each map is labelled as it
     # is, one at a time (no float32 copy of all maps)
     kappa = coherence(maps, centres.numpy())
-    gate = min(max((kappa - COHERENCE_MIN) / GATE_WIDTH, 0.0), 1.0)
+    gate = coherence_gate(kappa)
     return dict(coherence=round(kappa, 4), gate=round(gate, 4))
 
 
@@ -190,13 +190,12 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
                 n_clusters: int | None, window: int, batch_size: int, feature_samples: int,
                 pointwise: bool, config: AutoShiftConfig, seed: int = 0,
                 transform=None, on_batch: Callable[[], None] | None = None,
-                appearance: bool = False,
                 ) -> tuple[tuple[float, float, float], dict]:
     """Shifts for training on ``maps``, and a report of what they were derived from
     (``on_batch()`` after each of the ``config.n_batches`` measured batches).
 
-    ``appearance``: colour is in the training target (``transform`` is the appearance
-    teacher); then ``region_self_attract`` and ``speckle_self_attract`` do not apply. Else
+    ``transform``: the appearance teacher when colour is in the training target; then
+    ``region_self_attract`` and ``speckle_self_attract`` do not apply. Else
     :func:`feature_regions` measures ``maps``, the backbone's features.
 
     Returns:
@@ -210,7 +209,7 @@ def auto_shifts(maps: Sequence[torch.Tensor], units: Sequence[Unit], table: torc
     fixed = {"self": config.self_attract, "knn": config.knn_attract, "rand": config.rand_attract}
     report: dict = {}
     if config.region_self_attract is not None and config.self_attract is not None:
-        if appearance:
+        if transform is not None:
             report["regions"] = "not measured: colour is in the target"
         elif n_clusters is None:
             report["regions"] = "not measured: no number of clusters"

@@ -204,8 +204,7 @@ def train_head(maps: Sequence[torch.Tensor], config: TrainConfig = TrainConfig()
         (s_self, s_knn, s_rand), report = auto_shifts(
             maps, units, table, n_clusters=n_clusters, window=window, batch_size=config.batch_size,
             feature_samples=loss_config.feature_samples, pointwise=loss_config.pointwise,
-            config=config.auto_shifts, seed=seed, transform=teacher, on_batch=tick,
-            appearance=teacher is not None)
+            config=config.auto_shifts, seed=seed, transform=teacher, on_batch=tick)
         loss_config = replace(loss_config, self_shift=s_self, knn_shift=s_knn, rand_shift=s_rand)
         _log.info("automatic shifts self %.4f knn %.4f rand %.4f (attracted fractions %s; "
                   "the features' groups as regions: %s)", s_self, s_knn, s_rand,
