@@ -167,6 +167,20 @@ def test_uint16_image_uses_the_feature_percentiles():
     np.testing.assert_array_equal(q, dense_crf(rgb, probs, backend="torch"))
 
 
+def test_dim_uint8_image_is_stretched_as_the_features_are():
+    """A dim 8-bit RGB image reaches the colour kernel stretched, as the same data in 16 bit
+    (and as the features saw it); a bright one as it is."""
+    rgb = IMAGES["astronaut"][:64, :64]
+    np.testing.assert_array_equal(crf_image(rgb), rgb)
+    dim = (rgb // 6).astype(np.uint8)  # at most 42 of 255
+    mapped = crf_image(dim)
+    np.testing.assert_array_equal(mapped, crf_image(dim.astype(np.uint16)))
+    assert mapped.max() == 255 and mapped.std() > 4 * dim.std()
+    probs = colour_probs(dim, k=3)
+    np.testing.assert_array_equal(dense_crf(dim, probs, backend="torch"),
+                                  dense_crf(mapped, probs, backend="torch"))
+
+
 def test_rgba_and_multichannel_images():
     rgb = IMAGES["astronaut"][:64, :64]
     probs = colour_probs(rgb, k=3)
@@ -199,7 +213,10 @@ def test_a_fitted_intensity_mapping_is_used_for_every_slice():
     probs = colour_probs(grey, k=3)
     half = np.repeat((grey // 2)[..., None], 3, -1)  # what Halve gives, as uint8
     q = dense_crf(grey, probs, backend="torch", intensity=Halve())
-    np.testing.assert_array_equal(q, dense_crf(np.round(grey / 2).astype(np.uint8), probs, backend="torch"))
+    # the halved image, dim as it is, taken as it is (not stretched back)
+    np.testing.assert_array_equal(q, dense_crf(np.round(grey / 2).astype(np.uint8), probs,
+                                               backend="torch",
+                                               intensity=IntensityConfig(dim_uint8=None)))
     assert np.abs(crf_image(grey, Halve()).astype(int) - half).max() <= 1
 
 

@@ -12,8 +12,53 @@ from napari_stego.io import (ImageSource, IntensityConfig, RawTiffArray, data_fi
 
 
 def test_uint8_is_divided_not_stretched():
-    im = np.array([[10, 20], [30, 40]], np.uint8)
+    im = np.array([[10, 20], [30, 200]], np.uint8)  # reaches past half the range
     np.testing.assert_allclose(to_rgb(im)[..., 0], im / 255.0, rtol=1e-6)
+    rgb = np.random.default_rng(1).integers(20, 230, (16, 16, 3)).astype(np.uint8)
+    np.testing.assert_allclose(to_rgb(rgb), rgb / 255.0, rtol=1e-6)
+
+
+def test_dim_uint8_maps_as_the_same_data_in_16_bit():
+    """A dim 8-bit image (fluorescence: nuclei at tens of grey levels over ~0) is stretched
+    by its percentiles, exactly as the same values saved as uint16; the rule off, or an
+    image reaching half the range, keeps the division by 255."""
+    rng = np.random.default_rng(2)
+    dim = np.clip(rng.normal(2, 1, (64, 64)), 0, None)
+    dim[20:40, 20:40] += rng.normal(40, 8, (20, 20))
+    dim = np.clip(dim, 0, 255).astype(np.uint8)
+    assert np.percentile(dim, 99.5) < 128
+    out = to_rgb(dim)
+    np.testing.assert_array_equal(out, to_rgb(dim.astype(np.uint16)))
+    assert out.max() == 1.0 and out[30, 30].mean() > 0.5  # the nucleus is bright now
+    stats = fit_intensity(open_image(dim))
+    assert stats.mode == "joint"
+    np.testing.assert_array_equal(stats.apply(dim), out)
+    plain = IntensityConfig(dim_uint8=None)
+    np.testing.assert_allclose(to_rgb(dim, plain)[..., 0], dim / 255.0, rtol=1e-6)
+    assert fit_intensity(open_image(dim), plain).mode == "uint8"
+    bright = dim.copy()
+    bright[:8, :8] = 200  # 1.6 % of the pixels: the upper percentile passes 128
+    np.testing.assert_allclose(to_rgb(bright)[..., 0], bright / 255.0, rtol=1e-6)
+    assert fit_intensity(open_image(bright)).mode == "uint8"
+    # a stack decides once, on its pooled pixels, and maps every slice alike
+    stack = np.stack([dim, dim // 2])
+    st = fit_intensity(open_image(stack, axes="ZYX"))
+    assert st.mode == "joint" and st.apply(stack[1]).mean() < st.apply(stack[0]).mean()
+    with pytest.raises(StegoError, match="dim_uint8"):
+        IntensityConfig(dim_uint8=0.0)
+
+
+def test_model_files_from_before_the_dim_rule_divide_every_uint8():
+    import json
+    from dataclasses import asdict
+
+    from napari_stego.features import FeatureConfig
+    from napari_stego.modelfile import _feature_config
+
+    stored = json.loads(json.dumps(asdict(FeatureConfig())))  # as a model file holds it
+    assert _feature_config(stored) == FeatureConfig()
+    del stored["intensity"]["dim_uint8"]
+    assert _feature_config(stored).intensity.dim_uint8 is None
 
 
 def test_uint16_uses_robust_percentiles():
@@ -148,6 +193,7 @@ def test_raw_tiff_array_slices_like_numpy(tmp_path):
 
 @pytest.mark.parametrize("image", [
     np.arange(40 * 30, dtype=np.uint8).reshape(40, 30),
+    np.random.default_rng(2).integers(0, 60, (40, 30)).astype(np.uint8),  # dim: stretched
     np.random.default_rng(3).integers(1000, 5000, (40, 30)).astype(np.uint16),
     np.random.default_rng(4).normal(size=(40, 30, 3)).astype(np.float32),
     np.random.default_rng(5).integers(0, 255, (40, 30, 4)).astype(np.uint8),

@@ -164,18 +164,16 @@ def _torch_device(device):
 def crf_image(image, intensity=None) -> np.ndarray:
     """The ``(H, W, 3)`` uint8 image the CRF's colour kernel sees.
 
-    ``(H, W, 3)`` uint8 images are used as they are. Anything else goes through the
-    features' mapping: ``intensity`` is an :class:`~napari_stego.intensity.IntensityConfig` (default:
-    the image's own robust percentiles, :func:`napari_stego.intensity.to_uint8_rgb`) or a fitted
-    mapping with an ``apply(block) -> (H, W, 3) float in [0, 1]`` method (e.g. the stack-wide
-    statistics of :func:`napari_stego.intensity.fit_intensity`, so that every slice and tile sees
-    the same colours as the features did).
+    Every image goes through the features' mapping: ``intensity`` is an
+    :class:`~napari_stego.intensity.IntensityConfig` (default: the image's own robust
+    percentiles, :func:`napari_stego.intensity.to_uint8_rgb`; ``uint8`` divided by 255
+    unless dim) or a fitted mapping with an ``apply(block) -> (H, W, 3) float in [0, 1]``
+    method (e.g. the stack-wide statistics of :func:`napari_stego.intensity.fit_intensity`,
+    so that every slice and tile sees the same colours as the features did). So a ``uint8``
+    RGB image that is not dim reaches the CRF as it is.
     """
     arr = np.asarray(image)
-    plain = intensity is None or getattr(intensity, "channels", None) is None
-    if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8 and plain:
-        rgb = arr
-    elif hasattr(intensity, "apply"):
+    if hasattr(intensity, "apply"):
         rgb = np.round(np.asarray(intensity.apply(arr), np.float32) * 255.0).astype(np.uint8)
     else:
         rgb = to_uint8_rgb(arr, IntensityConfig() if intensity is None else intensity)

@@ -26,9 +26,17 @@ STAT_SAMPLES = 1 << 23  # values read for intensity statistics (all of them when
 class IntensityConfig:
     """How raw intensities become [0, 1] floats, and channels become the backbone's 3.
 
-    ``uint8`` images are divided by 255 (photographs, already display-ready); every other
-    dtype is stretched between robust ``percentiles`` computed over the finite pixels (NaN
-    and inf are left out of the statistics and become 0).
+    ``uint8`` images are divided by 255 (photographs, already display-ready), unless they
+    are dim: every other dtype, and a ``uint8`` image whose upper percentile lies below
+    ``dim_uint8 * 255``, is stretched between robust ``percentiles`` computed over the finite
+    pixels (NaN and inf are left out of the statistics and become 0).
+
+    ``dim_uint8`` (default 0.5): 8-bit fluorescence is often recorded dim (the Coelho 2009
+    Hoechst nuclei peak at 40-113 of 255 over a background of 0-2), and divided by 255 the
+    backbone would see an almost black image. Below half the range such an image maps as the
+    same data saved as 16-bit would; photographs, EM and smears (upper percentiles 169-255 on
+    the shared sets) keep the plain division. ``None``: every ``uint8`` image is divided
+    (model files from before the rule load so).
 
     ``channels`` says how images with a channel axis become RGB:
 
@@ -44,8 +52,11 @@ class IntensityConfig:
 
     percentiles: tuple[float, float] = (0.5, 99.5)
     channels: tuple[int, ...] | str | None = None
+    dim_uint8: float | None = 0.5
 
     def __post_init__(self):
+        if self.dim_uint8 is not None and not 0.0 < float(self.dim_uint8) <= 1.0:
+            raise StegoError(f"dim_uint8 must be None or in (0, 1], got {self.dim_uint8!r}")
         ch = self.channels
         if ch is None or ch == "pca":
             return
@@ -73,7 +84,12 @@ def to_unit_range(image: np.ndarray, config: IntensityConfig = IntensityConfig()
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise StegoError(f"unsupported image dtype {arr.dtype}: use integer or float images")
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
+        if config.dim_uint8 is None:
+            return arr.astype(np.float32) / 255.0
+        lo, hi = _robust_range(arr, config.percentiles)
+        if not _is_dim(hi, config):
+            return arr.astype(np.float32) / 255.0
+        return _stretch(arr, lo, hi)
     # float64: float32 cannot tell 1e9 from 1e9 + 4 (large offsets, 32/64-bit integers)
     arr = arr.astype(np.float64)
     finite = np.isfinite(arr)
@@ -169,6 +185,12 @@ def _robust_range(values: np.ndarray, percentiles) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _is_dim(hi: float, config: IntensityConfig) -> bool:
+    """Whether ``uint8`` values whose robust upper limit is ``hi`` are stretched, not divided
+    by 255 (``IntensityConfig.dim_uint8``)."""
+    return config.dim_uint8 is not None and hi < float(config.dim_uint8) * 255.0
+
+
 def _stretch(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``(arr - lo) / (hi - lo)`` clipped to [0, 1], computed in float64 (so large offsets
     keep their small differences), returned as float32 (0 where ``hi == lo``)."""
@@ -255,7 +277,9 @@ def fit_intensity(source: ImageSource, config: IntensityConfig = IntensityConfig
 
     Percentiles (and the PCA) come from all pixels when the source holds at most ``budget``
     values — then a 2D image maps exactly as :func:`to_rgb` maps it — else from blocks
-    spread over up to 32 planes (:func:`sample_pixels`).
+    spread over up to 32 planes (:func:`sample_pixels`). A ``uint8`` source is sampled too,
+    to tell whether it is dim (``IntensityConfig.dim_uint8``); it is stretched if so, else
+    divided by 255 (``mode`` ``"uint8"``).
 
     Raises:
         StegoError: a channel count that needs ``config.channels``, or a channel index out of
@@ -282,11 +306,14 @@ def fit_intensity(source: ImageSource, config: IntensityConfig = IntensityConfig
         picks, mode = tuple(channels), "channels"
     if source.dtype == bool and mode != "pca":
         return IntensityStats("bool", picks, np.zeros(1), np.ones(1))
-    if source.dtype == np.uint8 and mode in ("joint", "channels"):
+    uint8 = source.dtype == np.uint8 and mode in ("joint", "channels")
+    if uint8 and config.dim_uint8 is None:
         return IntensityStats("uint8", picks, np.zeros(1), np.ones(1))
     samples = sample_pixels(source, budget, progress)
     if picks is not None:
         samples = samples[:, list(picks)]
+    if uint8 and not _is_dim(_robust_range(samples, config.percentiles)[1], config):
+        return IntensityStats("uint8", picks, np.zeros(1), np.ones(1))
     if mode == "joint":
         lo, hi = _robust_range(samples, config.percentiles)
         return IntensityStats("joint", picks, np.array([lo]), np.array([hi]))

@@ -213,7 +213,8 @@ def model_colour_space(meta: dict, path) -> ColourSpace | None:
 
 def _feature_config(d: dict) -> FeatureConfig:
     d = dict(d)
-    inten = dict(d.pop("intensity"))
+    # files from before the dim-uint8 rule divided every uint8 image by 255
+    inten = {"dim_uint8": None, **d.pop("intensity")}
     channels = inten.get("channels")
     if isinstance(channels, list):
         inten["channels"] = tuple(channels)
