@@ -48,6 +48,18 @@ def test_predict_shapes_and_types(fitted):
         np.testing.assert_array_equal(proba.argmax(0), labels)
 
 
+def test_a_dim_8_bit_image_segments_as_its_16_bit_copy(fitted, mosaics):
+    """The same dim data saved as uint8 or as uint16 gives the same probabilities and labels
+    (with the CRF too), and about the labels of the bright original it was made from."""
+    dim = (mosaics[0][1] // 4).astype(np.uint8)  # at most 63 of 255
+    wide = dim.astype(np.uint16)
+    np.testing.assert_array_equal(fitted.predict_proba(dim), fitted.predict_proba(wide))
+    np.testing.assert_array_equal(fitted.predict(dim, crf=True), fitted.predict(wide, crf=True))
+    labels = fitted.predict(mosaics[0][1])
+    agree = (fitted.predict(dim) == labels).mean()
+    assert agree > 0.9, agree  # stretched back, the dim copy reads as the original
+
+
 def test_proba_from_features_of_a_feature_cache(fitted, mosaics, tmp_path):
     """Probabilities from features read back from a feature cache (float16, another process's
     work) are the image's own, also for an image up-sampled for the backbone: the same as the
