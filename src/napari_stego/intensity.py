@@ -32,11 +32,11 @@ class IntensityConfig:
     pixels (NaN and inf are left out of the statistics and become 0).
 
     ``dim_uint8`` (default 0.5): 8-bit fluorescence is often recorded dim (the Coelho 2009
-    Hoechst nuclei peak at 40-113 of 255 over a background of 0-2), and divided by 255 the
+    Hoechst images: upper percentiles 25-139 of 255, background 0-2), and divided by 255 the
     backbone would see an almost black image. Below half the range such an image maps as the
     same data saved as 16-bit would; photographs, EM and smears (upper percentiles 169-255 on
-    the shared sets) keep the plain division. ``None``: every ``uint8`` image is divided
-    (model files from before the rule load so).
+    the shared sets, but for one dark street frame of 334) keep the plain division.
+    ``None``: every ``uint8`` image is divided (model files from before the rule load so).
 
     ``channels`` says how images with a channel axis become RGB:
 
