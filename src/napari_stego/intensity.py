@@ -84,12 +84,11 @@ def to_unit_range(image: np.ndarray, config: IntensityConfig = IntensityConfig()
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise StegoError(f"unsupported image dtype {arr.dtype}: use integer or float images")
     if arr.dtype == np.uint8:
-        if config.dim_uint8 is None:
-            return arr.astype(np.float32) / 255.0
-        lo, hi = _robust_range(arr, config.percentiles)
-        if not _is_dim(hi, config):
-            return arr.astype(np.float32) / 255.0
-        return _stretch(arr, lo, hi)
+        if config.dim_uint8 is not None:
+            lo, hi = _robust_range(arr, config.percentiles)
+            if _is_dim(hi, config):
+                return _stretch(arr, lo, hi)
+        return arr.astype(np.float32) / 255.0
     # float64: float32 cannot tell 1e9 from 1e9 + 4 (large offsets, 32/64-bit integers)
     arr = arr.astype(np.float64)
     finite = np.isfinite(arr)
@@ -312,11 +311,11 @@ def fit_intensity(source: ImageSource, config: IntensityConfig = IntensityConfig
     samples = sample_pixels(source, budget, progress)
     if picks is not None:
         samples = samples[:, list(picks)]
-    if uint8 and not _is_dim(_robust_range(samples, config.percentiles)[1], config):
+    joint = _robust_range(samples, config.percentiles) if uint8 or mode == "joint" else None
+    if uint8 and not _is_dim(joint[1], config):
         return IntensityStats("uint8", picks, np.zeros(1), np.ones(1))
     if mode == "joint":
-        lo, hi = _robust_range(samples, config.percentiles)
-        return IntensityStats("joint", picks, np.array([lo]), np.array([hi]))
+        return IntensityStats("joint", picks, np.array([joint[0]]), np.array([joint[1]]))
     f = samples.astype(np.float64)
     ranges = [_robust_range(f[:, k], config.percentiles) for k in range(f.shape[1])]
     lo = np.array([r[0] for r in ranges])
